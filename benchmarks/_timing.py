@@ -1,0 +1,123 @@
+"""One timing helper for every benchmark: interleaved runs, median, peak memory.
+
+Candidates are timed round-robin (A B C A B C ...) so that a slow phase of the machine (another
+process, frequency change) hits every candidate alike; the median of the rounds is reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+def _sync(device: Optional[str]) -> None:
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    rounds: int = 30,
+    warmup: int = 3,
+    device: Optional[str] = None,
+    min_seconds: float = 0.0,
+) -> Dict[str, float]:
+    """Median wall time in milliseconds of each callable, measured interleaved.
+
+    Args:
+        fns: name -> zero-argument callable running one iteration.
+        rounds: number of interleaved rounds (each round calls every candidate once).
+        warmup: untimed calls of each candidate first.
+        device: 'cuda...' to synchronise around each call.
+        min_seconds: keep adding rounds until the total measured time reaches this.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    r = 0
+    while r < rounds or (time.perf_counter() - start) < min_seconds:
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        r += 1
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def peak_cuda_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_cpu_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak CPU memory of one call, from the torch profiler's allocator accounting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Walk allocation events in order and track the running total.
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0),
+        key=lambda e: e.time_range.start,
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
+    """Print rows as a GitHub-markdown table (so it pastes into the README as is)."""
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+              for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+
+
+def dump_json(path_or_dash: str, payload: object) -> None:
+    text = json.dumps(payload, indent=2)
+    if path_or_dash == "-":
+        print(text)
+    else:
+        with open(path_or_dash, "w") as f:
+            f.write(text + "\n")
+
+
+def environment() -> Dict[str, object]:
+    import platform
+
+    info: Dict[str, object] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
