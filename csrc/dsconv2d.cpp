@@ -1,0 +1,24 @@
+// Operator schemas of dsconv_ext, declared once. CPU and CUDA implementations live in
+// csrc/cpu/ and csrc/cuda/ and add only their TORCH_LIBRARY_IMPL blocks.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module, so that `import dsconv_ext._C` loads this library (and with it the
+// TORCH_LIBRARY registrations below) from Python.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dsconv_ext, m) {
+  // y = CDSw * (sum_b sum_t alpha * 2^E * S + KDSb term) + CDSb + bias, optional SiLU;
+  // see dsconv_ext/dsconv/naive.py for the definition. Output dtype = x dtype.
+  m.def(
+      "dsconv2d(Tensor x, Tensor intweight, Tensor alpha, Tensor? KDSb, Tensor? CDSw, "
+      "Tensor? CDSb, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "int block_size, int act_bits, bool fuse_silu) -> Tensor");
+}

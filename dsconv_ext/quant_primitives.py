@@ -1,0 +1,290 @@
+"""DSConv quantisation primitives: pure functions, no modules, no kernels.
+
+These define the numbers. Everything else (the PyTorch fallback, the C++ and CUDA kernels, the
+modules) is tested against them.
+
+Terms (Nascimento et al., "DSConv: Efficient Convolution Operator", ICCV 2019):
+
+============  ==================================  =============================================
+name          shape                               meaning
+============  ==================================  =============================================
+intweight     (O, I/g, kh, kw) int8               Variable Quantized Kernel (VQK), ``bits`` wide
+alpha         (O, nblocks, kh, kw) float32        Kernel Distribution Shift (KDS) scale
+KDSb          (O, nblocks, kh, kw) float32        optional KDS bias: W ~ alpha * q + KDSb
+CDSw, CDSb    (O,) float32                        optional Channel Distribution Shift
+mantissa      (N, C, H, W) int8                   block-floating-point activation mantissas
+exponent      (N, groups * nblocks, H, W) int32   one shared power of two per activation block
+============  ==================================  =============================================
+
+Blocks cut the input channels *of each group* into runs of ``block_size`` consecutive channels
+(the last one may be shorter): ``nblocks = ceil((I / groups) / block_size)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MAX_BLOCK_SIZE",
+    "NONFINITE_EXPONENT",
+    "check_bits",
+    "check_block_size",
+    "num_blocks",
+    "quantize_weight",
+    "dequantize_weight",
+    "bfp_quantize",
+    "bfp_dequantize",
+    "exponent_to_scale",
+    "pack_intweight",
+    "unpack_intweight",
+    "packed_bits",
+    "fake_quantize_weight",
+    "fake_quantize_bfp",
+]
+
+# Per-block integer sums must stay exact in float32 (the fallback) and int32 (the kernels):
+# |q| <= 128 and |mantissa| <= 127, so a block of B channels sums to at most B * 16256, which is
+# below 2**24 for B <= 1032. 1024 keeps a margin and is a power of two.
+MAX_BLOCK_SIZE = 1024
+
+# Exponent given to an activation block that holds a NaN or an Inf. Its mantissas are 0 and its
+# scale is NaN, so every output that reads the block is NaN: non-finite activations propagate
+# instead of turning into finite garbage.
+NONFINITE_EXPONENT = 2**31 - 1
+
+
+def check_bits(bits: int, name: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{name} must be an int in [2, 8], got {bits!r}")
+    if not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be in [2, 8], got {bits}")
+    return bits
+
+
+def check_block_size(block_size: int, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int in [1, {MAX_BLOCK_SIZE}], got {block_size!r}")
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"{name} must be in [1, {MAX_BLOCK_SIZE}], got {block_size}")
+    return block_size
+
+
+def num_blocks(channels_per_group: int, block_size: int) -> int:
+    """Number of channel blocks in one group: ``ceil(channels_per_group / block_size)``."""
+    return -(-channels_per_group // block_size)
+
+
+def _pad_channels(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    extra = (-t.shape[dim]) % multiple
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, extra]
+    return F.pad(t, pad)
+
+
+@torch.no_grad()
+def quantize_weight(
+    weight: torch.Tensor, bits: int = 8, block_size: int = 32, kds_bias: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Split a float conv weight into the VQK and the Kernel Distribution Shift.
+
+    For each (output channel, block, tap) the block is scaled by its max |w| so the integers use the
+    full range, rounded half-to-even, clamped to ``[-2^(bits-1), 2^(bits-1)-1]`` (the paper's code
+    omits the clamp), and ``alpha`` is the least-squares fit ``sum(w q) / sum(q^2)``. With
+    ``kds_bias`` the fit is ``w ~ alpha q + KDSb`` (ordinary least squares per block).
+
+    Args:
+        weight: [O, I/g, kh, kw] float conv weight.
+        bits: VQK width, 2..8.
+        block_size: input channels per block, 1..1024.
+        kds_bias: also fit a KDS bias.
+
+    Returns:
+        intweight [O, I/g, kh, kw] int8, alpha [O, nblocks, kh, kw] float32,
+        KDSb [O, nblocks, kh, kw] float32 or None.
+    """
+    check_bits(bits)
+    check_block_size(block_size)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or Inf; cannot quantise it")
+    O, Cg, kh, kw = weight.shape
+    nblk = num_blocks(Cg, block_size)
+    w = _pad_channels(weight.detach().double(), 1, block_size).view(O, nblk, block_size, kh, kw)
+    # Padded channels are not part of the block: mask them out of the fit's counts.
+    valid = _pad_channels(torch.ones(1, Cg, 1, 1, dtype=torch.float64, device=w.device), 1,
+                          block_size).view(1, nblk, block_size, 1, 1)
+    qmax = 2 ** (bits - 1) - 1
+    qmin = -(2 ** (bits - 1))
+    wmax = w.abs().amax(dim=2, keepdim=True)
+    step = torch.where(wmax > 0, wmax / qmax, torch.ones_like(wmax))
+    q = torch.round(w / step).clamp_(qmin, qmax)
+    sum_q2 = (q * q).sum(dim=2)
+    sum_wq = (w * q).sum(dim=2)
+    alpha_plain = torch.where(sum_q2 > 0, sum_wq / sum_q2.clamp_min(1), torch.zeros_like(sum_q2))
+    kdsb = None
+    alpha = alpha_plain
+    if kds_bias:
+        n = valid.sum(dim=2)
+        sum_q = (q * valid).sum(dim=2)
+        sum_w = (w * valid).sum(dim=2)
+        denom = n * sum_q2 - sum_q * sum_q
+        # denom == 0 when every q in the block is equal: the slope is undetermined, keep the
+        # plain fit and let the bias absorb the mean residual.
+        alpha = torch.where(denom > 0, (n * sum_wq - sum_q * sum_w) / denom.clamp_min(1e-300),
+                            alpha_plain)
+        kdsb = ((sum_w - alpha * sum_q) / n).float()
+    intweight = q.view(O, nblk * block_size, kh, kw)[:, :Cg].to(torch.int8).contiguous()
+    return intweight, alpha.float().contiguous(), kdsb
+
+
+def dequantize_weight(
+    intweight: torch.Tensor, alpha: torch.Tensor, kdsb: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Float weight ``alpha * q (+ KDSb)`` expanded to [O, I/g, kh, kw] (float32)."""
+    O, Cg, kh, kw = intweight.shape
+    nblk = alpha.shape[1]
+    block_size = -(-Cg // nblk)
+    a = alpha.float().repeat_interleave(block_size, dim=1)[:, :Cg]
+    w = intweight.float() * a
+    if kdsb is not None:
+        w = w + kdsb.float().repeat_interleave(block_size, dim=1)[:, :Cg]
+    return w
+
+
+@torch.no_grad()
+def bfp_quantize(
+    x: torch.Tensor, block_size: int = 32, mant_bits: int = 8, groups: int = 1
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block floating point: one power of two per (sample, channel block, pixel).
+
+    With ``M`` the block's max |x|: ``E = floor(log2 M) - (mant_bits - 2)`` (``E = 0`` when
+    ``M == 0``) and ``mantissa = clamp(round_half_even(x / 2^E), -(2^(m-1)-1), 2^(m-1)-1)``.
+    A block holding NaN or Inf gets mantissas 0 and exponent ``NONFINITE_EXPONENT``.
+
+    Args:
+        x: [N, C, H, W] float activations.
+        block_size: channels per block within each group.
+        mant_bits: mantissa width m, 2..8.
+        groups: conv groups; blocks never straddle a group boundary.
+
+    Returns:
+        mantissa [N, C, H, W] int8, exponent [N, groups * nblocks, H, W] int32.
+    """
+    check_bits(mant_bits, "mant_bits")
+    check_block_size(block_size)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    N, C, H, W = x.shape
+    if C % groups:
+        raise ValueError(f"channels ({C}) must be divisible by groups ({groups})")
+    Cg = C // groups
+    nblk = num_blocks(Cg, block_size)
+    xd = x.detach().double().reshape(N, groups, Cg, H, W)
+    xd = _pad_channels(xd, 2, block_size).view(N, groups, nblk, block_size, H, W)
+    finite = torch.isfinite(xd).all(dim=3)
+    xd = torch.where(torch.isfinite(xd), xd, torch.zeros_like(xd))
+    amax = xd.abs().amax(dim=3)
+    _, e = torch.frexp(amax)  # amax = f * 2^e with f in [0.5, 1), so floor(log2 amax) = e - 1
+    expo = torch.where(amax > 0, (e - 1) - (mant_bits - 2), torch.zeros_like(e)).to(torch.int32)
+    lim = 2 ** (mant_bits - 1) - 1
+    # float64 holds x * 2^-E exactly for every float32 x (its exponent range is far wider).
+    m = torch.round(xd * torch.pow(2.0, -expo.double()).unsqueeze(3)).clamp_(-lim, lim)
+    m = torch.where(finite.unsqueeze(3), m, torch.zeros_like(m))
+    expo = torch.where(finite, expo, torch.full_like(expo, NONFINITE_EXPONENT))
+    mant = m.view(N, groups, nblk * block_size, H, W)[:, :, :Cg].reshape(N, C, H, W)
+    return mant.to(torch.int8), expo.view(N, groups * nblk, H, W)
+
+
+def exponent_to_scale(exponent: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``2^E`` as floats, NaN where the block was non-finite."""
+    scale = torch.pow(2.0, exponent.clamp(max=1023).to(torch.float64))
+    scale = torch.where(exponent == NONFINITE_EXPONENT, torch.full_like(scale, math.nan), scale)
+    return scale.to(dtype)
+
+
+def bfp_dequantize(mantissa: torch.Tensor, exponent: torch.Tensor, block_size: int,
+                   groups: int = 1) -> torch.Tensor:
+    """Float activations ``mantissa * 2^E`` [N, C, H, W] (float32; NaN in non-finite blocks)."""
+    N, C, H, W = mantissa.shape
+    Cg = C // groups
+    nblk = exponent.shape[1] // groups
+    scale = exponent_to_scale(exponent).view(N, groups, nblk, 1, H, W)
+    scale = scale.expand(N, groups, nblk, block_size, H, W).reshape(N, groups, -1, H, W)
+    return (mantissa.double().view(N, groups, Cg, H, W) * scale[:, :, :Cg]).view(
+        N, C, H, W).float()
+
+
+def packed_bits(bits: int) -> int:
+    """Storage width of one VQK integer in a checkpoint: 2, 4 or 8 bits."""
+    check_bits(bits)
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack_intweight(intweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a VQK for storage: 4 values a byte for bits=2, 2 a byte for bits 3-4, else as is.
+
+    Values are stored offset by ``2^(width-1)`` so they are unsigned; the result is a flat uint8
+    tensor (shape is kept by the caller).
+    """
+    width = packed_bits(bits)
+    flat = intweight.reshape(-1).to(torch.int16)
+    if width == 8:
+        return flat.to(torch.int8).view(torch.uint8).clone()
+    per_byte = 8 // width
+    u = (flat + (1 << (width - 1))).to(torch.uint8)
+    u = F.pad(u, (0, (-u.numel()) % per_byte)).view(-1, per_byte)
+    out = torch.zeros(u.shape[0], dtype=torch.uint8, device=u.device)
+    for i in range(per_byte):
+        out |= u[:, i] << (i * width)
+    return out
+
+
+def unpack_intweight(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_intweight`; returns int8 of ``shape``."""
+    width = packed_bits(bits)
+    numel = math.prod(shape)
+    if width == 8:
+        return packed.view(torch.int8)[:numel].reshape(shape).clone()
+    per_byte = 8 // width
+    mask = (1 << width) - 1
+    parts = [((packed >> (i * width)) & mask) for i in range(per_byte)]
+    u = torch.stack(parts, dim=1).reshape(-1)[:numel].to(torch.int16)
+    return (u - (1 << (width - 1))).to(torch.int8).reshape(shape)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward returns the quantised value, backward passes the gradient through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantised: torch.Tensor) -> torch.Tensor:
+        return quantised
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_quantize_weight(
+    weight: torch.Tensor, bits: int, block_size: int, kds_bias: bool = False
+) -> torch.Tensor:
+    """``dequantize_weight(quantize_weight(w))`` with a straight-through gradient (for QAT)."""
+    q, alpha, kdsb = quantize_weight(weight, bits, block_size, kds_bias)
+    wq = dequantize_weight(q, alpha, kdsb).to(weight.dtype)
+    return _StraightThrough.apply(weight, wq)
+
+
+def fake_quantize_bfp(x: torch.Tensor, block_size: int, mant_bits: int, groups: int = 1
+                      ) -> torch.Tensor:
+    """``bfp_dequantize(bfp_quantize(x))`` with a straight-through gradient (for QAT)."""
+    with torch.autocast(x.device.type, enabled=False):
+        mant, expo = bfp_quantize(x, block_size, mant_bits, groups)
+        xq = bfp_dequantize(mant, expo, block_size, groups).to(x.dtype)
+    return _StraightThrough.apply(x, xq)
