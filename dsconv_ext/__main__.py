@@ -1,0 +1,96 @@
+"""Command line: ``python -m dsconv_ext {info,selfcheck,convert} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+from typing import List, Optional
+
+
+def _info(as_json: bool) -> int:
+    import torch
+
+    from . import __version__
+    from ._loader import load_library
+    from .ops import dsconv_backend_report
+
+    status = load_library()
+    report = {
+        "dsconv_ext": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda_available": torch.cuda.is_available(),
+        "compiled_library": {
+            "loaded": status.loaded,
+            "how": status.how,
+            "path": status.path,
+            "why_not": status.reason,
+        },
+        "dsconv2d": dsconv_backend_report(),
+    }
+    try:
+        report["bilevel_routing_attention"] = importlib.import_module(
+            "dsconv_ext.bra"
+        ).bra_backend_report()
+    except Exception as e:  # report, don't crash: info is what users run when things are broken
+        report["bilevel_routing_attention"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        yolo = importlib.import_module("dsconv_ext.yolo")
+        report["ultralytics"] = yolo.integration_report()
+    except Exception as e:
+        report["ultralytics"] = {"error": f"{type(e).__name__}: {e}"}
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(
+        f"dsconv_ext {report['dsconv_ext']}  torch {report['torch']}  python "
+        f"{report['python']}  CUDA device: {'yes' if report['cuda_available'] else 'no'}"
+    )
+    lib = report["compiled_library"]
+    if lib["loaded"]:
+        print(f"compiled kernels: loaded ({lib['how']}) from {lib['path']}")
+    else:
+        print(f"compiled kernels: NOT loaded: {lib['why_not']}")
+    print("dsconv2d:")
+    for dev, entry in report["dsconv2d"].items():
+        extra = "".join(f", {k}={entry[k]}" for k in ("isa", "archs", "note") if k in entry)
+        why = f" ({entry['why']})" if entry.get("why") else ""
+        print(f"  {dev:5s} -> {entry['backend']}{why}{extra}")
+    print("BiLevelRoutingAttention:")
+    bra = report["bilevel_routing_attention"]
+    for k, v in bra.items():
+        print(f"  {k:5s} -> {v}")
+    print("ultralytics integration:")
+    for k, v in report["ultralytics"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m dsconv_ext")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_info = sub.add_parser("info", help="which backend each op uses here, and why")
+    p_info.add_argument("--json", action="store_true")
+    sub.add_parser("selfcheck", help="run the GPU kernel checks on this machine", add_help=False)
+    sub.add_parser(
+        "convert", help="convert a trained YOLO checkpoint to int8 DSConv", add_help=False
+    )
+    if argv and argv[0] in ("selfcheck", "convert"):
+        module = importlib.import_module(
+            f"dsconv_ext.{'selfcheck' if argv[0] == 'selfcheck' else 'convert'}"
+        )
+        return int(module.main(argv[1:]) or 0)
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        return _info(args.json)
+    return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Python entry points of the compiled DSConv op, its fake kernel, and the dispatch to it.
+
+``dsconv2d`` validates its arguments (clear Python errors), then runs
+``torch.ops.dsconv_ext.dsconv2d`` when a compiled kernel exists for the tensors' device, and the
+PyTorch fallback otherwise. Choose with ``DSCONV_EXT_DSCONV_BACKEND=auto|kernel|fallback``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._loader import load_library
+from .dsconv.checks import check_dsconv2d_args, output_size
+from .dsconv.fallback import dsconv2d_fallback
+
+__all__ = ["dsconv2d", "dsconv2d_backend", "dsconv_backend_report"]
+
+BACKENDS = ("auto", "kernel", "fallback")
+_OP = "dsconv_ext::dsconv2d"
+_fake_registered = False
+_warned: set = set()
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    if _fake_registered:
+        return
+
+    @torch.library.register_fake(_OP)
+    def _(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
+          block_size, act_bits, fuse_silu):
+        torch._check(x.dim() == 4, lambda: "x must be 4-D")
+        torch._check(intweight.dtype == torch.int8, lambda: "intweight must be int8")
+        N, _, H, W = x.shape
+        O, _, kh, kw = intweight.shape
+        Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
+        return x.new_empty((N, O, Ho, Wo))
+
+    _fake_registered = True
+
+
+def _kernel_for(device_type: str) -> Tuple[bool, str]:
+    """Whether a compiled kernel serves this device type, and if not, why."""
+    status = load_library()
+    if not status.loaded:
+        return False, status.reason
+    _register_fake()
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False, f"no kernel is written for device type '{device_type}'"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key):
+        why = ("the library was built without CUDA (nvcc missing or DSCONV_EXT_CUDA=0)"
+               if key == "CUDA" else "the library has no CPU kernel")
+        return False, why
+    return True, ""
+
+
+def _requested_backend() -> str:
+    b = os.environ.get("DSCONV_EXT_DSCONV_BACKEND", "auto").lower()
+    if b not in BACKENDS:
+        raise ValueError(f"DSCONV_EXT_DSCONV_BACKEND must be one of {BACKENDS}, got {b!r}")
+    return b
+
+
+def dsconv2d_backend(device: torch.device | str = "cpu") -> str:
+    """'kernel' or 'fallback': what ``dsconv2d`` runs for tensors on ``device``."""
+    device_type = torch.device(device).type
+    requested = _requested_backend()
+    if requested == "fallback":
+        return "fallback"
+    ok, why = _kernel_for(device_type)
+    if ok:
+        return "kernel"
+    if requested == "kernel":
+        raise RuntimeError(f"DSCONV_EXT_DSCONV_BACKEND=kernel but no kernel for {device_type}: {why}")
+    if device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f"dsconv_ext: no compiled DSConv kernel for {device_type} ({why}); running "
+                      "the slower PyTorch fallback", RuntimeWarning, stacklevel=3)
+    return "fallback"
+
+
+def dsconv2d(
+    x: torch.Tensor,
+    intweight: torch.Tensor,
+    alpha: torch.Tensor,
+    KDSb: Optional[torch.Tensor] = None,
+    CDSw: Optional[torch.Tensor] = None,
+    CDSb: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    block_size: int = 32,
+    act_bits: int = 8,
+    fuse_silu: bool = False,
+) -> torch.Tensor:
+    """DSConv forward with integer accumulation.
+
+    Args:
+        x: [N, C, H, W] float32 / float16 / bfloat16 activations (quantised to block floating
+            point with ``act_bits`` mantissa bits inside).
+        intweight: [O, C/groups, kh, kw] int8 VQK.
+        alpha: [O, nblocks, kh, kw] KDS scale, ``nblocks = ceil((C/groups) / block_size)``.
+        KDSb: optional KDS bias, shape of ``alpha``.
+        CDSw, CDSb, bias: optional [O] channel scale, channel shift and bias.
+        stride, padding, dilation: int or pair. groups: conv groups.
+        fuse_silu: apply SiLU to the output (a fused Conv+BN+SiLU).
+
+    Returns:
+        [N, O, Ho, Wo] in x's dtype. A NaN or Inf activation makes every output that reads its
+        block NaN.
+    """
+    stride, padding, dilation = check_dsconv2d_args(
+        x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
+        block_size, act_bits)
+    if dsconv2d_backend(x.device) == "fallback":
+        return dsconv2d_fallback(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding,
+                                 dilation, groups, block_size, act_bits, fuse_silu)
+    native = x.dtype == torch.float32 or (x.is_cuda and x.dtype == torch.float16)
+    xk = x if native else x.float()
+
+    def f32(t):
+        return None if t is None else t.float()
+
+    y = torch.ops.dsconv_ext.dsconv2d(
+        xk, intweight, alpha.float(), f32(KDSb), f32(CDSw), f32(CDSb), f32(bias), list(stride),
+        list(padding), list(dilation), groups, block_size, act_bits, fuse_silu)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
+    """Per device type: which backend runs dsconv2d and why (for ``python -m dsconv_ext info``)."""
+    status = load_library()
+    report: Dict[str, Dict[str, str]] = {}
+    for dev in ("cpu", "cuda"):
+        ok, why = _kernel_for(dev)
+        entry = {"backend": "kernel" if ok else "fallback", "why": why}
+        if ok and dev == "cpu" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
+            entry["isa"] = torch.ops.dsconv_ext.cpu_isa()
+        if ok and dev == "cuda" and hasattr(torch.ops.dsconv_ext, "cuda_archs"):
+            entry["archs"] = torch.ops.dsconv_ext.cuda_archs()
+        if ok:
+            entry["library"] = f"{status.how}: {status.path}"
+        if dev == "cuda" and not torch.cuda.is_available():
+            entry["note"] = "no CUDA device on this machine"
+        if _requested_backend() == "fallback":
+            entry["backend"], entry["why"] = "fallback", "DSCONV_EXT_DSCONV_BACKEND=fallback"
+        report[dev] = entry
+    return report
