@@ -1,0 +1,266 @@
+"""Post-training conversion to int8 DSConv (the paper's "no retraining" mode).
+
+:func:`quantize` turns the eligible convolutions of a trained model into frozen
+:class:`~dsconv_ext.DSConv2d` layers that run the integer kernel: BatchNorm is folded into the
+float weights first (so the VQK quantises the weights that are really applied), then each conv
+is split into the VQK and its KDS scales. DSConv layers trained with QAT keep their own
+quantisation and only get their BatchNorm folded into the channel shift.
+
+``python -m dsconv_ext convert best.pt --bits 4 -o best-ds4.pt`` does the same to an ultralytics
+checkpoint and writes one that ``YOLO("best-ds4.pt")`` loads (bits <= 4 are stored packed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .modules.dsconv import FORMAT_VERSION, DSConv2d
+
+__all__ = ["ConversionError", "eligible", "main", "quantize"]
+
+LayerSelector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+class ConversionError(RuntimeError):
+    """A layer could not be converted; the message names it."""
+
+
+def eligible(name: str, conv: nn.Module) -> bool:
+    """Whether :func:`quantize` converts ``conv`` by default.
+
+    Every ``nn.Conv2d`` with numeric zero padding, except ultralytics' DFL conv: its weight is the
+    fixed ramp 0..15 that turns box distributions into distances (not learned, and an error
+    there shifts every box).
+    """
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and not name.endswith("dfl.conv")
+    )
+
+
+def _selector(layers: LayerSelector, exclude: LayerSelector) -> Callable[[str, nn.Module], bool]:
+    def as_fn(sel, default):
+        if sel is None:
+            return default
+        if callable(sel):
+            return sel
+        patterns = [sel] if isinstance(sel, str) else list(sel)
+        return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    inc, exc = as_fn(layers, lambda n, m: True), as_fn(exclude, lambda n, m: False)
+    return lambda name, m: eligible(name, m) and inc(name, m) and not exc(name, m)
+
+
+def _fold_batchnorms(model: nn.Module) -> None:
+    """Fold eval-mode BatchNorm into the conv before it, for the two layouts models use:
+    a parent with ``conv`` and ``bn`` children (ultralytics ``Conv`` and the like) and
+    ``nn.Sequential(..., Conv2d, BatchNorm2d, ...)``. DSConv layers fold into their channel
+    shift instead (no re-quantisation)."""
+    from .yolo.registry import fuse_dsconv
+
+    fuse_dsconv(model)
+    for parent in list(model.modules()):
+        conv, bn = getattr(parent, "conv", None), getattr(parent, "bn", None)
+        if (
+            type(conv) is nn.Conv2d
+            and isinstance(bn, nn.BatchNorm2d)
+            and callable(getattr(parent, "forward_fuse", None))
+        ):
+            parent.conv = fuse_conv_bn_eval(conv, bn)
+            delattr(parent, "bn")
+            parent.forward = parent.forward_fuse  # what ultralytics' own fuse() does
+        if isinstance(parent, nn.Sequential):
+            keys = list(parent._modules)
+            for a, b in zip(keys, keys[1:]):
+                conv, bn = parent._modules[a], parent._modules[b]
+                if type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d):
+                    parent._modules[a] = fuse_conv_bn_eval(conv, bn)
+                    parent._modules[b] = nn.Identity()
+
+
+def _unwrap(model):
+    """The nn.Module inside an ultralytics ``YOLO`` (itself an nn.Module in recent versions)."""
+    try:
+        from ultralytics.engine.model import Model
+    except ImportError:
+        return model
+    return model.model if isinstance(model, Model) else model
+
+
+@torch.no_grad()
+def quantize(
+    model,
+    bits: int = 8,
+    block_size: int = 32,
+    act_bits: int = 8,
+    layers: LayerSelector = None,
+    exclude: LayerSelector = None,
+    kds_bias: bool = False,
+    fuse_silu: bool = True,
+):
+    """Convert a trained model's convolutions to inference DSConv, in place.
+
+    Args:
+        model: an ultralytics ``YOLO`` (its ``.model`` is converted), an ultralytics model, or
+            any ``nn.Module``. It is put in eval mode.
+        bits: VQK width 2..8 of the converted layers.
+        block_size: input channels per KDS / activation block.
+        act_bits: activation mantissa width.
+        layers: which convs to convert among the eligible ones (see :func:`eligible`): None for
+            all, fnmatch patterns on module names (``"model.2*"``), or ``fn(name, conv) -> bool``.
+        exclude: convs to leave in float, same forms.
+        kds_bias: also fit a KDS bias per block (a little more accurate, a little slower).
+        fuse_silu: run a following SiLU inside the kernel call (ultralytics ``Conv``).
+
+    Returns:
+        ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings.
+    """
+    net = _unwrap(model)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model must be an nn.Module or an ultralytics YOLO, got {type(model)}")
+    net.eval()
+    if callable(getattr(net, "fuse", None)) and hasattr(net, "is_fused"):
+        net.fuse(verbose=False)  # ultralytics: folds its own Conv/RepConv/... and our DSConvs
+    _fold_batchnorms(net)  # anything ultralytics' fuse() leaves, and plain nn.Modules
+
+    select = _selector(layers, exclude)
+    converted: List[str] = []
+    for parent_name, parent in list(net.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if not select(name, child):
+                continue
+            try:
+                ds = DSConv2d.from_float(
+                    child, bits=bits, block_size=block_size, act_bits=act_bits, KDSBias=kds_bias
+                )
+            except (TypeError, ValueError) as e:
+                raise ConversionError(f"layer '{name}' ({child}): {e}") from e
+            ds.layer_name = name  # lets a later format-version error name the layer
+            act = getattr(parent, "act", None)
+            if (
+                fuse_silu
+                and child_name == "conv"
+                and type(act) is nn.SiLU
+                and getattr(parent, "forward", None) == getattr(parent, "forward_fuse", 0)
+            ):
+                ds.fuse_silu = True
+                parent.act = nn.Identity()
+            setattr(parent, child_name, ds)
+            converted.append(name)
+    for name, m in net.named_modules():
+        if isinstance(m, DSConv2d):
+            m.layer_name = name
+    net.dsconv_ext = {
+        "format_version": FORMAT_VERSION,
+        "bits": bits,
+        "block_size": block_size,
+        "act_bits": act_bits,
+        "kds_bias": kds_bias,
+        "converted": converted,
+    }
+    return model
+
+
+def check_format(model: nn.Module) -> None:
+    """Raise naming the first DSConv2d of ``model`` saved with another format version."""
+    from .modules.dsconv import DSConvFormatError
+
+    for name, m in model.named_modules():
+        if (
+            isinstance(m, DSConv2d)
+            and getattr(m, "format_version", FORMAT_VERSION) != FORMAT_VERSION
+        ):
+            raise DSConvFormatError(
+                f"layer '{name}': saved with dsconv_ext format version {m.format_version}, this "
+                f"dsconv_ext reads version {FORMAT_VERSION}; convert the model again"
+            )
+
+
+def _load(path: str) -> Dict:
+    """An ultralytics checkpoint as a dict, with our modules registered first."""
+    from .yolo.registry import register
+
+    register()
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(path)
+    return ckpt
+
+
+def convert_checkpoint(
+    src: str,
+    dst: str,
+    bits: int = 8,
+    block_size: int = 32,
+    act_bits: int = 8,
+    layers: LayerSelector = None,
+    exclude: LayerSelector = None,
+    kds_bias: bool = False,
+) -> Dict:
+    """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record."""
+    ckpt = _load(src)
+    model = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"{src}: no model in the checkpoint (keys: {sorted(ckpt)})")
+    model = model.float()
+    quantize(model, bits, block_size, act_bits, layers, exclude, kds_bias)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = {
+        k: v
+        for k, v in ckpt.items()
+        if k not in ("model", "ema", "optimizer", "updates", "scaler", "modelopt")
+    }
+    # Float leftovers (heads, attention) as fp16 like every ultralytics checkpoint; DSConv2d keeps
+    # its int8 VQK and fp32 scales.
+    out.update(
+        model=model.half(),
+        ema=None,
+        optimizer=None,
+        dsconv_ext={**model.dsconv_ext, "source": os.path.basename(src)},
+    )
+    torch.save(out, dst)
+    return out["dsconv_ext"]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m dsconv_ext convert IN.pt [-o OUT.pt] [--bits N] ...``"""
+    p = argparse.ArgumentParser(
+        prog="python -m dsconv_ext convert",
+        description="Convert a trained ultralytics checkpoint to int8 DSConv (no retraining).",
+    )
+    p.add_argument("checkpoint", help="trained checkpoint, e.g. runs/detect/train/weights/best.pt")
+    p.add_argument("-o", "--output", help="output path (default: IN-ds{bits}.pt)")
+    p.add_argument("--bits", type=int, default=8, help="VQK width 2..8 (default 8)")
+    p.add_argument("--block-size", type=int, default=32, help="channels per block (default 32)")
+    p.add_argument("--act-bits", type=int, default=8, help="activation mantissa bits (default 8)")
+    p.add_argument("--layers", nargs="+", help="convert only modules matching these patterns")
+    p.add_argument("--exclude", nargs="+", help="leave modules matching these patterns in float")
+    p.add_argument("--kds-bias", action="store_true", help="also fit a KDS bias per block")
+    a = p.parse_args(argv)
+    dst = a.output or f"{os.path.splitext(a.checkpoint)[0]}-ds{a.bits}.pt"
+    try:
+        rec = convert_checkpoint(
+            a.checkpoint, dst, a.bits, a.block_size, a.act_bits, a.layers, a.exclude, a.kds_bias
+        )
+    except (ConversionError, ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = lambda f: os.path.getsize(f) / 2**20  # noqa: E731
+    print(
+        f"converted {len(rec['converted'])} convolutions to DSConv (bits={a.bits}, "
+        f"block_size={a.block_size}, act_bits={a.act_bits}): {a.checkpoint} "
+        f"({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
+    )
+    return 0
