@@ -41,7 +41,8 @@ def find_cuda_home():
         real = os.path.realpath(nvcc)
         home = os.path.dirname(os.path.dirname(real))
         if os.path.isdir(os.path.join(home, "include")) and os.path.isfile(
-                os.path.join(home, "include", "cuda_runtime.h")):
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
             return home
         try:
             with open(real, errors="ignore") as f:
@@ -58,8 +59,11 @@ def find_cuda_home():
 
 
 def _cuda_lib_dirs(cuda_home):
-    return [d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"))
-            if os.path.isdir(d)]
+    return [
+        d
+        for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib"))
+        if os.path.isdir(d)
+    ]
 
 
 def extensions():
@@ -73,8 +77,10 @@ def extensions():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        _log("torch is not visible to this build (use `pip install --no-build-isolation .`); "
-             "installing the Python package, kernels will be compiled on first use")
+        _log(
+            "torch is not visible to this build (use `pip install --no-build-isolation .`); "
+            "installing the Python package, kernels will be compiled on first use"
+        )
         return [], {}
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -95,27 +101,46 @@ def extensions():
     define_macros = [("Py_LIMITED_API", "0x03090000")]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
-        ext = CppExtension("dsconv_ext._C", sources, extra_compile_args={"cxx": cxx},
-                           include_dirs=include_dirs, define_macros=define_macros,
-                           py_limited_api=True)
+        ext = CppExtension(
+            "dsconv_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            py_limited_api=True,
+        )
         return [ext], {"build_ext": BuildExtension}
 
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         archs = None
         if torch.cuda.is_available():
-            archs = ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
-                                     for i in range(torch.cuda.device_count())}))
+            archs = ";".join(
+                sorted(
+                    {
+                        "{}.{}".format(*torch.cuda.get_device_capability(i))
+                        for i in range(torch.cuda.device_count())
+                    }
+                )
+            )
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs or DEFAULT_CUDA_ARCHS
-    _log(f"building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
-         f" with CUDA_HOME={cuda_home}")
+    _log(
+        f"building CPU + CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}"
+        f" with CUDA_HOME={cuda_home}"
+    )
     nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     ext = CUDAExtension(
-        "dsconv_ext._C", sources + cuda_sources,
-        extra_compile_args={"cxx": cxx + ["-DDSCONV_EXT_WITH_CUDA"],
-                            "nvcc": nvcc + ["-DDSCONV_EXT_WITH_CUDA"]},
-        include_dirs=include_dirs, define_macros=define_macros,
+        "dsconv_ext._C",
+        sources + cuda_sources,
+        extra_compile_args={
+            "cxx": cxx + ["-DDSCONV_EXT_WITH_CUDA"],
+            "nvcc": nvcc + ["-DDSCONV_EXT_WITH_CUDA"],
+        },
+        include_dirs=include_dirs,
+        define_macros=define_macros,
         # The toolkit here keeps its libraries in lib/, not lib64/.
-        library_dirs=_cuda_lib_dirs(cuda_home), py_limited_api=True)
+        library_dirs=_cuda_lib_dirs(cuda_home),
+        py_limited_api=True,
+    )
     return [ext], {"build_ext": BuildExtension}
 
 
@@ -128,7 +153,6 @@ class BuildPyWithSources(build_py):
         if os.path.isdir(dst):
             shutil.rmtree(dst)
         shutil.copytree(os.path.join(ROOT, "csrc"), dst)
-
 
 
 ext_modules, cmdclass = extensions()

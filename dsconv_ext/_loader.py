@@ -46,11 +46,20 @@ def _jit_build() -> str:
     sources += sorted(glob.glob(os.path.join(src, "*.cpp")))
     sources += sorted(glob.glob(os.path.join(src, "cpu", "*.cpp")))
     sources = sorted(set(sources))
-    print("dsconv_ext: compiling the C++ CPU kernels on first use (about a minute, cached "
-          "afterwards; install with `pip install --no-build-isolation .` to do it at install)",
-          file=sys.stderr, flush=True)
-    load(name="dsconv_ext_C", sources=sources, extra_cflags=["-O3"], extra_include_paths=[src],
-         is_python_module=False, verbose=False)
+    print(
+        "dsconv_ext: compiling the C++ CPU kernels on first use (about a minute, cached "
+        "afterwards; install with `pip install --no-build-isolation .` to do it at install)",
+        file=sys.stderr,
+        flush=True,
+    )
+    load(
+        name="dsconv_ext_C",
+        sources=sources,
+        extra_cflags=["-O3"],
+        extra_include_paths=[src],
+        is_python_module=False,
+        verbose=False,
+    )
     return src
 
 
@@ -70,8 +79,12 @@ def load_library() -> LibraryStatus:
         except ImportError as e:
             installed_error = str(e)
         if os.environ.get("DSCONV_EXT_JIT", "1") == "0":
-            _status = LibraryStatus(False, "", f"not installed ({installed_error}) and "
-                                    "DSCONV_EXT_JIT=0 disables compiling on first use")
+            _status = LibraryStatus(
+                False,
+                "",
+                f"not installed ({installed_error}) and "
+                "DSCONV_EXT_JIT=0 disables compiling on first use",
+            )
             return _status
         try:
             path = _jit_build()

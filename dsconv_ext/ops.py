@@ -31,8 +31,22 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake(_OP)
-    def _(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
-          block_size, act_bits, fuse_silu):
+    def _(
+        x,
+        intweight,
+        alpha,
+        KDSb,
+        CDSw,
+        CDSb,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        block_size,
+        act_bits,
+        fuse_silu,
+    ):
         torch._check(x.dim() == 4, lambda: "x must be 4-D")
         torch._check(intweight.dtype == torch.int8, lambda: "intweight must be int8")
         N, _, H, W = x.shape
@@ -53,8 +67,11 @@ def _kernel_for(device_type: str) -> Tuple[bool, str]:
     if key is None:
         return False, f"no kernel is written for device type '{device_type}'"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key):
-        why = ("the library was built without CUDA (nvcc missing or DSCONV_EXT_CUDA=0)"
-               if key == "CUDA" else "the library has no CPU kernel")
+        why = (
+            "the library was built without CUDA (nvcc missing or DSCONV_EXT_CUDA=0)"
+            if key == "CUDA"
+            else "the library has no CPU kernel"
+        )
         return False, why
     return True, ""
 
@@ -76,11 +93,17 @@ def dsconv2d_backend(device: torch.device | str = "cpu") -> str:
     if ok:
         return "kernel"
     if requested == "kernel":
-        raise RuntimeError(f"DSCONV_EXT_DSCONV_BACKEND=kernel but no kernel for {device_type}: {why}")
+        raise RuntimeError(
+            f"DSCONV_EXT_DSCONV_BACKEND=kernel but no kernel for {device_type}: {why}"
+        )
     if device_type not in _warned:
         _warned.add(device_type)
-        warnings.warn(f"dsconv_ext: no compiled DSConv kernel for {device_type} ({why}); running "
-                      "the slower PyTorch fallback", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"dsconv_ext: no compiled DSConv kernel for {device_type} ({why}); running "
+            "the slower PyTorch fallback",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return "fallback"
 
 
@@ -117,11 +140,37 @@ def dsconv2d(
         block NaN.
     """
     stride, padding, dilation = check_dsconv2d_args(
-        x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
-        block_size, act_bits)
+        x,
+        intweight,
+        alpha,
+        KDSb,
+        CDSw,
+        CDSb,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        block_size,
+        act_bits,
+    )
     if dsconv2d_backend(x.device) == "fallback":
-        return dsconv2d_fallback(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding,
-                                 dilation, groups, block_size, act_bits, fuse_silu)
+        return dsconv2d_fallback(
+            x,
+            intweight,
+            alpha,
+            KDSb,
+            CDSw,
+            CDSb,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            block_size,
+            act_bits,
+            fuse_silu,
+        )
     native = x.dtype == torch.float32 or (x.is_cuda and x.dtype == torch.float16)
     xk = x if native else x.float()
 
@@ -129,8 +178,21 @@ def dsconv2d(
         return None if t is None else t.float()
 
     y = torch.ops.dsconv_ext.dsconv2d(
-        xk, intweight, alpha.float(), f32(KDSb), f32(CDSw), f32(CDSb), f32(bias), list(stride),
-        list(padding), list(dilation), groups, block_size, act_bits, fuse_silu)
+        xk,
+        intweight,
+        alpha.float(),
+        f32(KDSb),
+        f32(CDSw),
+        f32(CDSb),
+        f32(bias),
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        block_size,
+        act_bits,
+        fuse_silu,
+    )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

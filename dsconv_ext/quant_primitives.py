@@ -119,8 +119,9 @@ def quantize_weight(
     nblk = num_blocks(Cg, block_size)
     w = _pad_channels(weight.detach().double(), 1, block_size).view(O, nblk, block_size, kh, kw)
     # Padded channels are not part of the block: mask them out of the fit's counts.
-    valid = _pad_channels(torch.ones(1, Cg, 1, 1, dtype=torch.float64, device=w.device), 1,
-                          block_size).view(1, nblk, block_size, 1, 1)
+    valid = _pad_channels(
+        torch.ones(1, Cg, 1, 1, dtype=torch.float64, device=w.device), 1, block_size
+    ).view(1, nblk, block_size, 1, 1)
     qmax = 2 ** (bits - 1) - 1
     qmin = -(2 ** (bits - 1))
     wmax = w.abs().amax(dim=2, keepdim=True)
@@ -138,8 +139,9 @@ def quantize_weight(
         denom = n * sum_q2 - sum_q * sum_q
         # denom == 0 when every q in the block is equal: the slope is undetermined, keep the
         # plain fit and let the bias absorb the mean residual.
-        alpha = torch.where(denom > 0, (n * sum_wq - sum_q * sum_w) / denom.clamp_min(1e-300),
-                            alpha_plain)
+        alpha = torch.where(
+            denom > 0, (n * sum_wq - sum_q * sum_w) / denom.clamp_min(1e-300), alpha_plain
+        )
         kdsb = ((sum_w - alpha * sum_q) / n).float()
     intweight = q.view(O, nblk * block_size, kh, kw)[:, :Cg].to(torch.int8).contiguous()
     return intweight, alpha.float().contiguous(), kdsb
@@ -187,18 +189,27 @@ def bfp_quantize(
         raise ValueError(f"channels ({C}) must be divisible by groups ({groups})")
     Cg = C // groups
     nblk = num_blocks(Cg, block_size)
-    xd = x.detach().double().reshape(N, groups, Cg, H, W)
+    xd = x.detach().float().reshape(N, groups, Cg, H, W)
     xd = _pad_channels(xd, 2, block_size).view(N, groups, nblk, block_size, H, W)
-    finite = torch.isfinite(xd).all(dim=3)
-    xd = torch.where(torch.isfinite(xd), xd, torch.zeros_like(xd))
+    all_finite = bool(torch.isfinite(xd).all())
+    if not all_finite:
+        finite_x = torch.isfinite(xd)
+        finite = finite_x.all(dim=3)
+        xd = torch.where(finite_x, xd, torch.zeros_like(xd))
     amax = xd.abs().amax(dim=3)
     _, e = torch.frexp(amax)  # amax = f * 2^e with f in [0.5, 1), so floor(log2 amax) = e - 1
     expo = torch.where(amax > 0, (e - 1) - (mant_bits - 2), torch.zeros_like(e)).to(torch.int32)
     lim = 2 ** (mant_bits - 1) - 1
-    # float64 holds x * 2^-E exactly for every float32 x (its exponent range is far wider).
-    m = torch.round(xd * torch.pow(2.0, -expo.double()).unsqueeze(3)).clamp_(-lim, lim)
-    m = torch.where(finite.unsqueeze(3), m, torch.zeros_like(m))
-    expo = torch.where(finite, expo, torch.full_like(expo, NONFINITE_EXPONENT))
+    # x * 2^-E in two power-of-two steps: each factor fits in float32 even for subnormal blocks
+    # (E down to -155), and scaling by a power of two is exact while the result stays finite,
+    # which it does (|x * 2^-E| < 2^(m-1)). So this float32 product is exact.
+    half = torch.div(-expo, 2, rounding_mode="floor")
+    f1 = torch.pow(2.0, half.float()).unsqueeze(3)
+    f2 = torch.pow(2.0, (-expo - half).float()).unsqueeze(3)
+    m = torch.round(xd * f1 * f2).clamp_(-lim, lim)
+    if not all_finite:
+        m = torch.where(finite.unsqueeze(3), m, torch.zeros_like(m))
+        expo = torch.where(finite, expo, torch.full_like(expo, NONFINITE_EXPONENT))
     mant = m.view(N, groups, nblk * block_size, H, W)[:, :, :Cg].reshape(N, C, H, W)
     return mant.to(torch.int8), expo.view(N, groups * nblk, H, W)
 
@@ -210,16 +221,16 @@ def exponent_to_scale(exponent: torch.Tensor, dtype: torch.dtype = torch.float64
     return scale.to(dtype)
 
 
-def bfp_dequantize(mantissa: torch.Tensor, exponent: torch.Tensor, block_size: int,
-                   groups: int = 1) -> torch.Tensor:
+def bfp_dequantize(
+    mantissa: torch.Tensor, exponent: torch.Tensor, block_size: int, groups: int = 1
+) -> torch.Tensor:
     """Float activations ``mantissa * 2^E`` [N, C, H, W] (float32; NaN in non-finite blocks)."""
     N, C, H, W = mantissa.shape
     Cg = C // groups
     nblk = exponent.shape[1] // groups
     scale = exponent_to_scale(exponent).view(N, groups, nblk, 1, H, W)
     scale = scale.expand(N, groups, nblk, block_size, H, W).reshape(N, groups, -1, H, W)
-    return (mantissa.double().view(N, groups, Cg, H, W) * scale[:, :, :Cg]).view(
-        N, C, H, W).float()
+    return (mantissa.double().view(N, groups, Cg, H, W) * scale[:, :, :Cg]).view(N, C, H, W).float()
 
 
 def packed_bits(bits: int) -> int:
@@ -281,8 +292,9 @@ def fake_quantize_weight(
     return _StraightThrough.apply(weight, wq)
 
 
-def fake_quantize_bfp(x: torch.Tensor, block_size: int, mant_bits: int, groups: int = 1
-                      ) -> torch.Tensor:
+def fake_quantize_bfp(
+    x: torch.Tensor, block_size: int, mant_bits: int, groups: int = 1
+) -> torch.Tensor:
     """``bfp_dequantize(bfp_quantize(x))`` with a straight-through gradient (for QAT)."""
     with torch.autocast(x.device.type, enabled=False):
         mant, expo = bfp_quantize(x, block_size, mant_bits, groups)

@@ -35,8 +35,11 @@ def quantize_weight_loop(w, bits, block):
                 for j in range(kw):
                     vals = [float(w[o, c, i, j]) for c in chans]
                     m = max(abs(v) for v in vals)
-                    qs = [0] * len(vals) if m == 0 else [
-                        max(qmin, min(qmax, round(v / (m / qmax)))) for v in vals]
+                    qs = (
+                        [0] * len(vals)
+                        if m == 0
+                        else [max(qmin, min(qmax, round(v / (m / qmax)))) for v in vals]
+                    )
                     for c, qq in zip(chans, qs):
                         q[o, c, i, j] = qq
                     den = sum(qq * qq for qq in qs)
@@ -44,8 +47,9 @@ def quantize_weight_loop(w, bits, block):
     return q, alpha
 
 
-def dsconv2d_loop(x, q, alpha, kdsb, cdsw, cdsb, bias, stride, padding, dilation, groups, block,
-                  act_bits):
+def dsconv2d_loop(
+    x, q, alpha, kdsb, cdsw, cdsb, bias, stride, padding, dilation, groups, block, act_bits
+):
     """y by the definition, one output element at a time (float64)."""
     N, C, H, W = x.shape
     O, Cg, kh, kw = q.shape

@@ -39,9 +39,20 @@ def random_case(seed: int, max_c: int = 24, max_hw: int = 9, max_n: int = 3, dev
         opt["CDSb"] = torch.randn(O, generator=g)
     if ri(0, 1):
         opt["bias"] = torch.randn(O, generator=g)
-    case = dict(x=x, intweight=q, alpha=alpha, KDSb=kdsb, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, block_size=block_size, act_bits=act_bits,
-                fuse_silu=bool(ri(0, 1)), **opt)
+    case = dict(
+        x=x,
+        intweight=q,
+        alpha=alpha,
+        KDSb=kdsb,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        block_size=block_size,
+        act_bits=act_bits,
+        fuse_silu=bool(ri(0, 1)),
+        **opt,
+    )
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
 
 
@@ -59,8 +70,13 @@ def integer_exact_case(seed: int, device="cpu"):
     for grp in range(case["groups"]):
         for b0 in range(0, Cg, B):
             xi[:, grp * Cg + b0] = torch.randint(64, 128, xi[:, 0].shape, generator=g).float()
-    case.update(x=xi.to(device), alpha=torch.ones_like(case["alpha"]), KDSb=None, act_bits=8,
-                fuse_silu=False)
+    case.update(
+        x=xi.to(device),
+        alpha=torch.ones_like(case["alpha"]),
+        KDSb=None,
+        act_bits=8,
+        fuse_silu=False,
+    )
     for k in ("CDSw", "CDSb", "bias"):
         case.pop(k, None)
     return case

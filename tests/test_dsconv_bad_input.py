@@ -11,9 +11,21 @@ ENTRY_POINTS = [dsconv2d, dsconv2d_fallback, dsconv2d_reference]
 
 def _good():
     q, alpha, kdsb = quantize_weight(torch.randn(8, 4, 3, 3), 8, 3, kds_bias=True)
-    return dict(x=torch.randn(1, 8, 6, 6), intweight=q, alpha=alpha, KDSb=kdsb,
-                CDSw=torch.ones(8), CDSb=torch.zeros(8), bias=torch.zeros(8), stride=1,
-                padding=1, dilation=1, groups=2, block_size=3, act_bits=8)
+    return dict(
+        x=torch.randn(1, 8, 6, 6),
+        intweight=q,
+        alpha=alpha,
+        KDSb=kdsb,
+        CDSw=torch.ones(8),
+        CDSb=torch.zeros(8),
+        bias=torch.zeros(8),
+        stride=1,
+        padding=1,
+        dilation=1,
+        groups=2,
+        block_size=3,
+        act_bits=8,
+    )
 
 
 BAD = [
@@ -22,8 +34,12 @@ BAD = [
     ("x", dict(x=torch.randn(1, 6, 6, 6)), ValueError, "x has 6 channels"),
     ("x", dict(x=torch.randn(1, 8, 6, 6, dtype=torch.float64)), TypeError, "x must be float32"),
     ("intweight", dict(intweight=torch.randn(8, 4, 3, 3)), TypeError, "intweight must be an int8"),
-    ("intweight", dict(intweight=torch.zeros(8, 4, 3, dtype=torch.int8)), ValueError,
-     "intweight must be 4-D"),
+    (
+        "intweight",
+        dict(intweight=torch.zeros(8, 4, 3, dtype=torch.int8)),
+        ValueError,
+        "intweight must be 4-D",
+    ),
     ("alpha", dict(alpha=torch.ones(8, 1, 3, 3)), ValueError, r"alpha must have shape \(8, 2"),
     ("alpha", dict(alpha=torch.ones(8, 2, 3, 3, dtype=torch.int32)), TypeError, "alpha must be"),
     ("KDSb", dict(KDSb=torch.ones(8, 2, 3)), ValueError, "KDSb must have shape"),
@@ -45,8 +61,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("fn", ENTRY_POINTS, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("arg, change, exc, msg", BAD, ids=[f"{b[0]}-{i}" for i, b in
-                                                            enumerate(BAD)])
+@pytest.mark.parametrize(
+    "arg, change, exc, msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)]
+)
 def test_rejects(fn, arg, change, exc, msg):
     kwargs = dict(_good(), **change)
     with pytest.raises(exc, match=msg):

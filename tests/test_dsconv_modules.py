@@ -28,9 +28,19 @@ def _rel(a, b):
 def test_qat_forward_equals_frozen_integer_path(seed):
     torch.manual_seed(seed)
     groups = [1, 2, 4][seed % 3]
-    m = DSConv2d(16, 8, 3, stride=1 + seed % 2, padding=1, groups=groups, bias=bool(seed % 2),
-                 block_size=[3, 4, 32][seed % 3], bits=2 + seed % 7, KDSBias=seed % 4 == 0,
-                 CDS=seed % 3 == 0)
+    m = DSConv2d(
+        16,
+        8,
+        3,
+        stride=1 + seed % 2,
+        padding=1,
+        groups=groups,
+        bias=bool(seed % 2),
+        block_size=[3, 4, 32][seed % 3],
+        bits=2 + seed % 7,
+        KDSBias=seed % 4 == 0,
+        CDS=seed % 3 == 0,
+    )
     if m.CDSw is not None:
         with torch.no_grad():
             m.CDSw.uniform_(0.5, 1.5)
@@ -39,8 +49,21 @@ def test_qat_forward_equals_frozen_integer_path(seed):
     y_qat = m(x)
     m.freeze()
     y_int = m(x)
-    y_ref = dsconv2d_reference(x, m.intweight, m.alpha, m.KDSb, m.CDSw, m.CDSb, m.bias, m.stride,
-                               m.padding, m.dilation, m.groups, m.block_size, m.act_bits)
+    y_ref = dsconv2d_reference(
+        x,
+        m.intweight,
+        m.alpha,
+        m.KDSb,
+        m.CDSw,
+        m.CDSb,
+        m.bias,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.block_size,
+        m.act_bits,
+    )
     torch.testing.assert_close(y_int, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
     torch.testing.assert_close(y_qat, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
 

@@ -17,10 +17,21 @@ def _rel_err(a, b):
 def test_reference_matches_brute_force(seed):
     case = random_case(seed, max_c=8, max_hw=5, max_n=2)
     y = dsconv2d_reference(**case)
-    y_loop = dsconv2d_loop(case["x"], case["intweight"], case["alpha"], case["KDSb"],
-                           case.get("CDSw"), case.get("CDSb"), case.get("bias"), case["stride"],
-                           case["padding"], case["dilation"], case["groups"],
-                           case["block_size"], case["act_bits"])
+    y_loop = dsconv2d_loop(
+        case["x"],
+        case["intweight"],
+        case["alpha"],
+        case["KDSb"],
+        case.get("CDSw"),
+        case.get("CDSb"),
+        case.get("bias"),
+        case["stride"],
+        case["padding"],
+        case["dilation"],
+        case["groups"],
+        case["block_size"],
+        case["act_bits"],
+    )
     if case["fuse_silu"]:
         y_loop = torch.nn.functional.silu(y_loop)
     assert y.shape == y_loop.shape, f"seed={seed}"
@@ -51,8 +62,15 @@ def test_int_sums_match_direct_integer_conv():
     x, q = case["x"], case["intweight"]
     _, sums = dsconv2d_reference(**case, return_int_sums=True)
     # A float64 conv of integer tensors is exact: total over blocks and taps must equal it.
-    y_int = torch.nn.functional.conv2d(x.double(), q.double(), None, case["stride"],
-                                       case["padding"], case["dilation"], case["groups"])
+    y_int = torch.nn.functional.conv2d(
+        x.double(),
+        q.double(),
+        None,
+        case["stride"],
+        case["padding"],
+        case["dilation"],
+        case["groups"],
+    )
     assert torch.equal(sums.sum(dim=(2, 3)).double(), y_int)
 
 

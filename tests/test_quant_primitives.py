@@ -51,8 +51,8 @@ def test_bfp_extreme_magnitudes_and_nonfinite():
     x = torch.tensor([1e-40, 3e-41, 3e38, -1e38, float("nan"), 1.0]).view(1, 6, 1, 1)
     m, e = qp.bfp_quantize(x, block_size=2, mant_bits=8)
     for b in range(2):
-        ms, ee = bfp_block([float(v) for v in x.view(-1)[2 * b:2 * b + 2]], 8)
-        assert e[0, b, 0, 0].item() == ee and m.view(-1)[2 * b:2 * b + 2].tolist() == ms
+        ms, ee = bfp_block([float(v) for v in x.view(-1)[2 * b : 2 * b + 2]], 8)
+        assert e[0, b, 0, 0].item() == ee and m.view(-1)[2 * b : 2 * b + 2].tolist() == ms
     assert e[0, 2, 0, 0].item() == qp.NONFINITE_EXPONENT
     assert m.view(-1)[4:].tolist() == [0, 0]
     deq = qp.bfp_dequantize(m, e, 2)
@@ -80,13 +80,12 @@ def test_quantize_weight_kds_bias_is_least_squares():
     q, alpha, kdsb = qp.quantize_weight(w, 3, 5, kds_bias=True)
     for o in range(4):
         for b in range(2):
-            qs = q[o, 5 * b:5 * b + 5, 0, 0].double()
-            ws = w[o, 5 * b:5 * b + 5, 0, 0].double()
+            qs = q[o, 5 * b : 5 * b + 5, 0, 0].double()
+            ws = w[o, 5 * b : 5 * b + 5, 0, 0].double()
             A = torch.stack([qs, torch.ones_like(qs)], 1)
             sol = torch.linalg.lstsq(A, ws.unsqueeze(1)).solution.view(-1)
             assert math.isclose(alpha[o, b, 0, 0].item(), sol[0].item(), rel_tol=1e-5)
-            assert math.isclose(kdsb[o, b, 0, 0].item(), sol[1].item(), rel_tol=1e-5,
-                                abs_tol=1e-6)
+            assert math.isclose(kdsb[o, b, 0, 0].item(), sol[1].item(), rel_tol=1e-5, abs_tol=1e-6)
     err_bias = (qp.dequantize_weight(q, alpha, kdsb) - w).norm()
     q2, a2, _ = qp.quantize_weight(w, 3, 5)
     assert err_bias < (qp.dequantize_weight(q2, a2) - w).norm()
@@ -104,8 +103,9 @@ def test_pack_roundtrip_and_size(bits):
     assert packed.numel() == -(-q.numel() // per_byte)
 
 
-@pytest.mark.parametrize("bad, exc", [(1, ValueError), (9, ValueError), (4.0, TypeError),
-                                      (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, exc", [(1, ValueError), (9, ValueError), (4.0, TypeError), (True, TypeError)]
+)
 def test_bits_out_of_range(bad, exc):
     with pytest.raises(exc, match="bits"):
         qp.quantize_weight(torch.randn(2, 2, 1, 1), bits=bad)

@@ -14,8 +14,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def pair(v, name: str) -> Tuple[int, int]:
     if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
-        isinstance(e, int) and not isinstance(e, bool) for e in v
+    if (
+        isinstance(v, (tuple, list))
+        and len(v) == 2
+        and all(isinstance(e, int) and not isinstance(e, bool) for e in v)
     ):
         return (int(v[0]), int(v[1]))
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
@@ -72,8 +74,13 @@ def check_dsconv2d_args(
             f"x has {C} channels but intweight expects {Cg * groups} (I/g={Cg}, groups={groups})"
         )
     nblk = num_blocks(Cg, block_size)
-    for name, t, shape in (("alpha", alpha, (O, nblk, kh, kw)), ("KDSb", KDSb, (O, nblk, kh, kw)),
-                           ("CDSw", CDSw, (O,)), ("CDSb", CDSb, (O,)), ("bias", bias, (O,))):
+    for name, t, shape in (
+        ("alpha", alpha, (O, nblk, kh, kw)),
+        ("KDSb", KDSb, (O, nblk, kh, kw)),
+        ("CDSw", CDSw, (O,)),
+        ("CDSb", CDSb, (O,)),
+        ("bias", bias, (O,)),
+    ):
         if t is None:
             if name == "alpha":
                 raise TypeError("alpha is required")
@@ -86,8 +93,14 @@ def check_dsconv2d_args(
             raise ValueError(
                 f"{name} must have shape {shape} (block_size={block_size}), got {tuple(t.shape)}"
             )
-    for name, t in (("intweight", intweight), ("alpha", alpha), ("KDSb", KDSb), ("CDSw", CDSw),
-                    ("CDSb", CDSb), ("bias", bias)):
+    for name, t in (
+        ("intweight", intweight),
+        ("alpha", alpha),
+        ("KDSb", KDSb),
+        ("CDSw", CDSw),
+        ("CDSb", CDSb),
+        ("bias", bias),
+    ):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them together")
     Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1

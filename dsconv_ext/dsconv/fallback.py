@@ -37,15 +37,55 @@ def dsconv2d_fallback(
 ) -> torch.Tensor:
     """DSConv forward (see ``dsconv_ext.ops.dsconv2d`` for the arguments). Returns x's dtype."""
     stride, padding, dilation = check_dsconv2d_args(
-        x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
-        block_size, act_bits)
+        x,
+        intweight,
+        alpha,
+        KDSb,
+        CDSw,
+        CDSb,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        block_size,
+        act_bits,
+    )
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        return _forward(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation,
-                        groups, block_size, act_bits, fuse_silu)
+        return _forward(
+            x,
+            intweight,
+            alpha,
+            KDSb,
+            CDSw,
+            CDSb,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            block_size,
+            act_bits,
+            fuse_silu,
+        )
 
 
-def _forward(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
-             block_size, act_bits, fuse_silu):
+def _forward(
+    x,
+    intweight,
+    alpha,
+    KDSb,
+    CDSw,
+    CDSb,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    block_size,
+    act_bits,
+    fuse_silu,
+):
     N, C, H, W = x.shape
     O, Cg, kh, kw = intweight.shape
     G, Og = groups, O // groups

@@ -24,8 +24,11 @@ from .checks import check_dsconv2d_args, output_size
 def _taps(t: torch.Tensor, i: int, j: int, Ho: int, Wo: int, stride, dilation) -> torch.Tensor:
     """The [.., Ho, Wo] slice of a padded map that kernel tap (i, j) reads."""
     r0, c0 = i * dilation[0], j * dilation[1]
-    return t[..., r0 : r0 + stride[0] * (Ho - 1) + 1 : stride[0],
-             c0 : c0 + stride[1] * (Wo - 1) + 1 : stride[1]]
+    return t[
+        ...,
+        r0 : r0 + stride[0] * (Ho - 1) + 1 : stride[0],
+        c0 : c0 + stride[1] * (Wo - 1) + 1 : stride[1],
+    ]
 
 
 def dsconv2d_reference(
@@ -59,8 +62,20 @@ def dsconv2d_reference(
         y [N, O, Ho, Wo] in x's dtype (and S if asked).
     """
     stride, padding, dilation = check_dsconv2d_args(
-        x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
-        block_size, act_bits)
+        x,
+        intweight,
+        alpha,
+        KDSb,
+        CDSw,
+        CDSb,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        block_size,
+        act_bits,
+    )
     N, C, H, W = x.shape
     O, Cg, kh, kw = intweight.shape
     G, Og = groups, O // groups

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -72,17 +71,35 @@ class DSConv2d(nn.Module):
     Shapes: x [N, in_channels, H, W] -> [N, out_channels, Ho, Wo].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, groups: int = 1, bias: bool = False, block_size: int = 32,
-                 bits: int = 8, act_bits: int = 8, KDSBias: bool = False, CDS: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        block_size: int = 32,
+        bits: int = 8,
+        act_bits: int = 8,
+        KDSBias: bool = False,
+        CDS: bool = False,
+    ):
         super().__init__()
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
-                        ("groups", groups)):
+        for name, v in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("groups", groups),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must "
-                             f"be divisible by groups ({groups})")
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must "
+                f"be divisible by groups ({groups})"
+            )
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
@@ -122,8 +139,10 @@ class DSConv2d(nn.Module):
         return num_blocks(self.in_channels // self.groups, self.block_size)
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}, padding={self.padding}")
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}"
+        )
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -138,16 +157,38 @@ class DSConv2d(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects x of shape [N, {self.in_channels}, "
-                             f"H, W], got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects x of shape [N, {self.in_channels}, "
+                f"H, W], got {tuple(x.shape)}"
+            )
         if self.frozen:
-            return dsconv2d(x, self.intweight, self.alpha, self.KDSb, self.CDSw, self.CDSb,
-                            self.bias, self.stride, self.padding, self.dilation, self.groups,
-                            self.block_size, self.act_bits, self.fuse_silu)
+            return dsconv2d(
+                x,
+                self.intweight,
+                self.alpha,
+                self.KDSb,
+                self.CDSw,
+                self.CDSb,
+                self.bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                self.block_size,
+                self.act_bits,
+                self.fuse_silu,
+            )
         w = fake_quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
         xq = fake_quantize_bfp(x, self.block_size, self.act_bits, self.groups)
-        y = F.conv2d(xq, w.to(xq.dtype) if not torch.is_autocast_enabled() else w, None,
-                     self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(
+            xq,
+            w.to(xq.dtype) if not torch.is_autocast_enabled() else w,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
         shape = (1, -1, 1, 1)
         if self.CDSw is not None:
             y = y * self.CDSw.view(shape).to(y.dtype) + self.CDSb.view(shape).to(y.dtype)
@@ -157,7 +198,7 @@ class DSConv2d(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @torch.no_grad()
-    def freeze(self) -> "DSConv2d":
+    def freeze(self) -> DSConv2d:
         """Quantise the shadow weight once and switch to the integer kernel (in place)."""
         if self.frozen:
             return self
@@ -171,17 +212,36 @@ class DSConv2d(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, conv: nn.Conv2d, bits: int = 8, block_size: int = 32, act_bits: int = 8,
-                   KDSBias: bool = False) -> "DSConv2d":
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        bits: int = 8,
+        block_size: int = 32,
+        act_bits: int = 8,
+        KDSBias: bool = False,
+    ) -> DSConv2d:
         """Frozen DSConv2d approximating a trained ``nn.Conv2d`` (no retraining)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("conv must use numeric zero padding (padding_mode='zeros'); got "
-                             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}")
-        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                conv.dilation, conv.groups, conv.bias is not None, block_size, bits, act_bits,
-                KDSBias)
+            raise ValueError(
+                "conv must use numeric zero padding (padding_mode='zeros'); got "
+                f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
+            )
+        m = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            block_size,
+            bits,
+            act_bits,
+            KDSBias,
+        )
         m = m.to(conv.weight.device)
         m.weight.copy_(conv.weight.float())
         if conv.bias is not None:
@@ -189,7 +249,7 @@ class DSConv2d(nn.Module):
         return m.freeze()
 
     @torch.no_grad()
-    def fold_bn(self, bn: nn.BatchNorm2d) -> "DSConv2d":
+    def fold_bn(self, bn: nn.BatchNorm2d) -> DSConv2d:
         """Fold an eval-mode BatchNorm after this conv into the Channel Distribution Shift.
 
         ``bn(CDSw * acc + CDSb + bias) = (CDSw * s) * acc + ((CDSb + bias - mean) * s + beta)``
@@ -199,8 +259,9 @@ class DSConv2d(nn.Module):
             raise ValueError(f"bn must be a BatchNorm2d({self.out_channels}), got {bn!r}")
         self.freeze()
         dev = self.alpha.device
-        s = (bn.weight if bn.affine else torch.ones(bn.num_features, device=dev)).float() / \
-            torch.sqrt(bn.running_var.float() + bn.eps)
+        s = (
+            bn.weight if bn.affine else torch.ones(bn.num_features, device=dev)
+        ).float() / torch.sqrt(bn.running_var.float() + bn.eps)
         beta = bn.bias.float() if bn.affine else torch.zeros_like(s)
         cdsw = self.CDSw.float() if self.CDSw is not None else torch.ones_like(s)
         cdsb = self.CDSb.float() if self.CDSb is not None else torch.zeros_like(s)
@@ -217,8 +278,7 @@ class DSConv2d(nn.Module):
 
     # ------------------------------------------------------------------ storage
     def _apply(self, fn, recurse=True):
-        kept = {n: self._buffers.pop(n) for n in _FP32_BUFFERS
-                if self._buffers.get(n) is not None}
+        kept = {n: self._buffers.pop(n) for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
         try:
             super()._apply(fn, recurse)
         finally:
@@ -229,9 +289,14 @@ class DSConv2d(nn.Module):
         return self
 
     def get_extra_state(self):
-        return {"format_version": FORMAT_VERSION, "frozen": self.frozen, "bits": self.bits,
-                "block_size": self.block_size, "act_bits": self.act_bits,
-                "fuse_silu": self.fuse_silu}
+        return {
+            "format_version": FORMAT_VERSION,
+            "frozen": self.frozen,
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "act_bits": self.act_bits,
+            "fuse_silu": self.fuse_silu,
+        }
 
     def set_extra_state(self, state):
         self.fuse_silu = bool(state.get("fuse_silu", False))
@@ -243,8 +308,9 @@ class DSConv2d(nn.Module):
             q = destination.pop(prefix + "intweight")
             destination[prefix + "intweight_packed"] = pack_intweight(q.detach(), self.bits)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         extra = state_dict.get(prefix + "_extra_state")
         layer = prefix.rstrip(".") or type(self).__name__
         if isinstance(extra, dict):
@@ -252,12 +318,14 @@ class DSConv2d(nn.Module):
             if version != FORMAT_VERSION:
                 raise DSConvFormatError(
                     f"layer '{layer}': saved with dsconv_ext format version {version}, this "
-                    f"dsconv_ext reads version {FORMAT_VERSION}; convert the model again")
+                    f"dsconv_ext reads version {FORMAT_VERSION}; convert the model again"
+                )
             for key in ("bits", "block_size", "act_bits"):
                 if extra.get(key) != getattr(self, key):
                     raise DSConvFormatError(
                         f"layer '{layer}': saved with {key}={extra.get(key)}, this module has "
-                        f"{key}={getattr(self, key)}")
+                        f"{key}={getattr(self, key)}"
+                    )
         packed = state_dict.get(prefix + "intweight_packed")
         if packed is not None:
             kh, kw = self.kernel_size
@@ -268,10 +336,13 @@ class DSConv2d(nn.Module):
         if prefix + "intweight" in state_dict and not self.frozen:
             self._become_frozen_like(state_dict, prefix)
         if self.frozen and prefix + "weight" in state_dict:
-            raise DSConvFormatError(f"layer '{layer}': cannot load a float (QAT) state into a "
-                                    "frozen DSConv2d; load it before freeze()")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+            raise DSConvFormatError(
+                f"layer '{layer}': cannot load a float (QAT) state into a "
+                "frozen DSConv2d; load it before freeze()"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _become_frozen_like(self, state_dict, prefix):
         """Turn a fresh module into a frozen one with the saved buffers' shapes, so that a frozen
@@ -302,11 +373,14 @@ class DSConv2d(nn.Module):
     def __setstate__(self, state):
         version = state.get("format_version")
         if version != FORMAT_VERSION:
-            desc = (f"DSConv2d({state.get('in_channels')}, {state.get('out_channels')}, "
-                    f"kernel_size={state.get('kernel_size')})")
+            desc = (
+                f"DSConv2d({state.get('in_channels')}, {state.get('out_channels')}, "
+                f"kernel_size={state.get('kernel_size')})"
+            )
             raise DSConvFormatError(
                 f"{desc}: saved with dsconv_ext format version {version}, this dsconv_ext reads "
-                f"version {FORMAT_VERSION}; convert the model again with this version")
+                f"version {FORMAT_VERSION}; convert the model again with this version"
+            )
         packed = state.pop("_packed_intweight", None)
         super().__setstate__(state)
         if packed is not None:
@@ -325,14 +399,42 @@ class DSConv(nn.Module):
 
     default_act = nn.SiLU()
 
-    def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g: int = 1, d=1, act=True,
-                 block_size: int = 32, bits: int = 8, act_bits: int = 8):
+    def __init__(
+        self,
+        c1: int,
+        c2: int,
+        k=1,
+        s=1,
+        p=None,
+        g: int = 1,
+        d=1,
+        act=True,
+        block_size: int = 32,
+        bits: int = 8,
+        act_bits: int = 8,
+    ):
         super().__init__()
-        self.conv = DSConv2d(c1, c2, k, s, autopad(k, p, d), dilation=d, groups=g, bias=False,
-                             block_size=block_size, bits=bits, act_bits=act_bits)
+        self.conv = DSConv2d(
+            c1,
+            c2,
+            k,
+            s,
+            autopad(k, p, d),
+            dilation=d,
+            groups=g,
+            bias=False,
+            block_size=block_size,
+            bits=bits,
+            act_bits=act_bits,
+        )
         self.bn = nn.BatchNorm2d(c2)
-        self.act = self.default_act if act is True else act if isinstance(act, nn.Module) \
+        self.act = (
+            self.default_act
+            if act is True
+            else act
+            if isinstance(act, nn.Module)
             else nn.Identity()
+        )
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -344,7 +446,7 @@ class DSConv(nn.Module):
         return self.act(self.conv(x))
 
     @torch.no_grad()
-    def fuse_bn(self) -> "DSConv":
+    def fuse_bn(self) -> DSConv:
         """Fold BN into the conv's channel shift and SiLU into its kernel call; freezes the conv."""
         if self.fused:
             return self

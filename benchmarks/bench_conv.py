@@ -1,0 +1,245 @@
+"""DSConv kernel vs fp32 F.conv2d (oneDNN), torch.ao x86 int8 conv and the PyTorch fallback.
+
+On the 3x3 and 1x1 conv layers of YOLO11n and YOLO11s at 640 px, batch 1 and 8, on CPU (and on
+CUDA with benchmarks/bench_conv_cuda.py when a GPU is present). Candidates are timed interleaved,
+the median of many rounds is reported, and ratios are speed-ups over the named baseline:
+``x fp32`` = F.conv2d fp32 time / DSConv time, ``x ao`` = torch.ao int8 conv time / DSConv time.
+
+The torch.ao candidate times the quantized conv alone on an already-quantised input (its best
+case: no quantise / dequantise of activations, no per-block shifts); DSConv times float in ->
+float out including the BFP activation quantisation.
+
+    python benchmarks/bench_conv.py                 # full CPU table
+    python benchmarks/bench_conv.py --quick         # a few layers, batch 1
+    python benchmarks/bench_conv.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import dump_json, environment, print_table, time_interleaved  # noqa: E402
+from conv_shapes import yolo11_conv_shapes  # noqa: E402
+
+import dsconv_ext  # noqa: E402
+from dsconv_ext.dsconv import dsconv2d_fallback  # noqa: E402
+from dsconv_ext.quant_primitives import pack_intweight, quantize_weight  # noqa: E402
+
+
+def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor):
+    """A torch.ao quantized conv (x86 engine) on a quantised copy of x, or None if unavailable."""
+    try:
+        import torch.ao.nn.quantized as nnq
+
+        if "x86" not in torch.backends.quantized.supported_engines:
+            return None
+        torch.backends.quantized.engine = "x86"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            conv = nnq.Conv2d(
+                s["c_in"], s["c_out"], s["k"], s["stride"], s["padding"], groups=s["groups"]
+            )
+            scales = w.abs().amax(dim=(1, 2, 3)).clamp_min(1e-8) / 127
+            qw = torch.quantize_per_channel(
+                w, scales.double(), torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8
+            )
+            conv.set_weight_bias(qw, torch.zeros(w.shape[0]))
+            conv.scale, conv.zero_point = float(x.abs().max() / 64), 64
+            xq = torch.quantize_per_tensor(x, float(x.abs().max() / 127), 128, torch.quint8)
+        return lambda: conv(xq)
+    except Exception as e:  # removed or broken in this torch: say so in the table
+        print(f"torch.ao int8 conv unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def _unique(shapes):
+    seen = {}
+    for s in shapes:
+        key = (
+            s["c_in"],
+            s["c_out"],
+            s["k"],
+            s["stride"],
+            s["padding"],
+            s["groups"],
+            s["H"],
+            s["W"],
+        )
+        if key in seen:
+            seen[key]["count"] += 1
+        else:
+            seen[key] = dict(s, count=1)
+    return list(seen.values())
+
+
+def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
+    rows = []
+    backend = dsconv_ext.dsconv2d_backend("cpu")
+    for scale in scales:
+        for k in kernels:
+            shapes = _unique(yolo11_conv_shapes(scale, k))
+            if quick:
+                shapes = shapes[:: max(1, len(shapes) // 4)]
+            for batch in batches:
+                for s in shapes:
+                    g = torch.Generator().manual_seed(0)
+                    x = F.silu(torch.randn(batch, s["c_in"], s["H"], s["W"], generator=g))
+                    w = torch.randn(s["c_out"], s["c_in"] // s["groups"], k, k, generator=g)
+                    w *= (2.0 / w[0].numel()) ** 0.5
+                    q, alpha, _ = quantize_weight(w, 8, 32)
+                    conv_args = (s["stride"], s["padding"], 1, s["groups"])
+                    fns = {
+                        "dsconv": lambda x=x, q=q, a=alpha, c=conv_args: dsconv_ext.dsconv2d(
+                            x, q, a, None, None, None, None, *c, 32, 8
+                        ),
+                        "fp32": lambda x=x, w=w, c=conv_args: F.conv2d(x, w, None, *c),
+                    }
+                    ao = _ao_conv(w, s, x)
+                    if ao is not None:
+                        fns["ao_int8"] = ao
+                    if with_fallback:
+                        fns["fallback"] = lambda x=x, q=q, a=alpha, c=conv_args: dsconv2d_fallback(
+                            x, q, a, None, None, None, None, *c, 32, 8
+                        )
+                    with torch.no_grad():
+                        # Fewer rounds for the slow fallback: keep each row to a few seconds.
+                        t = time_interleaved(
+                            fns,
+                            rounds=rounds if not with_fallback else max(5, rounds // 4),
+                            warmup=2,
+                        )
+                    row = {
+                        "scale": scale,
+                        "k": k,
+                        "batch": batch,
+                        "layer": f"{s['c_in']}->{s['c_out']} s{s['stride']}"
+                        + (f" g{s['groups']}" if s["groups"] > 1 else ""),
+                        "HxW": f"{s['H']}x{s['W']}",
+                        "count": s["count"],
+                        "dsconv_ms": t["dsconv"],
+                        "fp32_ms": t["fp32"],
+                        "ao_int8_ms": t.get("ao_int8", float("nan")),
+                        "fallback_ms": t.get("fallback", float("nan")),
+                        "x_fp32": t["fp32"] / t["dsconv"],
+                        "x_ao": t.get("ao_int8", float("nan")) / t["dsconv"],
+                        "x_fallback": t.get("fallback", float("nan")) / t["dsconv"],
+                        "w_fp32_B": w.numel() * 4,
+                        "w_int8_B": q.numel() + alpha.numel() * 4,
+                        "w_int4_B": pack_intweight(q.clamp(-8, 7), 4).numel() + alpha.numel() * 4,
+                        "backend": backend,
+                    }
+                    rows.append(row)
+                    print_table([row], COLUMNS) if os.environ.get("BENCH_VERBOSE") else None
+    return rows
+
+
+COLUMNS = [
+    "scale",
+    "k",
+    "batch",
+    "layer",
+    "HxW",
+    "count",
+    "dsconv_ms",
+    "fp32_ms",
+    "ao_int8_ms",
+    "fallback_ms",
+    "x_fp32",
+    "x_ao",
+    "x_fallback",
+    "w_fp32_B",
+    "w_int8_B",
+    "w_int4_B",
+]
+
+
+def geomean(vals):
+    vals = [v for v in vals if v == v and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def summary(rows):
+    out = []
+    for k in sorted({r["k"] for r in rows}):
+        for batch in sorted({r["batch"] for r in rows}):
+            sel = [r for r in rows if r["k"] == k and r["batch"] == batch]
+            if sel:
+                out.append(
+                    {
+                        "k": k,
+                        "batch": batch,
+                        "layers": len(sel),
+                        "geomean_x_fp32": geomean([r["x_fp32"] for r in sel]),
+                        "geomean_x_ao": geomean([r["x_ao"] for r in sel]),
+                        "geomean_x_fallback": geomean([r["x_fallback"] for r in sel]),
+                    }
+                )
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scales", default="n,s")
+    p.add_argument("--kernels", default="3,1")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-fallback", action="store_true", help="skip the slow PyTorch fallback")
+    p.add_argument("--quick", action="store_true", help="a few layers, batch 1, 3x3 only")
+    p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
+    p.add_argument("--cuda", action="store_true", help="also the CUDA rows (needs a GPU)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    scales = args.scales.split(",")
+    kernels = [int(k) for k in args.kernels.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.quick:
+        kernels, batches = [3], [1]
+
+    env = environment()
+    backend = dsconv_ext.dsconv2d_backend("cpu")
+    print(f"# bench_conv: {env}")
+    print(
+        f"# DSConv CPU backend: {backend}"
+        + (
+            ""
+            if backend == "kernel"
+            else "  <-- the compiled kernel is NOT in use: "
+            + str(dsconv_ext.dsconv_backend_report()["cpu"])
+        )
+    )
+    if backend == "kernel" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
+        print(f"# CPU ISA path: {torch.ops.dsconv_ext.cpu_isa()}")
+    rows = bench_cpu(scales, kernels, batches, args.rounds, not args.no_fallback, args.quick)
+    print_table(rows, COLUMNS)
+    print()
+    summ = summary(rows)
+    print_table(summ, list(summ[0].keys()) if summ else [])
+    cuda_rows = []
+    if args.cuda or torch.cuda.is_available():
+        if torch.cuda.is_available():
+            from bench_conv_cuda import cuda_rows as _cuda_rows
+
+            shapes = [
+                s for sc in scales for k in kernels for s in _unique(yolo11_conv_shapes(sc, k))
+            ]
+            cuda_rows = _cuda_rows(shapes)
+        else:
+            print("# --cuda: no CUDA device here, no CUDA rows")
+    if args.json:
+        dump_json(
+            args.json,
+            {"env": env, "backend": backend, "cpu": rows, "summary": summ, "cuda": cuda_rows},
+        )
+
+
+if __name__ == "__main__":
+    main()
