@@ -14,6 +14,14 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+try:  # run from a checkout without installing: use the checkout's package
+    import dsconv_ext  # noqa: F401
+except ImportError:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def _sync(device: Optional[str]) -> None:
     if device is not None and device.startswith("cuda"):
