@@ -19,7 +19,7 @@ def _interpret_env() -> bool:
 
 
 def triton_status(device: Optional[torch.device] = None) -> str:
-    """'ok' when the Triton kernels can run on ``device`` (CPU means the interpreter), else why not."""
+    """'ok' when the Triton kernels can run on ``device`` (CPU: the interpreter), else why not."""
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - triton ships with CUDA torch
@@ -71,7 +71,7 @@ def resolve_backend(backend: str, x: Optional[torch.Tensor] = None) -> str:
     return backend
 
 
-def routed_attention(q, k, v, r_idx, r_weight, scale, num_heads, backend="torch"):
+def routed_attention(q, kv, r_idx, r_weight, scale, num_heads, backend="torch"):
     """Routed attention core ``[B, P, Wq, H*Dk]`` -> ``[B, P, Wq, H*Dv]`` on the named backend.
 
     See :func:`dsconv_ext.bra.naive.routed_attention_naive` for the arguments.
@@ -79,22 +79,24 @@ def routed_attention(q, k, v, r_idx, r_weight, scale, num_heads, backend="torch"
     if backend == "reference":
         from .naive import routed_attention_naive
 
-        return routed_attention_naive(q, k, v, r_idx, r_weight, scale, num_heads)
+        return routed_attention_naive(q, kv, r_idx, r_weight, scale, num_heads)
     if backend == "torch":
         from .torch_impl import routed_attention_torch
 
-        return routed_attention_torch(q, k, v, r_idx, r_weight, scale, num_heads)
+        return routed_attention_torch(q, kv, r_idx, r_weight, scale, num_heads)
     if backend == "triton":
         from .autograd import routed_attention_triton
 
-        return routed_attention_triton(q, k, v, r_idx, r_weight, scale, num_heads)
+        return routed_attention_triton(q, kv, r_idx, r_weight, scale, num_heads)
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
 def bra_backend_report() -> Dict[str, object]:
     """What BiLevelRoutingAttention runs where, for ``python -m dsconv_ext info``."""
     forced = os.environ.get(ENV_VAR, "").strip().lower() or None
-    cpu_triton = triton_status(torch.device("cpu")) if _interpret_env() else "needs TRITON_INTERPRET=1"
+    cpu_triton = (
+        triton_status(torch.device("cpu")) if _interpret_env() else "needs TRITON_INTERPRET=1"
+    )
     report: Dict[str, object] = {
         "backends": list(BACKENDS[1:]),
         "env_var": ENV_VAR,

@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import resolve_backend
+from .backend import resolve_backend, routed_attention
 from .naive import bra_forward_naive, kv_gather_naive
+from .torch_impl import linear_cl
 
 __all__ = ["BiLevelRoutingAttention", "KVGather", "QKVLinear", "TopkRouting"]
 
@@ -194,17 +195,27 @@ class BiLevelRoutingAttention(nn.Module):
         self.kv_downsample_ratio = kv_downsample_ratio
         self.kv_downsample_kernel = kv_downsample_kernel
         if kv_downsample_mode in ("fracpool", "conv"):
-            raise NotImplementedError(f"kv_downsample_mode={kv_downsample_mode!r} is not implemented")
+            raise NotImplementedError(
+                f"kv_downsample_mode={kv_downsample_mode!r} is not implemented"
+            )
         if kv_downsample_mode not in _KV_MODES:
-            raise ValueError(f"kv_downsample_mode must be one of {_KV_MODES}, got {kv_downsample_mode!r}")
+            raise ValueError(
+                f"kv_downsample_mode must be one of {_KV_MODES}, got {kv_downsample_mode!r}"
+            )
         if kv_downsample_mode.startswith("ada_"):
             if kv_per_win is None:
                 raise ValueError(f"kv_downsample_mode={kv_downsample_mode!r} needs kv_per_win")
-            pool = nn.AdaptiveAvgPool2d if kv_downsample_mode == "ada_avgpool" else nn.AdaptiveMaxPool2d
+            pool = (
+                nn.AdaptiveAvgPool2d
+                if kv_downsample_mode == "ada_avgpool"
+                else nn.AdaptiveMaxPool2d
+            )
             self.kv_down = pool(kv_per_win)
         elif kv_downsample_mode in ("maxpool", "avgpool"):
             if kv_downsample_ratio is None:
-                raise ValueError(f"kv_downsample_mode={kv_downsample_mode!r} needs kv_downsample_ratio")
+                raise ValueError(
+                    f"kv_downsample_mode={kv_downsample_mode!r} needs kv_downsample_ratio"
+                )
             pool = nn.MaxPool2d if kv_downsample_mode == "maxpool" else nn.AvgPool2d
             self.kv_down = pool(kv_downsample_ratio) if kv_downsample_ratio > 1 else nn.Identity()
         else:
@@ -232,7 +243,9 @@ class BiLevelRoutingAttention(nn.Module):
         h, w = x.shape[2:]
         nw = self.n_win
         if not self.auto_pad and (h % nw or w % nw):
-            raise ValueError(f"with auto_pad=False, H={h} and W={w} must be multiples of n_win={nw}")
+            raise ValueError(
+                f"with auto_pad=False, H={h} and W={w} must be multiples of n_win={nw}"
+            )
         if self.kv_downsample_mode in ("maxpool", "avgpool") and self.kv_downsample_ratio > 1:
             wh, ww = -(-h // nw), -(-w // nw)
             if min(wh, ww) < self.kv_downsample_ratio:
@@ -259,8 +272,6 @@ class BiLevelRoutingAttention(nn.Module):
         return self._forward_fast(x, backend)
 
     def _forward_fast(self, x: Tensor, backend: str) -> Tensor:
-        from .backend import routed_attention
-
         n, c, h_in, w_in = x.shape
         nw, qk = self.n_win, self.qk_dim
         pad_r = (nw - w_in % nw) % nw if self.auto_pad else 0
@@ -271,36 +282,42 @@ class BiLevelRoutingAttention(nn.Module):
         wh, ww = h // nw, w // nw
         p2, wq = nw * nw, wh * ww
 
-        # NCHW -> [N, P, Wq, C] in one copy; the projection then yields window-grouped q/k/v.
+        # NCHW -> window-grouped pixels [N, P, Wq, C] in one copy; the projection then yields
+        # window-grouped q / k / v with channels last, the layout of the attention core.
         xw = x.reshape(n, c, nw, wh, nw, ww).permute(0, 2, 4, 3, 5, 1).reshape(n, p2, wq, c)
-        qkv = F.linear(xw, self.qkv.qkv.weight, self.qkv.qkv.bias)
+        qkv = linear_cl(xw, self.qkv.qkv.weight, self.qkv.qkv.bias)
         q, kv = qkv[..., :qk], qkv[..., qk:]
+        r_weight, r_idx = self.router(q.mean(2), kv[..., :qk].mean(2))
         if not isinstance(self.kv_down, nn.Identity):
             ckv = kv.shape[-1]
             kv_pix = self.kv_down(kv.reshape(n * p2, wh, ww, ckv).permute(0, 3, 1, 2))
             kv_pix = kv_pix.permute(0, 2, 3, 1).reshape(n, p2, -1, ckv)
         else:
             kv_pix = kv
-        r_weight, r_idx = self.router(q.mean(2), kv[..., :qk].mean(2))
 
-        v_img = kv[..., qk:].reshape(n, nw, nw, wh, ww, c).permute(0, 5, 1, 3, 2, 4)
-        lepe = self.lepe(v_img.reshape(n, c, h, w))
+        # Values back to pixels, channels last, for the depth-wise conv (runs channels-last).
+        v_img = kv[..., qk:].reshape(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+        v_img = v_img.reshape(n, h, w, c).permute(0, 3, 1, 2)
+        lepe = self.lepe(v_img)
 
         out = routed_attention(
             q,
-            kv_pix[..., :qk],
-            kv_pix[..., qk:],
+            kv_pix,
             r_idx,
             r_weight if self.soft_routing else None,
             self.scale,
             self.num_heads,
             backend=backend,
         )
-        # Add the local enhancement while going back to pixels (NHWC), cropping the padding
-        # first so that the output projection runs on real pixels only.
-        out = out.reshape(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
-        out = out[:, :h_in, :w_in] + lepe[:, :, :h_in, :w_in].permute(0, 2, 3, 1)
-        return self.wo(out).permute(0, 3, 1, 2)
+        # One pass back to pixels that also adds the local enhancement (NHWC result).
+        out = out.view(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+        out = out + lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c)
+        out = out.reshape(n, h, w, c)
+        if pad_r or pad_b:
+            out = out[:, :h_in, :w_in]
+        if isinstance(self.wo, nn.Linear):
+            out = linear_cl(out, self.wo.weight, self.wo.bias)
+        return out.permute(0, 3, 1, 2)
 
     def backend_for(self, x: Optional[Tensor] = None) -> str:
         """The backend that a call on ``x`` (or on a CPU tensor) would run."""

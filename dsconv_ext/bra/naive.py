@@ -62,8 +62,7 @@ def _dense_attention(q, k_sel, v_sel, scale, num_heads):
 
 def routed_attention_naive(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     r_idx: torch.Tensor,
     r_weight: Optional[torch.Tensor],
     scale: float,
@@ -74,8 +73,7 @@ def routed_attention_naive(
 
     Args:
         q: ``[B, P, Wq, H*Dk]`` queries grouped by window.
-        k: ``[B, P, Wk, H*Dk]`` keys grouped by region.
-        v: ``[B, P, Wk, H*Dv]`` values grouped by region.
+        kv: ``[B, P, Wk, H*Dk + H*Dv]`` keys then values, grouped by region.
         r_idx: ``[B, P, K]`` routed region indices (int64).
         r_weight: ``[B, P, K]`` routing weights scaling keys and values (soft routing) or None.
         scale: softmax scale applied to ``q @ k^T``.
@@ -85,9 +83,9 @@ def routed_attention_naive(
     Returns:
         ``[B, P, Wq, H*Dv]`` (and the attention matrix when asked).
     """
-    k_sel = kv_gather_naive(k, r_idx, r_weight)
-    v_sel = kv_gather_naive(v, r_idx, r_weight)
-    out, attn = _dense_attention(q, k_sel, v_sel, scale, num_heads)
+    ck = q.shape[-1]
+    kv_sel = kv_gather_naive(kv, r_idx, r_weight)
+    out, attn = _dense_attention(q, kv_sel[..., :ck], kv_sel[..., ck:], scale, num_heads)
     return (out, attn) if return_attn else out
 
 
