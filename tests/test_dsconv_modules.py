@@ -68,6 +68,16 @@ def test_qat_forward_equals_frozen_integer_path(seed):
     torch.testing.assert_close(y_qat, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("cin, block", [(40, 16), (20, 8), (7, 32)])
+def test_qat_equals_frozen_when_blocks_do_not_divide(cin, block):
+    torch.manual_seed(cin)
+    m = DSConv2d(cin, 6, 3, padding=1, block_size=block, bits=4, KDSBias=True)
+    x = realistic_activations(1, cin, 7, 7)
+    y_qat = m(x)
+    y_int = m.freeze()(x)
+    torch.testing.assert_close(y_qat, y_int, rtol=1e-5, atol=1e-5 * y_int.abs().max().item())
+
+
 def test_qat_gradients_flow_straight_through():
     torch.manual_seed(0)
     m = DSConv2d(8, 4, 3, padding=1, bias=True, CDS=True)

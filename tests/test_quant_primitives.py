@@ -86,9 +86,9 @@ def test_quantize_weight_kds_bias_is_least_squares():
             sol = torch.linalg.lstsq(A, ws.unsqueeze(1)).solution.view(-1)
             assert math.isclose(alpha[o, b, 0, 0].item(), sol[0].item(), rel_tol=1e-5)
             assert math.isclose(kdsb[o, b, 0, 0].item(), sol[1].item(), rel_tol=1e-5, abs_tol=1e-6)
-    err_bias = (qp.dequantize_weight(q, alpha, kdsb) - w).norm()
+    err_bias = (qp.dequantize_weight(q, alpha, kdsb, block_size=5) - w).norm()
     q2, a2, _ = qp.quantize_weight(w, 3, 5)
-    assert err_bias < (qp.dequantize_weight(q2, a2) - w).norm()
+    assert err_bias < (qp.dequantize_weight(q2, a2, block_size=5) - w).norm()
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -135,3 +135,34 @@ def test_straight_through_gradients():
     qp.fake_quantize_bfp(x, 4, 8).mul(2).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))
     assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kds", [False, True])
+def test_refinement_never_worse_per_block(bits, kds):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 40, 3, 3)
+    base = qp.quantize_weight(w, bits, 16, kds)
+    refined = qp.quantize_weight(w, bits, 16, kds, refine_steps=4)
+
+    def block_sse(q, alpha, kdsb):
+        err = (qp.dequantize_weight(q, alpha, kdsb, block_size=16) - w) ** 2
+        err = torch.nn.functional.pad(err, (0, 0, 0, 0, 0, 8))  # 40 -> 48 = 3 blocks of 16
+        return err.view(16, 3, 16, 3, 3).sum(2)
+
+    e0, e1 = block_sse(*base), block_sse(*refined)
+    assert (e1 <= e0 * (1 + 1e-6) + 1e-12).all()
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert refined[0].min() >= lo and refined[0].max() <= hi
+    if bits == 2:
+        assert e1.sum() < 0.8 * e0.sum()  # refinement matters most at 2 bits
+
+
+def test_dequantize_weight_needs_the_block_size():
+    # 40 channels in 3 blocks: blocks of 16 (16, 16, 8), not 14 as ceil(40 / 3) would guess.
+    w = torch.randn(2, 40, 1, 1)
+    q, alpha, _ = qp.quantize_weight(w, 8, 16)
+    err = (qp.dequantize_weight(q, alpha, block_size=16) - w).abs().max()
+    assert err < 0.01 * w.abs().max()
+    with pytest.raises(ValueError, match="blocks of 10"):
+        qp.dequantize_weight(q, alpha, block_size=10)

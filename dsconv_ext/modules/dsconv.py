@@ -198,11 +198,15 @@ class DSConv2d(nn.Module):
 
     # ------------------------------------------------------------------ conversion
     @torch.no_grad()
-    def freeze(self) -> DSConv2d:
-        """Quantise the shadow weight once and switch to the integer kernel (in place)."""
+    def freeze(self, refine_steps: int = 0) -> DSConv2d:
+        """Quantise the shadow weight once and switch to the integer kernel (in place).
+
+        The default is the quantiser QAT trained against; ``refine_steps > 0`` refits it."""
         if self.frozen:
             return self
-        q, alpha, kdsb = quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
+        q, alpha, kdsb = quantize_weight(
+            self.weight, self.bits, self.block_size, self.KDSBias, refine_steps
+        )
         del self.weight
         self.register_buffer("intweight", q)
         self.register_buffer("alpha", alpha)
@@ -219,8 +223,13 @@ class DSConv2d(nn.Module):
         block_size: int = 32,
         act_bits: int = 8,
         KDSBias: bool = False,
+        refine_steps: int = 4,
     ) -> DSConv2d:
-        """Frozen DSConv2d approximating a trained ``nn.Conv2d`` (no retraining)."""
+        """Frozen DSConv2d approximating a trained ``nn.Conv2d`` (no retraining).
+
+        ``refine_steps``: alternating refits of the quantiser (see
+        :func:`dsconv_ext.quant_primitives.quantize_weight`; 0 is the paper's single pass).
+        """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
@@ -246,7 +255,7 @@ class DSConv2d(nn.Module):
         m.weight.copy_(conv.weight.float())
         if conv.bias is not None:
             m.bias.copy_(conv.bias.float())
-        return m.freeze()
+        return m.freeze(refine_steps)
 
     @torch.no_grad()
     def fold_bn(self, bn: nn.BatchNorm2d) -> DSConv2d:
