@@ -1,0 +1,173 @@
+// Portable path: plain C++ on the same packed layouts as the SIMD paths, written with the shared
+// geometry header's per-element functions. It is the path of CPUs without AVX2, and the one the
+// tests compare the SIMD paths' packing conventions against.
+#include <cstring>
+
+#include "cpu/dsconv2d_cpu.h"
+
+namespace dsconv_ext {
+namespace cpu {
+namespace {
+
+constexpr uint32_t kNeutralWord = 0x80808080u;  // four mantissas 0, stored + 128
+
+// Calls f(xq, w) for every column of phase rx, w = input column or -1 outside the input.
+template <typename F>
+void for_each_phase_column(const Layout& lay, int64_t rx, F&& f) {
+  const ConvGeometry& g = lay.g;
+  for (int64_t xq = 0; xq < lay.Wq; ++xq) {
+    const int64_t w = xq * g.sw + rx - g.pw;
+    f(xq, in_range(w, g.W) ? w : int64_t(-1));
+  }
+}
+
+// Input row of phase row (ry, yq), or -1 when it is padding or slack.
+int64_t input_row(const Layout& lay, int64_t ry, int64_t yq) {
+  const int64_t h = yq * lay.g.sh + ry - lay.g.ph;
+  return yq < lay.Hq && in_range(h, lay.g.H) ? h : -1;
+}
+
+void pack_row(const PackRow& r) {
+  const Layout& lay = *r.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t h = input_row(lay, r.ry, r.yq);
+  const int32_t lim = mantissa_limit(r.mant_bits);
+  for (int64_t rx = 0; rx < g.sw; ++rx) {
+    const int64_t off = (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    for_each_phase_column(lay, rx, [&](int64_t xq, int64_t w) {
+      const int64_t at = off + xq;
+      if (h < 0 || w < 0) {
+        for (int64_t k4 = 0; k4 < lay.K4; ++k4) r.act[k4 * lay.P * lay.Lq + at] = kNeutralWord;
+        r.esc[at] = 1.f;  // 2^0
+        if (r.usum) r.usum[at] = 0.f;
+        return;
+      }
+      const float* px = r.x + h * g.W + w;
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t c = 0; c < r.nch; ++c) {
+        const float v = px[c * r.x_cstride];
+        finite = finite && std::isfinite(v);
+        amax = std::fmax(amax, std::fabs(v));
+      }
+      const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
+      int32_t msum = 0;
+      for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
+        uint32_t word = 0;
+        for (int64_t lane = 0; lane < 4; ++lane) {
+          const int64_t c = k4 * 4 + lane;
+          int32_t m = 0;
+          if (c < r.nch && finite) m = bfp_mantissa(px[c * r.x_cstride], e, lim);
+          msum += m;
+          word |= uint32_t(uint8_t(m + 128)) << (8 * lane);
+        }
+        r.act[k4 * lay.P * lay.Lq + at] = word;
+      }
+      const float scale = bfp_scale(e);
+      r.esc[at] = scale;
+      if (r.usum) r.usum[at] = scale * float(msum);
+    });
+  }
+}
+
+void pack_row_dw(const PackRow& r) {
+  const Layout& lay = *r.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t h = input_row(lay, r.ry, r.yq);
+  const int32_t lim = mantissa_limit(r.mant_bits);
+  for (int64_t rx = 0; rx < g.sw; ++rx) {
+    float* dst = r.xq + (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    for_each_phase_column(lay, rx, [&](int64_t xq, int64_t w) {
+      if (h < 0 || w < 0) {
+        dst[xq] = 0.f;
+        return;
+      }
+      const float v = r.x[h * g.W + w];
+      if (!std::isfinite(v)) {
+        dst[xq] = NAN;  // mantissa 0 times a NaN scale
+        return;
+      }
+      const int32_t e = bfp_exponent(std::fabs(v), r.mant_bits);
+      dst[xq] = float(bfp_mantissa(v, e, lim)) * bfp_scale(e);
+    });
+  }
+}
+
+// Writes y for output channel o (within the group) at q if q is a real output pixel.
+inline void store(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, float acc) {
+  const Layout& lay = *sl.lay;
+  const int64_t oh = q / lay.Wq, ow = q % lay.Wq;
+  if (oh >= lay.g.Ho || ow >= lay.g.Wo) return;
+  sl.out[o * sl.out_cstride + oh * lay.g.Wo + ow] =
+      dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
+}
+
+void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int64_t ot,
+                int64_t qt0, int64_t qt1) {
+  const Layout& lay = *sl.lay;
+  const int64_t plane = lay.P * lay.Lq;
+  const int64_t wbytes = lay.K4 * kOTile * 4;
+  for (int64_t q = qt0 * lay.qtile; q < std::min(lay.Qlen, qt1 * lay.qtile); ++q) {
+    if (q % lay.Wq >= lay.g.Wo) continue;  // a column that is never stored
+    float acc[kOTile] = {0.f, 0.f, 0.f, 0.f};
+    const uint8_t* s = wstream;
+    for (int64_t b = 0; b < lay.g.nblk; ++b) {
+      for (int64_t t = 0; t < lay.ntaps; ++t) {
+        SegHeader hdr;
+        std::memcpy(&hdr, s, sizeof(hdr));
+        const int8_t* w = reinterpret_cast<const int8_t*>(s + sizeof(SegHeader));
+        s += sizeof(SegHeader) + wbytes;
+        const int64_t at = lay.tapoff[t] + q;
+        int32_t S[kOTile];
+        for (int64_t r = 0; r < kOTile; ++r) S[r] = hdr.corr[r];
+        const uint32_t* a = sl.act + b * lay.K4 * plane + at;
+        for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
+          const uint32_t word = a[k4 * plane];
+          for (int64_t r = 0; r < kOTile; ++r) {
+            for (int64_t lane = 0; lane < 4; ++lane) {
+              S[r] += int32_t((word >> (8 * lane)) & 0xFF) * w[(k4 * kOTile + r) * 4 + lane];
+            }
+          }
+        }
+        const float scale = sl.esc[b * plane + at];
+        const float u = sl.usum ? sl.usum[b * plane + at] : 0.f;
+        for (int64_t r = 0; r < kOTile; ++r) {
+          acc[r] += float(S[r]) * hdr.alpha[r] * scale;
+          if (sl.usum) acc[r] += hdr.kdsb[r] * u;
+        }
+      }
+    }
+    for (int64_t r = 0; r < kOTile && ot * kOTile + r < sl.nout; ++r) {
+      store(sl, ep, ot * kOTile + r, q, acc[r]);
+    }
+  }
+}
+
+void dw_tiles(const Slice& sl, const float* wdw, const Epilogue& ep, int64_t o0, int64_t o1,
+              int64_t qt0, int64_t qt1) {
+  const Layout& lay = *sl.lay;
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* w = wdw + o * lay.ntaps;
+    for (int64_t q = qt0 * lay.qtile; q < std::min(lay.Qlen, qt1 * lay.qtile); ++q) {
+      float acc = 0.f;
+      for (int64_t t = 0; t < lay.ntaps; ++t) acc += w[t] * sl.xq[lay.tapoff[t] + q];
+      store(sl, ep, o, q, acc);
+    }
+  }
+}
+
+}  // namespace
+
+const IsaKernels& kernels_scalar() {
+  static const IsaKernels k{/*qtile=*/16,
+                            /*exponent_scale=*/false,
+                            /*weight_elem_bytes=*/1,
+                            &pack_row,
+                            &pack_row_dw,
+                            &conv_tiles,
+                            &dw_tiles};
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace dsconv_ext

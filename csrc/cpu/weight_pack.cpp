@@ -1,0 +1,165 @@
+// Weight streams for the CPU microkernels, and a cache of them.
+//
+// Packing costs about one pass over O * C/g * kh * kw bytes, which for the larger YOLO layers is
+// longer than the convolution itself at batch 1, so streams are cached across calls. An entry is
+// valid while the very same tensors (same storage, offset, sizes, strides, dtype) are passed and
+// their version counters have not moved (in-place updates such as `copy_` bump them). The cache
+// holds weak references to the storages: a freed tensor's entry can never match a new tensor that
+// reuses its address, because a weakly referenced StorageImpl is not deallocated. Inference
+// tensors have no version counter and are packed on every call.
+#include <c10/core/StorageImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <optional>
+
+#include "cpu/dsconv2d_cpu.h"
+
+namespace dsconv_ext {
+namespace cpu {
+namespace {
+
+struct TensorId {
+  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> storage;
+  const c10::StorageImpl* impl = nullptr;
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  c10::ScalarType dtype = c10::ScalarType::Undefined;
+  int64_t version = 0;
+  bool present = false;
+};
+
+bool trackable(const at::Tensor& t) { return !t.is_inference() && t.has_storage(); }
+
+TensorId make_id(const at::Tensor* t) {
+  TensorId id;
+  if (t == nullptr) return id;
+  id.present = true;
+  id.storage = t->storage().getWeakStorageImpl();
+  id.impl = t->storage().unsafeGetStorageImpl();
+  id.data = t->data_ptr();
+  id.sizes = t->sizes().vec();
+  id.strides = t->strides().vec();
+  id.dtype = t->scalar_type();
+  id.version = t->_version();
+  return id;
+}
+
+bool same(const TensorId& id, const at::Tensor* t) {
+  if (t == nullptr || !id.present) return t == nullptr && !id.present;
+  // expired() first: the StorageImpl address is only meaningful while the weak ref is alive.
+  return !id.storage->expired() && id.impl == t->storage().unsafeGetStorageImpl() &&
+         id.data == t->data_ptr() && id.sizes == t->sizes().vec() &&
+         id.strides == t->strides().vec() && id.dtype == t->scalar_type() &&
+         id.version == t->_version();
+}
+
+struct Entry {
+  TensorId w, a, b;
+  int64_t block, elem_bytes, groups;
+  std::shared_ptr<const PackedWeights> packed;
+};
+
+constexpr size_t kMaxEntries = 512;
+constexpr size_t kMaxBytes = size_t(512) << 20;
+
+std::mutex g_mutex;
+std::list<Entry> g_entries;  // most recently used first
+size_t g_bytes = 0;
+
+std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tensor& alpha,
+                                    const c10::optional<at::Tensor>& KDSb, const Layout& lay,
+                                    int elem_bytes) {
+  const ConvGeometry& g = lay.g;
+  const at::Tensor q = intweight.contiguous();
+  const at::Tensor a = alpha.to(at::kFloat).contiguous();
+  at::Tensor kb;
+  if (KDSb.has_value()) kb = KDSb->to(at::kFloat).contiguous();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* ap = a.data_ptr<float>();
+  const float* kp = kb.defined() ? kb.data_ptr<float>() : nullptr;
+
+  auto pw = std::make_shared<PackedWeights>();
+  const int64_t K4 = lay.K4, ntaps = lay.ntaps;
+  const int64_t wbytes = K4 * kOTile * 4 * elem_bytes;
+  pw->otiles = (g.Og + kOTile - 1) / kOTile;
+  pw->stream_bytes = g.nblk * ntaps * (int64_t(sizeof(SegHeader)) + wbytes);
+  pw->data.assign(size_t(g.groups * pw->otiles * pw->stream_bytes), 0);
+
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    for (int64_t ot = 0; ot < pw->otiles; ++ot) {
+      uint8_t* s = pw->data.data() + (grp * pw->otiles + ot) * pw->stream_bytes;
+      for (int64_t b = 0; b < g.nblk; ++b) {
+        const int64_t c0 = block_begin(b, g.block), c1 = block_end(b, g.block, g.Cg);
+        for (int64_t t = 0; t < ntaps; ++t) {
+          SegHeader h{};
+          uint8_t* wdst = s + sizeof(SegHeader);
+          for (int64_t r = 0; r < kOTile; ++r) {
+            const int64_t o = ot * kOTile + r;
+            if (o >= g.Og) continue;  // padding channels: all zero, never stored
+            const int64_t oo = grp * g.Og + o;
+            const int8_t* qo = qp + oo * g.Cg * ntaps;
+            int32_t sum = 0;
+            for (int64_t c = c0; c < c1; ++c) {
+              const int8_t v = qo[c * ntaps + t];
+              sum += v;
+              const int64_t k = c - c0;  // (k4, lane) = (k / 4, k % 4)
+              const int64_t idx = ((k / 4) * kOTile + r) * 4 + k % 4;
+              if (elem_bytes == 1) {
+                wdst[idx] = static_cast<uint8_t>(v);
+              } else {
+                const int16_t v16 = v;
+                std::memcpy(wdst + 2 * idx, &v16, 2);
+              }
+            }
+            h.corr[r] = -128 * sum;
+            const int64_t at_idx = (oo * g.nblk + b) * ntaps + t;
+            h.alpha[r] = ap[at_idx];
+            h.kdsb[r] = kp ? kp[at_idx] : 0.f;
+          }
+          std::memcpy(s, &h, sizeof(SegHeader));
+          s += sizeof(SegHeader) + wbytes;
+        }
+      }
+    }
+  }
+  return pw;
+}
+
+}  // namespace
+
+std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
+                                                    const at::Tensor& alpha,
+                                                    const c10::optional<at::Tensor>& KDSb,
+                                                    const Layout& lay, int elem_bytes) {
+  const bool cacheable =
+      trackable(intweight) && trackable(alpha) && (!KDSb.has_value() || trackable(*KDSb));
+  if (!cacheable) return pack(intweight, alpha, KDSb, lay, elem_bytes);
+  const at::Tensor* kb = KDSb.has_value() ? &*KDSb : nullptr;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (auto it = g_entries.begin(); it != g_entries.end(); ++it) {
+      if (it->block == lay.g.block && it->elem_bytes == elem_bytes && it->groups == lay.g.groups &&
+          same(it->w, &intweight) && same(it->a, &alpha) && same(it->b, kb)) {
+        g_entries.splice(g_entries.begin(), g_entries, it);
+        return g_entries.front().packed;
+      }
+    }
+  }
+  // Pack outside the lock; a concurrent miss on the same weights packs twice, harmlessly.
+  std::shared_ptr<const PackedWeights> packed = pack(intweight, alpha, KDSb, lay, elem_bytes);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_entries.push_front(Entry{make_id(&intweight), make_id(&alpha), make_id(kb), lay.g.block,
+                             elem_bytes, lay.g.groups, packed});
+  g_bytes += packed->data.size();
+  while (g_entries.size() > 1 && (g_entries.size() > kMaxEntries || g_bytes > kMaxBytes)) {
+    g_bytes -= g_entries.back().packed->data.size();
+    g_entries.pop_back();
+  }
+  return packed;
+}
+
+}  // namespace cpu
+}  // namespace dsconv_ext
