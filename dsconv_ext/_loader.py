@@ -37,6 +37,11 @@ def _source_dir() -> Optional[str]:
 
 
 def _jit_build() -> str:
+    import logging
+
+    # Importing cpp_extension warns about guessing CUDA_HOME on machines without a GPU; this
+    # build is CPU-only, so that line would only mislead.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load
 
     src = _source_dir()
