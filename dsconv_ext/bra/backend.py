@@ -91,29 +91,36 @@ def routed_attention(q, kv, r_idx, r_weight, scale, num_heads, backend="torch"):
     raise ValueError(f"unknown attention backend {backend!r}")
 
 
-def bra_backend_report() -> Dict[str, object]:
-    """What BiLevelRoutingAttention runs where, for ``python -m dsconv_ext info``."""
-    forced = os.environ.get(ENV_VAR, "").strip().lower() or None
-    cpu_triton = (
-        triton_status(torch.device("cpu")) if _interpret_env() else "needs TRITON_INTERPRET=1"
-    )
-    report: Dict[str, object] = {
-        "backends": list(BACKENDS[1:]),
-        "env_var": ENV_VAR,
-        "env_forced": forced,
-        "cpu": resolve_backend("auto", torch.empty(0)),
-        "cpu_triton": cpu_triton,
-    }
+def bra_backend_report() -> Dict[str, str]:
+    """What BiLevelRoutingAttention runs where, for ``python -m dsconv_ext info``.
+
+    Keys: ``cpu`` / ``cuda`` (the backend ``backend='auto'`` runs for such tensors, or why not),
+    ``triton`` (version or why it is unusable), ``interpreter``, ``env`` (the forcing variable),
+    ``backends`` (all names).
+    """
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    report: Dict[str, str] = {}
+    try:
+        report["cpu"] = resolve_backend("auto", torch.empty(0))
+    except Exception as e:
+        report["cpu"] = f"error: {e}"
+    if torch.cuda.is_available():
+        try:
+            report["cuda"] = resolve_backend("auto", torch.empty(0, device="cuda"))
+        except Exception as e:
+            report["cuda"] = f"error: {e}"
+        why = triton_status(torch.device("cuda"))
+        if report["cuda"] != "triton" and why != "ok":
+            report["cuda"] += f" (triton: {why})"
+    else:
+        report["cuda"] = "unavailable (no CUDA device)"
     try:
         import triton
 
-        report["triton_version"] = triton.__version__
-    except Exception:  # pragma: no cover
-        report["triton_version"] = None
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        report["cuda"] = resolve_backend("auto", torch.empty(0, device=dev))
-        report["cuda_triton"] = triton_status(dev)
-    else:
-        report["cuda"] = "unavailable (no CUDA device)"
+        report["triton"] = triton.__version__
+    except Exception as e:  # pragma: no cover
+        report["triton"] = f"not importable ({type(e).__name__}: {e})"
+    report["interpreter"] = "on (Triton kernels run on CPU tensors)" if _interpret_env() else "off"
+    report["env"] = f"{ENV_VAR}={forced or '<unset>'}"
+    report["backends"] = ", ".join(BACKENDS)
     return report

@@ -23,13 +23,11 @@ __all__ = ["linear_cl", "routed_attention_torch"]
 CHUNK_BYTES = 32 << 20
 
 
+_ONEDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
+
+
 def _onednn_ok(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-    )
+    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
 
 
 def linear_cl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
