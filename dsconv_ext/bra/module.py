@@ -269,9 +269,19 @@ class BiLevelRoutingAttention(nn.Module):
         backend = resolve_backend(self.backend, x)
         if ret_attn_mask or backend == "reference":
             return bra_forward_naive(self, x, ret_attn_mask)
-        return self._forward_fast(x, backend)
+        if backend == "torch" and x.device.type == "cpu" and x.shape[0] > 1:
+            if not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad())):
+                # Inference on CPU: one image at a time keeps every temporary cache- and
+                # allocator-friendly (large fresh buffers cost page faults on every call).
+                out = torch.cat([self._forward_fast(xi, backend) for xi in x.split(1)])
+                return out.permute(0, 3, 1, 2)
+        return self._forward_fast(x, backend).permute(0, 3, 1, 2)
+
+    def _needs_grad(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())
 
     def _forward_fast(self, x: Tensor, backend: str) -> Tensor:
+        """The fast path; returns NHWC ``[N, H, W, C]`` (contiguous)."""
         n, c, h_in, w_in = x.shape
         nw, qk = self.n_win, self.qk_dim
         pad_r = (nw - w_in % nw) % nw if self.auto_pad else 0
@@ -298,7 +308,7 @@ class BiLevelRoutingAttention(nn.Module):
         # Values back to pixels, channels last, for the depth-wise conv (runs channels-last).
         v_img = kv[..., qk:].reshape(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
         v_img = v_img.reshape(n, h, w, c).permute(0, 3, 1, 2)
-        lepe = self.lepe(v_img)
+        lepe = None if isinstance(self.lepe, _ZeroLepe) else self.lepe(v_img)
 
         out = routed_attention(
             q,
@@ -311,13 +321,14 @@ class BiLevelRoutingAttention(nn.Module):
         )
         # One pass back to pixels that also adds the local enhancement (NHWC result).
         out = out.view(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-        out = out + lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c)
+        if lepe is not None:
+            out = out + lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c)
         out = out.reshape(n, h, w, c)
         if pad_r or pad_b:
             out = out[:, :h_in, :w_in]
         if isinstance(self.wo, nn.Linear):
-            out = linear_cl(out, self.wo.weight, self.wo.bias)
-        return out.permute(0, 3, 1, 2)
+            return linear_cl(out, self.wo.weight, self.wo.bias)
+        return out.contiguous()
 
     def backend_for(self, x: Optional[Tensor] = None) -> str:
         """The backend that a call on ``x`` (or on a CPU tensor) would run."""

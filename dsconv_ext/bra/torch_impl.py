@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["linear_cl", "routed_attention_torch"]
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
