@@ -55,7 +55,9 @@ def integration_report() -> dict:
     report = {
         "auto_registration": "on" if enabled() else f"off ({ENV_VAR}=0)",
         "pth_hook_loaded": "dsconv_ext_yolo_autoload" in sys.modules,
-        "import_hook_waiting": any(getattr(f, _MARK, False) for f in sys.meta_path),
+        "import_hooks_waiting": sorted(
+            n for f in sys.meta_path if getattr(f, _MARK, False) for n in f.callbacks
+        ),
     }
     try:
         import ultralytics

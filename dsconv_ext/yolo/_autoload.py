@@ -40,29 +40,38 @@ def _register(tasks_module) -> None:
 
 
 class _Loader:
-    """Wraps the real loader of ultralytics.nn.tasks; registers once the module has executed."""
+    """Wraps a module's real loader; runs the callbacks once the module has executed."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, callbacks):
         self.inner = inner
+        self.callbacks = callbacks
 
     def create_module(self, spec):
         return self.inner.create_module(spec)
 
     def exec_module(self, module):
         self.inner.exec_module(module)
-        _register(module)
+        for fn in self.callbacks:
+            fn(module)
 
     def __getattr__(self, name):  # get_source, get_filename, ... for inspect and linecache
         return getattr(self.inner, name)
 
 
 class _Finder:
-    """Meta-path finder that only acts on ``ultralytics.nn.tasks``."""
+    """Meta-path finder that only acts on the modules it has callbacks for.
+
+    One instance serves every copy of this file (the .pth loads it under another name than
+    ``dsconv_ext.yolo._autoload``): they find it in ``sys.meta_path`` by its marker attribute.
+    """
 
     _dsconv_ext_yolo_hook = True
 
+    def __init__(self):
+        self.callbacks = {}  # module name -> [fn(module)]
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        if fullname not in self.callbacks:
             return None
         for finder in sys.meta_path:
             if getattr(finder, _MARK, False) or not hasattr(finder, "find_spec"):
@@ -73,8 +82,26 @@ class _Finder:
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _Loader(spec.loader)
+            spec.loader = _Loader(spec.loader, self.callbacks.pop(fullname))
         return spec
+
+
+def _finder():
+    for f in sys.meta_path:
+        if getattr(f, _MARK, False):
+            return f
+    f = _Finder()
+    sys.meta_path.insert(0, f)
+    return f
+
+
+def when_imported(name: str, fn) -> None:
+    """Call ``fn(module)`` once module ``name`` has been imported (now, if it already is)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        fn(module)
+    else:
+        _finder().callbacks.setdefault(name, []).append(fn)
 
 
 def install() -> bool:
@@ -84,13 +111,10 @@ def install() -> bool:
     """
     if not enabled():
         return False
-    if TARGET in sys.modules:
-        _register(sys.modules[TARGET])
-    elif not any(getattr(f, _MARK, False) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    when_imported(TARGET, _register)
     return True
 
 
 def uninstall() -> None:
-    """Remove the import hook (registration already done stays; see ``registry.unregister``)."""
+    """Drop pending hooks (registration already done stays; see ``registry.unregister``)."""
     sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, _MARK, False)]

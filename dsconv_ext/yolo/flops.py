@@ -5,10 +5,10 @@ so without help a DSConv model reports only the FLOPs of its float layers. Ultra
 ``thop.profile`` without custom rules; :func:`counting_rules` swaps in a ``thop.profile`` that
 adds ours for the duration of one ``get_flops`` call.
 
-BiLevelRoutingAttention needs no rule with thop >= 2.2: its projections are ``nn.Linear`` /
-``F.linear`` calls, the routing product a ``matmul`` and the routed attention
-``scaled_dot_product_attention``, all of which thop counts as functional products.
-``bra_macs`` is the independent formula the tests check thop's count against.
+BiLevelRoutingAttention gets a rule too: depending on the backend its products are child
+modules, functional calls that thop >= 2.2 sees (``F.linear``, ``matmul``, SDPA), functional
+calls it does not see (a 1x1 ``conv2d`` for a projection) or fused kernels, so the rule states the
+cost of the algorithm (:func:`bra_macs`) instead of relying on what the implementation shows.
 """
 
 from __future__ import annotations
@@ -17,7 +17,14 @@ import contextlib
 import functools
 import threading
 
-__all__ = ["bra_macs", "count_dsconv2d", "counting_rules", "custom_ops", "dsconv2d_macs"]
+__all__ = [
+    "bra_macs",
+    "count_bra",
+    "count_dsconv2d",
+    "counting_rules",
+    "custom_ops",
+    "dsconv2d_macs",
+]
 
 _lock = threading.RLock()
 
@@ -44,34 +51,61 @@ def count_dsconv2d(m, x, y) -> None:
 def bra_macs(m, h: int, w: int, batch: int = 1) -> int:
     """Multiply-accumulates of ``BiLevelRoutingAttention`` ``m`` on a ``[batch, dim, h, w]`` map.
 
-    Counts the qkv projection and the local-enhancement conv on the padded map, the window
-    routing product, the routed attention (q.k and p.v over ``topk`` regions) and the output
-    projection on the cropped map; softmax, pooling and copies are not multiply-adds.
-    Only ``kv_downsample_mode='identity'`` is covered.
+    The qkv projection and the depth-wise local-enhancement conv run on the map padded to a
+    multiple of ``n_win``; the routing product on window means; the routed attention (q.k and
+    p.v, each query over ``topk`` regions of ``wk`` keys); the output projection on real pixels.
+    The routing softmax is counted as thop counts softmax (exp, add, div per element); pooling,
+    gathers and copies are not multiply-adds.
     """
-    if m.kv_downsample_mode != "identity":
-        raise NotImplementedError("bra_macs covers kv_downsample_mode='identity' only")
     nw = m.n_win
     hp = -(-h // nw) * nw if m.auto_pad else h
     wp = -(-w // nw) * nw if m.auto_pad else w
-    px, pad_px = h * w, hp * wp
-    c, qk = m.dim, m.qk_dim
-    p2, wq = nw * nw, (hp // nw) * (wp // nw)
-    macs = pad_px * c * (2 * qk + c)  # qkv
-    macs += p2 * p2 * qk  # routing logits of window means
-    macs += p2 * wq * m.topk * wq * (qk + c)  # q.k and p.v: each query sees topk*wq keys
+    wh, ww = hp // nw, wp // nw
+    c, qk, p2, wq = m.dim, m.qk_dim, nw * nw, wh * ww
+    mode = m.kv_downsample_mode
+    if mode.startswith("ada_"):
+        wk = m.kv_per_win**2
+    elif mode in ("maxpool", "avgpool") and m.kv_downsample_ratio > 1:
+        wk = (wh // m.kv_downsample_ratio) * (ww // m.kv_downsample_ratio)
+    else:
+        wk = wq
+    macs = hp * wp * c * (2 * qk + c)  # qkv
+    macs += p2 * p2 * qk + p2 * (3 * m.topk - 1)  # routing logits + their softmax
+    macs += p2 * wq * m.topk * wk * (qk + c)  # q.k and p.v
     ks = getattr(m.lepe, "kernel_size", (0, 0))
-    macs += pad_px * c * ks[0] * ks[1]  # depth-wise lepe on the padded map
+    macs += hp * wp * c * ks[0] * ks[1]  # depth-wise lepe
     if m.param_attention == "qkvo":
-        macs += px * c * c  # output projection on real pixels
+        macs += h * w * c * c  # output projection
     return batch * macs
+
+
+def count_bra(m, x, y) -> None:
+    """thop rule for BiLevelRoutingAttention: the whole module costs :func:`bra_macs`, however its
+    forward is written (fused kernels, functional projections or child modules).
+
+    thop still runs the rules of the children it calls; their share is subtracted here. Child
+    totals accumulate over a profiling run, which thop starts by zeroing every total (ours too),
+    so the children's count before this call is 0 on our first call of a run, else what we saw
+    last time.
+    """
+    kids = sum(float(getattr(c, "total_ops", 0)) for c in m.modules() if c is not m)
+    before = m.__dict__.get("_dsconv_ext_kids", 0.0) if m.total_ops else 0.0
+    m.__dict__["_dsconv_ext_kids"] = kids
+    n, _, h, w = x[0].shape
+    m.total_ops += bra_macs(m, h, w, n) - (kids - before)
 
 
 def custom_ops() -> dict:
     """thop ``custom_ops`` for our layers."""
     from ..modules.dsconv import DSConv2d
 
-    return {DSConv2d: count_dsconv2d}
+    rules = {DSConv2d: count_dsconv2d}
+    try:
+        from ..bra import BiLevelRoutingAttention
+    except ImportError:  # pragma: no cover
+        return rules
+    rules[BiLevelRoutingAttention] = count_bra
+    return rules
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import warnings
 from typing import Dict, List, Optional
 
 from . import rows
+from ._autoload import when_imported
 from .parse_patch import HOOK_NAME, ParseModelShapeError, patch_parse_model
 
 __all__ = [
@@ -142,11 +143,23 @@ class _Unavailable:
         raise RegistrationError(self.reason)
 
 
+def _name_layers(layers) -> None:
+    """Give each DSConv2d its path in the model (``model.2.m.0.cv1.conv``), so that errors about
+    a saved layer (format version) can name it."""
+    from ..modules.dsconv import DSConv2d
+
+    for name, m in layers.named_modules():
+        if isinstance(m, DSConv2d):
+            m.layer_name = f"model.{name}"
+
+
 def _wrap_parse_model(patched, original):
     @functools.wraps(original)
     def parse_model(*args, **kwargs):
         try:
-            return patched(*args, **kwargs)
+            model, save = patched(*args, **kwargs)
+            _name_layers(model)
+            return model, save
         except rows.YamlRowError:
             raise
         except Exception as e:
@@ -348,6 +361,27 @@ def _register() -> None:
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(safe_globals())
     _state.update(saved)
+    # The exporter imports half of ultralytics: patch it when (if) something imports it.
+    when_imported("ultralytics.engine.exporter", _patch_exporter)
+
+
+def _patch_exporter(module) -> None:
+    from .onnx_export import wrap_export_onnx
+
+    with _lock:
+        if not _state or "exporter" in _state:
+            return
+        fn = inspect.getattr_static(getattr(module, "Exporter", None), "export_onnx", None)
+        if fn is None:
+            warnings.warn(
+                f"dsconv_ext: {_shape_error('Exporter.export_onnx is missing')}; ONNX export of "
+                "DSConv layers will fail",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        module.Exporter.export_onnx = wrap_export_onnx(fn)
+        _state["exporter"] = (module.Exporter, fn)
 
 
 _MISSING = object()
@@ -370,6 +404,8 @@ def unregister() -> None:
             sys.modules["ultralytics.nn"].parse_model = _state["nn.parse_model"]
         for owner, attr, fn in _state["wrapped"]:
             setattr(owner, attr, fn)
+        if "exporter" in _state:
+            _state["exporter"][0].export_onnx = _state["exporter"][1]
         _state.clear()
 
 

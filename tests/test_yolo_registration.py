@@ -1,0 +1,270 @@
+"""Registration with ultralytics, in memory: parse_model extension, loud failures, hooks, opt-out,
+DDP workers, safe globals, and the oldest ultralytics we claim (8.3.0)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+from yolo_helpers import CONFIGS, OLD_ULTRALYTICS, pkg_parent, pth_site, run_python
+from yolo_params import derive
+
+
+@pytest.fixture
+def registered():
+    import dsconv_ext.yolo as dy
+
+    dy.register()
+    yield dy
+    dy.register()  # tests that unregister leave it registered for the rest of the session
+
+
+def test_register_is_idempotent_and_reversible(registered):
+    from ultralytics.nn import tasks
+
+    dy = registered
+    parse_model = tasks.parse_model
+    assert dy.register() and tasks.parse_model is parse_model
+    assert tasks.C3k2_DSConv is dy.C3k2_DSConv and tasks.DSConv.__module__.startswith("dsconv_ext")
+    original = parse_model.__dsconv_ext_original__
+    dy.unregister()
+    assert not dy.is_registered()
+    assert tasks.parse_model is original and "C3k2_DSConv" not in vars(tasks)
+    assert not hasattr(tasks.BaseModel.fuse, "__dsconv_ext_original__")
+    with pytest.raises(KeyError, match="C3k2_DSConv"):
+        tasks.DetectionModel(str(CONFIGS / "yolo11-C3k2-DSConv.yaml"), verbose=False)
+    dy.register()
+    assert tasks.parse_model is not original and dy.is_registered()
+
+
+def test_ultralytics_untouched_on_disk(registered):
+    """The extension lives in memory: the installed tasks.py never mentions our modules."""
+    from ultralytics.nn import tasks
+
+    source = Path(tasks.__file__).read_text()
+    assert "C3k2_DSConv" not in source and "dsconv_ext" not in source
+    import ultralytics.nn
+
+    assert ultralytics.nn.parse_model is tasks.parse_model  # the package re-export follows
+
+
+FAKE_TASKS = {
+    "equality test": """
+        def parse_model(d, ch, verbose=True):
+            for i, (f, n, m, args) in enumerate(d["backbone"] + d["head"]):
+                for j, a in enumerate(args):
+                    pass
+                if m in {Conv, C3k2, C3, Bottleneck}:
+                    pass
+                if m in {C3k2, C3}:
+                    pass
+                if m == C3k2:
+                    pass
+    """,
+    "sets moved out of parse_model": """
+        BASE = frozenset({Conv, C3k2, C3, Bottleneck})
+        def parse_model(d, ch, verbose=True):
+            for i, (f, n, m, args) in enumerate(d["backbone"] + d["head"]):
+                for j, a in enumerate(args):
+                    pass
+                if m in BASE:
+                    pass
+    """,
+    "no argument loop": """
+        def parse_model(d, ch, verbose=True):
+            for i, (f, n, m, args) in enumerate(d["backbone"] + d["head"]):
+                if m in {Conv, C3k2, C3, Bottleneck}:
+                    pass
+                if m in {C3k2, C3}:
+                    pass
+                if m is C3k2:
+                    pass
+    """,
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAKE_TASKS))
+def test_changed_parse_model_fails_loudly(tmp_path, case):
+    """A parse_model whose shape we do not know is refused, naming the ultralytics version."""
+    import ultralytics
+
+    from dsconv_ext.yolo.parse_patch import ParseModelShapeError, patch_parse_model
+    from dsconv_ext.yolo.registry import ALIASES
+
+    path = tmp_path / "fake_tasks.py"
+    path.write_text(textwrap.dedent(FAKE_TASKS[case]))
+    spec = importlib.util.spec_from_file_location("fake_tasks", path)
+    fake = importlib.util.module_from_spec(spec)
+    fake.__dict__.update(Conv=1, C3k2=2, C3=3, Bottleneck=4)
+    spec.loader.exec_module(fake)
+    with pytest.raises(ParseModelShapeError, match=f"ultralytics {ultralytics.__version__}"):
+        patch_parse_model(fake, ALIASES)
+
+
+def test_non_strict_failure_warns_and_fails_on_use(registered, monkeypatch):
+    from ultralytics.nn import tasks
+
+    from dsconv_ext.yolo import registry
+
+    dy = registered
+    dy.unregister()
+
+    def broken(*a, **k):
+        raise registry.ParseModelShapeError("parse_model changed shape (simulated)")
+
+    monkeypatch.setattr(registry, "patch_parse_model", broken)
+    try:
+        with pytest.warns(RuntimeWarning, match="simulated"):
+            assert registry.register(strict=False) is False
+        with pytest.raises(registry.RegistrationError, match="simulated"):
+            tasks.DetectionModel(str(CONFIGS / "yolo11-C3k2-DSConv.yaml"), verbose=False)
+        with pytest.raises(registry.ParseModelShapeError):
+            registry.register(strict=True)
+    finally:
+        for name in [*(a for v in registry.ALIASES.values() for a in v), "BiLevelRoutingAttention"]:
+            vars(tasks).pop(name, None)
+        monkeypatch.undo()
+        dy.register()
+
+
+def test_too_old_ultralytics_is_refused(registered, monkeypatch):
+    import ultralytics
+
+    from dsconv_ext.yolo import registry
+
+    registered.unregister()
+    monkeypatch.setattr(ultralytics, "__version__", "8.2.103")
+    with pytest.raises(registry.RegistrationError, match="ultralytics>=8.3.0, found 8.2.103"):
+        registry.register()
+    monkeypatch.undo()
+
+
+HOOK_CHECK = """
+    import sys, site
+    site.addsitedir({site!r})
+    # the start-up hook must not import torch, ultralytics or dsconv_ext by itself
+    assert not {{"torch", "ultralytics", "dsconv_ext"}} & set(sys.modules), sorted(sys.modules)
+    from ultralytics import YOLO
+    model = YOLO({cfg!r})
+    print("PARAMS", sum(p.numel() for p in model.model.parameters()))
+"""
+
+
+def test_startup_hook_registers_without_import(tmp_path):
+    """What an installed dsconv_ext_yolo.pth does: user code never imports dsconv_ext."""
+    cfg = str(CONFIGS / "yolo11n-C3k2-DSConv.yaml")  # n scale from the name, as ultralytics does
+    r = run_python(HOOK_CHECK.format(site=str(pth_site(tmp_path)), cfg=cfg), timeout=180)
+    assert "PARAMS 2624080" in r.stdout
+
+
+def test_opt_out(tmp_path):
+    """DSCONV_EXT_YOLO=0: neither the start-up hook nor `import dsconv_ext` registers."""
+    code = f"""
+        import site
+        site.addsitedir({str(pth_site(tmp_path))!r})
+        import dsconv_ext, dsconv_ext.yolo as dy
+        from ultralytics import YOLO
+        try:
+            YOLO({str(CONFIGS / "yolo11n-C3k2-DSConv.yaml")!r})
+        except KeyError as e:
+            assert "C3k2_DSConv" in str(e) and not dy.is_registered(), e
+            print("OPTED OUT")
+    """
+    r = run_python(code, timeout=180, DSCONV_EXT_YOLO="0")
+    assert "OPTED OUT" in r.stdout
+
+
+def test_ddp_worker_file_registers(tmp_path, registered):
+    """Workers of multi-GPU training are fresh processes: the DDP file ultralytics writes for them
+    starts by registering, so they work even without the .pth hook (checked with it off)."""
+    from ultralytics.utils import dist
+
+    from dsconv_ext.yolo.registry import _wrap_generate_ddp_file
+
+    assert dist.generate_ddp_file.__dsconv_ext_original__  # the real one is wrapped
+    script = tmp_path / "_temp_ddp.py"
+    cfg = str(CONFIGS / "yolo11n-C3k2-DSConv.yaml")
+
+    def fake_generate(trainer):  # stands in for ultralytics' writer (it needs a real trainer)
+        script.write_text(
+            "if __name__ == '__main__':\n"
+            "    from ultralytics.nn.tasks import DetectionModel\n"
+            f"    m = DetectionModel({cfg!r}, verbose=False)\n"
+            "    print('PARAMS', sum(p.numel() for p in m.parameters()))\n"
+        )
+        return str(script)
+
+    path = _wrap_generate_ddp_file(fake_generate)(None)
+    code = f"import runpy; runpy.run_path({path!r}, run_name='__main__')"
+    r = run_python(code, timeout=180, DSCONV_EXT_YOLO="0", PYTHONPATH="")
+    assert "PARAMS 2624080" in r.stdout
+
+
+def test_safe_globals_cover_our_classes(registered):
+    import torch
+
+    from dsconv_ext import DSConv, DSConv2d
+    from dsconv_ext.bra import BiLevelRoutingAttention
+    from dsconv_ext.yolo.registry import safe_globals
+
+    ours = set(safe_globals())
+    for cls in (DSConv, DSConv2d, BiLevelRoutingAttention, registered.C3k2_DSConv):
+        assert cls in ours
+    allowed = torch.serialization.get_safe_globals()
+    assert all(c in allowed for c in (DSConv2d, registered.C3k2_DSConv))
+
+
+OLD_CHECK = """
+    import ultralytics, torch
+    assert ultralytics.__version__ == "8.3.0", ultralytics.__version__
+    import dsconv_ext.yolo as dy
+    dy.register()
+    from ultralytics.nn.tasks import DetectionModel, OBBModel, SegmentationModel
+    import yaml
+    for cfg, scale in {cases!r}:
+        d = yaml.safe_load(open(cfg))
+        d["scale"] = scale
+        head = d["head"][-1][2]
+        cls = {{"Segment": SegmentationModel, "OBB": OBBModel}}.get(head, DetectionModel)
+        m = cls(d, verbose=False).eval()
+        with torch.no_grad():
+            m(torch.rand(1, 3, 64, 64))
+        print("COUNT", cfg.rsplit("/", 1)[-1], scale, sum(p.numel() for p in m.parameters()))
+    d = yaml.safe_load(open({bad!r}))
+    d["backbone"][2] = [-1, 2, "C3k2_DSConv", [256, "yes"]]
+    try:
+        DetectionModel(d, verbose=False)
+    except TypeError as e:
+        print("ROWERROR", e)
+"""
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(OLD_ULTRALYTICS, "ultralytics")),
+    reason=f"ultralytics 8.3.0 not installed in {OLD_ULTRALYTICS} "
+    "(pip install --no-deps --target /tmp/ul830 ultralytics==8.3.0 tqdm)",
+)
+def test_oldest_supported_ultralytics():
+    """Registration + every config at n (C3k2-DSConv also at m, for the forced c3k) on 8.3.0."""
+    cases = [(str(CONFIGS / c), "n") for c in sorted(os.listdir(CONFIGS)) if c.endswith(".yaml")]
+    cases.append((str(CONFIGS / "yolo11-C3k2-DSConv.yaml"), "m"))
+    code = OLD_CHECK.format(cases=cases, bad=str(CONFIGS / "yolo11-C3k2-DSConv.yaml"))
+    r = run_python(code, timeout=400, PYTHONPATH=os.pathsep.join([OLD_ULTRALYTICS, pkg_parent()]))
+    for cfg, scale in cases:
+        want = derive(Path(cfg), scale)[1]
+        assert f"COUNT {Path(cfg).name} {scale} {want}" in r.stdout, r.stdout
+    assert "ROWERROR" in r.stdout and "layer 2 (C3k2_DSConv)" in r.stdout
+
+
+def test_info_report(registered):
+    report = registered.integration_report()
+    assert report["registered"] is True and report["ultralytics"]
+    assert sys.modules["ultralytics.nn.tasks"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert registered.register()
