@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu/dsconv2d_cpu.h"
+#include "cpu/weight_pack.h"
 #include "cpu/parallel.h"
 
 namespace dsconv_ext {

@@ -25,8 +25,6 @@
 // depthwise conv runs on the same q-space planes with weights alpha * q + KDSb.
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
 #include <algorithm>
 #include <memory>
@@ -83,12 +81,6 @@ struct PackedWeights {
     return data.data() + (g * otiles + ot) * stream_bytes;
   }
 };
-
-// Weights packed for `lay` (cached by tensor identity and version; see weight_pack.cpp).
-std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
-                                                    const at::Tensor& alpha,
-                                                    const c10::optional<at::Tensor>& KDSb,
-                                                    const Layout& lay, int elem_bytes);
 
 // Per-output-channel epilogue constants of one group, padded to a multiple of kOTile.
 struct Epilogue {

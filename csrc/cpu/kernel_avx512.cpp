@@ -1,6 +1,393 @@
+// AVX-512 VNNI path: packing with 16 pixels per vector, a 4 output channel x 48 pixel vpdpbusd
+// microkernel, and the float depthwise kernel. Compiled with function-level target attributes
+// and only entered after a run-time CPU check (dsconv2d_cpu.cpp).
+//
+// Cost model of the microkernel (B = 32, so 8 vpdpbusd per (block, tap) segment and accumulator):
+// vpdpbusd and FMA share the two multiply pipes, while int->float conversion and vscalefps
+// (scaling by 2^E, exact, NaN-propagating) issue on the other pipes. The segment flush
+// fma(scalef(cvt(S), E), alpha, acc) thus costs 1 multiply-pipe slot per 8 vpdpbusd.
+#include <immintrin.h>
+
+#include <cstring>
+
 #include "cpu/dsconv2d_cpu.h"
+
+#define DSCONV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
 namespace dsconv_ext {
 namespace cpu {
-const IsaKernels& kernels_avx512() { return kernels_scalar(); }
+namespace {
+
+constexpr int64_t kVec = 16;
+constexpr int64_t kPV = 3;  // pixel vectors per tile
+constexpr int64_t kQTile = kVec * kPV;
+
+DSCONV_AVX512 inline __mmask16 lane_range(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, kVec);
+  if (lo >= hi) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+// e^x to about 2 ulp (Cephes expf polynomial); scalef makes large |x| saturate to inf / 0.
+DSCONV_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// dsconv_epilogue, 16 lanes: y = CDSw * acc + (CDSb + bias), then SiLU.
+DSCONV_AVX512 inline __m512 epilogue(__m512 acc, float cdsw, float cb, bool silu) {
+  const __m512 y = _mm512_fmadd_ps(acc, _mm512_set1_ps(cdsw), _mm512_set1_ps(cb));
+  if (!silu) return y;
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), y));
+  return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+// Stores the 16 q-space values starting at q0 (whose output coordinates are (oh, ow)) into the
+// output plane `out`, skipping columns >= Wo and rows >= Ho.
+DSCONV_AVX512 inline void store_vec(const Layout& lay, float* out, int64_t oh, int64_t ow,
+                                    __m512 y) {
+  const int64_t Wo = lay.g.Wo;
+  if (ow + kVec <= Wo && oh < lay.g.Ho) {  // the common case: one row, all lanes real
+    _mm512_storeu_ps(out + oh * Wo + ow, y);
+    return;
+  }
+  int64_t lane = 0;
+  while (lane < kVec && oh < lay.g.Ho) {
+    const int64_t n = std::min(kVec - lane, lay.Wq - ow);
+    const int64_t valid = std::min(n, Wo - ow);
+    // Lane `lane` goes to column ow: the base is shifted back by `lane`; masked-off lanes are
+    // never accessed.
+    if (valid > 0) {
+      _mm512_mask_storeu_ps(out + oh * Wo + ow - lane, lane_range(lane, lane + valid), y);
+    }
+    lane += n;
+    ++oh;
+    ow = 0;
+  }
+}
+
+// --- Packing -------------------------------------------------------------------------------
+
+struct RowLoader {
+  const float* row;  // channel 0, input row h
+  int64_t cstride, w0, sw, W;
+  __mmask16 m16;  // sw == 1 or gather: lanes inside the input
+  __mmask32 m32;  // sw == 2: the 32 consecutive columns inside the input
+};
+
+DSCONV_AVX512 inline RowLoader make_loader(const float* row, int64_t cstride, int64_t w0,
+                                           int64_t sw, int64_t W, int64_t nlanes) {
+  RowLoader L{row, cstride, w0, sw, W, 0, 0};
+  // Lanes l with 0 <= w0 + l*sw < W.
+  const int64_t lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
+  const int64_t hi = W - w0 <= 0 ? 0 : (W - w0 + sw - 1) / sw;
+  L.m16 = lane_range(lo, std::min(hi, nlanes));
+  if (sw == 2) {
+    const int64_t clo = std::max<int64_t>(-w0, 0), chi = std::min<int64_t>(W - w0, 32);
+    L.m32 = clo >= chi ? 0
+                       : static_cast<__mmask32>(((chi >= 32 ? 0ull : (1ull << chi)) - 1ull) &
+                                                ~((1ull << clo) - 1ull));
+  }
+  return L;
+}
+
+DSCONV_AVX512 inline __m512 load_lanes(const RowLoader& L, int64_t c) {
+  const float* p = L.row + c * L.cstride + L.w0;  // may point before the row: lanes are masked
+  if (L.sw == 1) return _mm512_maskz_loadu_ps(L.m16, p);
+  if (L.sw == 2) {
+    const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(L.m32), p);
+    const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(L.m32 >> 16), p + kVec);
+    const __m512i even =
+        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_permutex2var_ps(lo, even, hi);
+  }
+  const __m512i idx =
+      _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                         _mm512_set1_epi32(static_cast<int32_t>(L.sw)));
+  return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), L.m16, idx, p, 4);
+}
+
+// Shared exponent of 16 blocks from their max |x| bit patterns (bfp_exponent, vectorised with
+// integer maths so that subnormal blocks are right whatever the denormals-are-zero flag says).
+DSCONV_AVX512 inline __m512i block_exponent(__m512i amax_bits, int mant_bits) {
+  const __m512i e_norm = _mm512_sub_epi32(_mm512_srli_epi32(amax_bits, 23), _mm512_set1_epi32(127));
+  // A subnormal's bits, read as an integer, convert exactly to a float of the same leading bit.
+  const __m512i as_float = _mm512_castps_si512(_mm512_cvtepi32_ps(amax_bits));
+  const __m512i e_sub =
+      _mm512_sub_epi32(_mm512_srli_epi32(as_float, 23), _mm512_set1_epi32(127 + 149));
+  const __mmask16 sub = _mm512_cmplt_epi32_mask(amax_bits, _mm512_set1_epi32(0x00800000));
+  __m512i e = _mm512_mask_blend_epi32(sub, e_norm, e_sub);
+  e = _mm512_sub_epi32(e, _mm512_set1_epi32(mant_bits - 2));
+  const __mmask16 zero = _mm512_cmpeq_epi32_mask(amax_bits, _mm512_setzero_si512());
+  return _mm512_maskz_mov_epi32(static_cast<__mmask16>(~zero), e);
+}
+
+// round-half-even(x * 2^-E) clamped to +-lim, 0 in non-finite blocks.
+DSCONV_AVX512 inline __m512i mantissa(__m512 v, __m512 neg_e, __m512i lim, __mmask16 finite) {
+  const __m512i m = _mm512_cvt_roundps_epi32(_mm512_scalef_ps(v, neg_e),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i c =
+      _mm512_min_epi32(_mm512_max_epi32(m, _mm512_sub_epi32(_mm512_setzero_si512(), lim)), lim);
+  return _mm512_maskz_mov_epi32(finite, c);
+}
+
+DSCONV_AVX512 void pack_row(const PackRow& r) {
+  const Layout& lay = *r.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t hrow = r.yq * g.sh + r.ry - g.ph;
+  const bool inside = r.yq < lay.Hq && in_range(hrow, g.H);
+  const int64_t kplane = lay.P * lay.Lq;
+  const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
+  const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  const __m512 nan = _mm512_set1_ps(NAN);
+  for (int64_t rx = 0; rx < g.sw; ++rx) {
+    const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+      const int64_t nl = std::min(kVec, lay.Wq - x0);
+      const __mmask16 st = lane_range(0, nl);
+      uint32_t* act = r.act + base + x0;
+      if (!inside) {
+        for (int64_t k4 = 0; k4 < lay.K4; ++k4)
+          _mm512_mask_storeu_epi32(act + k4 * kplane, st, neutral);
+        _mm512_mask_storeu_ps(r.esc + base + x0, st, _mm512_setzero_ps());
+        if (r.usum) _mm512_mask_storeu_ps(r.usum + base + x0, st, _mm512_setzero_ps());
+        continue;
+      }
+      const RowLoader L =
+          make_loader(r.x + hrow * g.W, r.x_cstride, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
+      __m512i amax = _mm512_setzero_si512();
+      for (int64_t c = 0; c < r.nch; ++c) {
+        const __m512i bits =
+            _mm512_and_si512(_mm512_castps_si512(load_lanes(L, c)), _mm512_set1_epi32(0x7FFFFFFF));
+        amax = _mm512_max_epi32(amax, bits);
+      }
+      const __mmask16 finite = _mm512_cmplt_epi32_mask(amax, _mm512_set1_epi32(0x7F800000));
+      const __m512 e = _mm512_cvtepi32_ps(block_exponent(amax, r.mant_bits));
+      const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
+      __m512i msum = _mm512_setzero_si512();
+      for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
+        __m512i word = _mm512_setzero_si512();
+        for (int64_t lane = 0; lane < 4; ++lane) {
+          const int64_t c = k4 * 4 + lane;
+          __m512i m = _mm512_setzero_si512();
+          if (c < r.nch) m = mantissa(load_lanes(L, c), neg_e, lim, finite);
+          msum = _mm512_add_epi32(msum, m);
+          const __m512i byte = _mm512_add_epi32(m, _mm512_set1_epi32(128));  // in [1, 255]
+          word = _mm512_or_si512(word, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * lane)));
+        }
+        _mm512_mask_storeu_epi32(act + k4 * kplane, st, word);
+      }
+      _mm512_mask_storeu_ps(r.esc + base + x0, st, _mm512_mask_mov_ps(nan, finite, e));
+      if (r.usum) {
+        const __m512 u = _mm512_scalef_ps(_mm512_cvtepi32_ps(msum), e);
+        _mm512_mask_storeu_ps(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
+      }
+    }
+  }
+}
+
+DSCONV_AVX512 void pack_row_dw(const PackRow& r) {
+  const Layout& lay = *r.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t hrow = r.yq * g.sh + r.ry - g.ph;
+  const bool inside = r.yq < lay.Hq && in_range(hrow, g.H);
+  const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
+  for (int64_t rx = 0; rx < g.sw; ++rx) {
+    float* dst = r.xq + (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+      const int64_t nl = std::min(kVec, lay.Wq - x0);
+      const __mmask16 st = lane_range(0, nl);
+      if (!inside) {
+        _mm512_mask_storeu_ps(dst + x0, st, _mm512_setzero_ps());
+        continue;
+      }
+      const RowLoader L = make_loader(r.x + hrow * g.W, 0, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
+      const __m512 v = load_lanes(L, 0);
+      const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
+      const __mmask16 finite = _mm512_cmplt_epi32_mask(bits, _mm512_set1_epi32(0x7F800000));
+      const __m512 e = _mm512_cvtepi32_ps(block_exponent(bits, r.mant_bits));
+      const __m512i m = mantissa(v, _mm512_sub_ps(_mm512_setzero_ps(), e), lim, finite);
+      const __m512 xq = _mm512_scalef_ps(_mm512_cvtepi32_ps(m), e);
+      _mm512_mask_storeu_ps(dst + x0, st, _mm512_mask_mov_ps(_mm512_set1_ps(NAN), finite, xq));
+    }
+  }
+}
+
+// --- Microkernels ---
+
+// The K loop of one (block, tap) segment: acc[r][v] = sum over the K4 4-channel groups of
+// u8(activations of pixel vector v) . s8(weights of output channel r), 12 accumulators.
+// Inline asm because GCC 12, given the intrinsics, copies every accumulator once per iteration
+// (12 extra moves per 12 vpdpbusd) or spills them to the stack.
+DSCONV_AVX512 inline void k_loop(__m512i (&acc)[kOTile][kPV], const uint8_t* a, const int32_t* w,
+                                 int64_t K4, int64_t kplane_b) {
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
+  __m512i c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+  if (K4 > 0) {
+    // 30 operands, GCC's limit: the loop ends on the weight pointer rather than a counter.
+    asm volatile(
+        "1:\n\t"
+        "vmovdqu64 (%[a]), %%zmm29\n\t"
+        "vmovdqu64 64(%[a]), %%zmm30\n\t"
+        "vmovdqu64 128(%[a]), %%zmm31\n\t"
+        "vpbroadcastd (%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c00]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c01]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c02]\n\t"
+        "vpbroadcastd 4(%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c10]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c11]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c12]\n\t"
+        "vpbroadcastd 8(%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c20]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c21]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c22]\n\t"
+        "vpbroadcastd 12(%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c30]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c31]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c32]\n\t"
+        "add %[stride], %[a]\n\t"
+        "add $16, %[w]\n\t"
+        "cmp %[wend], %[w]\n\t"
+        "jne 1b\n\t"
+        : [c00] "+v"(c00), [c01] "+v"(c01), [c02] "+v"(c02), [c10] "+v"(c10), [c11] "+v"(c11),
+          [c12] "+v"(c12), [c20] "+v"(c20), [c21] "+v"(c21), [c22] "+v"(c22), [c30] "+v"(c30),
+          [c31] "+v"(c31), [c32] "+v"(c32), [a] "+r"(a), [w] "+r"(w)
+        : [stride] "r"(kplane_b), [wend] "r"(w + K4 * kOTile)
+        : "xmm28", "xmm29", "xmm30", "xmm31", "cc");
+  }
+  acc[0][0] = c00, acc[0][1] = c01, acc[0][2] = c02, acc[1][0] = c10, acc[1][1] = c11;
+  acc[1][2] = c12, acc[2][0] = c20, acc[2][1] = c21, acc[2][2] = c22, acc[3][0] = c30;
+  acc[3][1] = c31, acc[3][2] = c32;
+}
+
+template <bool kKdsb>
+DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
+                                   int64_t ot, int64_t qt0, int64_t qt1) {
+  const Layout& lay = *sl.lay;
+  const int64_t K4 = lay.K4, ntaps = lay.ntaps;
+  const int64_t kplane_b = lay.P * lay.Lq * 4;  // bytes from one k4 plane to the next
+  const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 4;
+  const int64_t* tapoff = lay.tapoff.data();
+  for (int64_t qt = qt0; qt < qt1; ++qt) {
+    const int64_t q0 = qt * kQTile;
+    // 12 float accumulators; with the 12 int32 ones of k_loop and its 4 scratch registers the
+    // tile uses 28 of the 32 zmm registers.
+    __m512 f[kOTile][kPV];
+#pragma GCC unroll 4
+    for (int r = 0; r < kOTile; ++r)
+#pragma GCC unroll 3
+      for (int v = 0; v < kPV; ++v) f[r][v] = _mm512_setzero_ps();
+    const uint8_t* ws = wstream;
+    for (int64_t b = 0; b < lay.g.nblk; ++b) {
+      const uint8_t* act_b = reinterpret_cast<const uint8_t*>(sl.act + q0) + b * K4 * kplane_b;
+      const int64_t esc_b = b * lay.P * lay.Lq + q0;
+      for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
+        const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
+        const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
+        const uint8_t* a = act_b + tapoff[t] * 4;
+        __m512i acc[kOTile][kPV];
+        k_loop(acc, a, w, K4, kplane_b);
+        const float* e = sl.esc + esc_b + tapoff[t];
+        __m512 ev[kPV];
+#pragma GCC unroll 3
+        for (int v = 0; v < kPV; ++v) ev[v] = _mm512_loadu_ps(e + v * kVec);
+#pragma GCC unroll 4
+        for (int r = 0; r < kOTile; ++r) {
+          const __m512 al = _mm512_set1_ps(h->alpha[r]);
+          const __m512i corr = _mm512_set1_epi32(h->corr[r]);
+#pragma GCC unroll 3
+          for (int v = 0; v < kPV; ++v) {
+            const __m512i S = _mm512_add_epi32(acc[r][v], corr);
+            const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(S), ev[v]);
+            f[r][v] = _mm512_fmadd_ps(s, al, f[r][v]);
+          }
+        }
+        if (kKdsb) {
+          const float* u = sl.usum + esc_b + tapoff[t];
+#pragma GCC unroll 4
+          for (int r = 0; r < kOTile; ++r) {
+            const __m512 kb = _mm512_set1_ps(h->kdsb[r]);
+#pragma GCC unroll 3
+            for (int v = 0; v < kPV; ++v)
+              f[r][v] = _mm512_fmadd_ps(kb, _mm512_loadu_ps(u + v * kVec), f[r][v]);
+          }
+        }
+      }
+    }
+    int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
+    for (int v = 0; v < kPV; ++v) {
+      for (int r = 0; r < kOTile; ++r) {
+        const int64_t o = ot * kOTile + r;
+        if (o >= sl.nout) break;
+        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow,
+                  epilogue(f[r][v], ep.cdsw[o], ep.cb[o], ep.silu));
+      }
+      ow += kVec;
+      while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
+    }
+  }
+}
+
+DSCONV_AVX512 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
+                              int64_t ot, int64_t qt0, int64_t qt1) {
+  if (sl.usum)
+    conv_tiles_impl<true>(sl, wstream, ep, ot, qt0, qt1);
+  else
+    conv_tiles_impl<false>(sl, wstream, ep, ot, qt0, qt1);
+}
+
+DSCONV_AVX512 void dw_tiles(const Slice& sl, const float* wdw, const Epilogue& ep, int64_t o0,
+                            int64_t o1, int64_t qt0, int64_t qt1) {
+  const Layout& lay = *sl.lay;
+  const int64_t* tapoff = lay.tapoff.data();
+  for (int64_t o = o0; o < o1; ++o) {
+    const float* w = wdw + o * lay.ntaps;
+    for (int64_t qt = qt0; qt < qt1; ++qt) {
+      const int64_t q0 = qt * kQTile;
+      __m512 acc[kPV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t t = 0; t < lay.ntaps; ++t) {
+        const __m512 wt = _mm512_set1_ps(w[t]);
+        const float* x = sl.xq + tapoff[t] + q0;
+#pragma GCC unroll 3
+        for (int v = 0; v < kPV; ++v)
+          acc[v] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(x + v * kVec), acc[v]);
+      }
+      int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
+      for (int v = 0; v < kPV; ++v) {
+        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow,
+                  epilogue(acc[v], ep.cdsw[o], ep.cb[o], ep.silu));
+        ow += kVec;
+        while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const IsaKernels& kernels_avx512() {
+  static const IsaKernels k{kQTile,
+                            /*exponent_scale=*/true,
+                            /*weight_elem_bytes=*/1,
+                            &pack_row,
+                            &pack_row_dw,
+                            &conv_tiles,
+                            &dw_tiles};
+  return k;
+}
+
 }  // namespace cpu
 }  // namespace dsconv_ext

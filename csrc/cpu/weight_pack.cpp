@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "cpu/dsconv2d_cpu.h"
+#include "cpu/weight_pack.h"
 
 namespace dsconv_ext {
 namespace cpu {
