@@ -96,6 +96,17 @@ def test_invert_routing():
             assert e == want, (bi, r)
 
 
+def test_custom_op_schema():
+    # The fake-tensor checks need real (compiled) kernels: they run in the GPU tests.
+    q, kv, idx, w, scale, h = _inputs((1, 4, 9, 9, 2, 8, 8, 2, True), seed=3)
+    args = (q, kv, idx.int(), w, scale, h)
+    utils = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.dsconv_ext_bra.attn_fwd.default, args, test_utils=utils)
+    out, lse = torch.ops.dsconv_ext_bra.attn_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, kv, idx.int(), w, out, lse, scale, h, True)
+    torch.library.opcheck(torch.ops.dsconv_ext_bra.attn_bwd.default, bwd_args, test_utils=utils)
+
+
 def test_fp16_close_to_fp32():
     case = (1, 4, 9, 12, 2, 16, 16, 2, True)
     q, kv, idx, w, scale, h = _inputs(case, seed=2)

@@ -97,3 +97,28 @@ def test_gpu_autocast():
         m.backend = "triton"
         y = m(x)
     assert torch.allclose(y.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@cuda
+@pytest.mark.cuda
+def test_gpu_custom_ops_and_compile():
+    from dsconv_ext.bra.autograd import routed_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 9, 16, 64, device="cuda", generator=g)
+    kv = torch.randn(2, 9, 16, 128, device="cuda", generator=g)
+    idx = torch.rand(2, 9, 9, device="cuda", generator=g).topk(3, -1).indices.int()
+    w = torch.rand(2, 9, 3, device="cuda", generator=g)
+    torch.library.opcheck(torch.ops.dsconv_ext_bra.attn_fwd.default, (q, kv, idx, w, 0.2, 4))
+    out, lse = torch.ops.dsconv_ext_bra.attn_fwd(q, kv, idx, w, 0.2, 4)
+    args = (torch.randn_like(out), q, kv, idx, w, out, lse, 0.2, 4, True)
+    torch.library.opcheck(torch.ops.dsconv_ext_bra.attn_bwd.default, args)
+
+    m = build(dict(dim=64, n_win=3, num_heads=4, topk=3, soft_routing=True), 0).cuda()
+    m.backend = "triton"
+    x = torch.randn(2, 64, 12, 12, device="cuda")
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True)
+    assert torch.allclose(compiled(x), m(x), atol=1e-4, rtol=1e-4)
+    want = routed_attention_triton(q, kv, idx, w, 0.2, 4)
+    assert torch.allclose(torch.compile(routed_attention_triton)(q, kv, idx, w, 0.2, 4), want)

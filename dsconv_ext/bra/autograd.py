@@ -34,10 +34,11 @@ class RoutedAttentionTriton(torch.autograd.Function):
     def backward(ctx, do):
         q, kv, r_idx, r_weight, out, lse = ctx.saved_tensors
         need_dw = r_weight is not None and ctx.needs_input_grad[3]
+        do = _channels_contiguous(do)
         dq, dkv, dw = bra_attention_bwd(
             do, q, kv, r_idx, r_weight, out, lse, ctx.scale, ctx.num_heads, need_dw
         )
-        return dq, dkv, None, dw, None, None
+        return dq, dkv, None, dw.to(r_weight.dtype) if need_dw else None, None, None
 
 
 def routed_attention_triton(

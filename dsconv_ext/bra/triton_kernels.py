@@ -12,11 +12,14 @@ Backward (deterministic, no atomics):
 - ``_bra_bwd_dq``: same grid as the forward; recomputes the probabilities and accumulates dQ
   (and, for soft routing, per-program partial sums of the routing-weight gradient).
 - ``_bra_bwd_dkdv``: one program per (key tile, key region, head). The routing table is inverted
-  on the host (a stable sort), so each program walks, in a fixed order, the query windows that
+  on the device (a stable sort), so each program walks, in a fixed order, the query windows that
   routed to its region and owns its dK/dV tile outright.
 
 Layout: ``q [B, P, Wq, H*DK]``, ``kv [B, P, Wk, H*DK + H*DV]`` (keys then values), head ``h``
 at channel offset ``h*D``, any strides over the first three dims, channels contiguous.
+
+The launchers are ``torch.library.triton_op`` custom ops (``torch.ops.dsconv_ext_bra.*``), so
+``torch.compile`` sees the kernels; block sizes are heuristics (not tuned on a GPU yet).
 """
 
 from __future__ import annotations
@@ -26,223 +29,107 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 from triton import knobs
 
 # Kernels are decorated at import: with TRITON_INTERPRET=1 set by then they run on CPU tensors.
 INTERPRETED = bool(knobs.runtime.interpret)
 
-__all__ = ["INTERPRETED", "bra_attention_bwd", "bra_attention_fwd"]
-
-LOG2E = 1.4426950408889634
+__all__ = ["INTERPRETED", "bra_attention_bwd", "bra_attention_fwd", "invert_routing"]
 
 
+# fmt: off
 @triton.jit
 def _bra_fwd(
-    Q,
-    KV,
-    RIDX,
-    RW,
-    Out,
-    LSE,
-    sm_scale,
-    stride_qb,
-    stride_qp,
-    stride_qm,
-    stride_kb,
-    stride_kp,
-    stride_kn,
-    stride_ob,
-    stride_op,
-    stride_om,
-    P,
-    WQ,
-    WK,
-    TOPK,
-    H: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    SOFT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, KV, RIDX, RW, Out, LSE, sm_scale,
+    stride_qb, stride_qp, stride_qm, stride_kb, stride_kp, stride_kn,
+    stride_ob, stride_op, stride_om,
+    P, WQ, WK, TOPK,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bp = tl.program_id(1)
-    h = tl.program_id(2)
-    b = (pid_bp // P).to(tl.int64)
-    p = (pid_bp % P).to(tl.int64)
+    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
     mask_m = offs_m < WQ
-    q_ptrs = (
-        Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK + offs_dk[None, :]
-    )
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & (offs_dk < DK)[None, :], other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634  # exp2 below
+    q = tl.load(Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK
+                + offs_dk[None, :], mask=mask_m[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for t in range(TOPK):
         r = tl.load(RIDX + pid_bp * TOPK + t).to(tl.int64)
         w = 1.0
-        if SOFT:
+        if SOFT:  # keys and values scaled by the routing weight, as the reference's gather does
             w = tl.load(RW + pid_bp * TOPK + t).to(tl.float32)
         kv_base = KV + b * stride_kb + r * stride_kp
         for start_n in range(0, WK, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < WK
-            kT = tl.load(
-                kv_base + offs_n[None, :] * stride_kn + h * DK + offs_dk[:, None],
-                mask=mask_n[None, :] & (offs_dk < DK)[:, None],
-                other=0.0,
-            )
+            kT = tl.load(kv_base + offs_n[None, :] * stride_kn + h * DK + offs_dk[:, None],
+                         mask=mask_n[None, :] & (offs_dk < DK)[:, None], other=0.0)
             s = tl.dot(q, kT, input_precision=PRECISION) * (qk_scale * w)
             s = tl.where(mask_n[None, :], s, float("-inf"))
+            # -- online softmax: rescale what was accumulated so far to the new row maximum --
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)
             pr = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, 1)
-            v = tl.load(
-                kv_base + offs_n[:, None] * stride_kn + H * DK + h * DV + offs_dv[None, :],
-                mask=mask_n[:, None] & (offs_dv < DV)[None, :],
-                other=0.0,
-            )
-            pv = tl.dot(pr.to(v.dtype), v, input_precision=PRECISION)
-            acc = acc * alpha[:, None] + pv * w
+            v = tl.load(kv_base + offs_n[:, None] * stride_kn + H * DK + h * DV + offs_dv[None, :],
+                        mask=mask_n[:, None] & (offs_dv < DV)[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PRECISION) * w
             m_i = m_new
     acc = acc / l_i[:, None]
-    o_ptrs = (
-        Out
-        + b * stride_ob
-        + p * stride_op
-        + offs_m[:, None] * stride_om
-        + h * DV
-        + offs_dv[None, :]
-    )
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & (offs_dv < DV)[None, :])
+    tl.store(Out + b * stride_ob + p * stride_op + offs_m[:, None] * stride_om + h * DV
+             + offs_dv[None, :], acc.to(Out.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_dv < DV)[None, :])
     tl.store(LSE + (pid_bp * H + h) * WQ + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
 @triton.jit
 def _bra_bwd_preprocess(
-    Out,
-    DO,
-    Delta,
-    stride_ob,
-    stride_op,
-    stride_om,
-    stride_db,
-    stride_dp,
-    stride_dm,
-    P,
-    WQ,
-    H: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    Out, DO, Delta,
+    stride_ob, stride_op, stride_om, stride_db, stride_dp, stride_dm,
+    P, WQ,
+    H: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bp = tl.program_id(1)
-    h = tl.program_id(2)
-    b = (pid_bp // P).to(tl.int64)
-    p = (pid_bp % P).to(tl.int64)
+    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask = (offs_m < WQ)[:, None] & (offs_dv < DV)[None, :]
-    o = tl.load(
-        Out
-        + b * stride_ob
-        + p * stride_op
-        + offs_m[:, None] * stride_om
-        + h * DV
-        + offs_dv[None, :],
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
-    do = tl.load(
-        DO
-        + b * stride_db
-        + p * stride_dp
-        + offs_m[:, None] * stride_dm
-        + h * DV
-        + offs_dv[None, :],
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
+    o = tl.load(Out + b * stride_ob + p * stride_op + offs_m[:, None] * stride_om + h * DV
+                + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
+                 + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + (pid_bp * H + h) * WQ + offs_m, tl.sum(o * do, 1), mask=offs_m < WQ)
 
 
 @triton.jit
 def _bra_bwd_dq(
-    Q,
-    KV,
-    RIDX,
-    RW,
-    DO,
-    LSE,
-    Delta,
-    DQ,
-    DW,
-    sm_scale,
-    stride_qb,
-    stride_qp,
-    stride_qm,
-    stride_kb,
-    stride_kp,
-    stride_kn,
-    stride_db,
-    stride_dp,
-    stride_dm,
-    stride_gb,
-    stride_gp,
-    stride_gm,
-    P,
-    WQ,
-    WK,
-    TOPK,
-    N_MBLOCKS,
-    H: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    SOFT: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, KV, RIDX, RW, DO, LSE, Delta, DQ, DW, sm_scale,
+    stride_qb, stride_qp, stride_qm, stride_kb, stride_kp, stride_kn,
+    stride_db, stride_dp, stride_dm, stride_gb, stride_gp, stride_gm,
+    P, WQ, WK, TOPK, N_MBLOCKS,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFT: tl.constexpr, NEED_DW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bp = tl.program_id(1)
-    h = tl.program_id(2)
-    b = (pid_bp // P).to(tl.int64)
-    p = (pid_bp % P).to(tl.int64)
+    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
     mask_m = offs_m < WQ
-    mask_qk = mask_m[:, None] & (offs_dk < DK)[None, :]
-    q = tl.load(
-        Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK + offs_dk[None, :],
-        mask=mask_qk,
-        other=0.0,
-    )
-    do = tl.load(
-        DO
-        + b * stride_db
-        + p * stride_dp
-        + offs_m[:, None] * stride_dm
-        + h * DV
-        + offs_dv[None, :],
-        mask=mask_m[:, None] & (offs_dv < DV)[None, :],
-        other=0.0,
-    )
+    mask_q = mask_m[:, None] & (offs_dk < DK)[None, :]
+    q = tl.load(Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK
+                + offs_dk[None, :], mask=mask_q, other=0.0)
+    do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
+                 + offs_dv[None, :], mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
     row = (pid_bp * H + h) * WQ + offs_m
-    # Padded query rows get lse=+inf, hence zero probabilities everywhere.
-    lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))
+    lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))  # padded rows: probabilities 0
     delta = tl.load(Delta + row, mask=mask_m, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
@@ -256,90 +143,44 @@ def _bra_bwd_dq(
         for start_n in range(0, WK, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < WK
-            k = tl.load(
-                kv_base + offs_n[:, None] * stride_kn + h * DK + offs_dk[None, :],
-                mask=mask_n[:, None] & (offs_dk < DK)[None, :],
-                other=0.0,
-            )
-            vT = tl.load(
-                kv_base + offs_n[None, :] * stride_kn + H * DK + h * DV + offs_dv[:, None],
-                mask=mask_n[None, :] & (offs_dv < DV)[:, None],
-                other=0.0,
-            )
+            k = tl.load(kv_base + offs_n[:, None] * stride_kn + h * DK + offs_dk[None, :],
+                        mask=mask_n[:, None] & (offs_dk < DK)[None, :], other=0.0)
+            vT = tl.load(kv_base + offs_n[None, :] * stride_kn + H * DK + h * DV + offs_dv[:, None],
+                         mask=mask_n[None, :] & (offs_dv < DV)[:, None], other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             pr = tl.math.exp2(qk * (qk_scale * w) - lse[:, None])
             pr = tl.where(mask_n[None, :], pr, 0.0)
             dp = tl.dot(do, vT, input_precision=PRECISION)  # dO . v, before the routing weight
             ds = pr * (dp * w - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * (sm_scale * w)
-            if NEED_DW:
+            if NEED_DW:  # d/dw of logits (w * scale * q.k) and of values (w * v)
                 dw += tl.sum(ds * qk * sm_scale + pr * dp, 1)
         if NEED_DW:
             tl.store(DW + ((pid_bp * TOPK + t) * H + h) * N_MBLOCKS + pid_m, tl.sum(dw, 0))
-    tl.store(
-        DQ
-        + b * stride_gb
-        + p * stride_gp
-        + offs_m[:, None] * stride_gm
-        + h * DK
-        + offs_dk[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=mask_qk,
-    )
+    tl.store(DQ + b * stride_gb + p * stride_gp + offs_m[:, None] * stride_gm + h * DK
+             + offs_dk[None, :], dq.to(DQ.dtype.element_ty), mask=mask_q)
 
 
 @triton.jit
 def _bra_bwd_dkdv(
-    Q,
-    KV,
-    RW,
-    DO,
-    LSE,
-    Delta,
-    DKV,
-    INV_OFF,
-    INV_ENT,
-    sm_scale,
-    stride_qb,
-    stride_qp,
-    stride_qm,
-    stride_kb,
-    stride_kp,
-    stride_kn,
-    stride_db,
-    stride_dp,
-    stride_dm,
-    stride_gb,
-    stride_gp,
-    stride_gn,
-    P,
-    WQ,
-    WK,
-    TOPK,
-    H: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_DK: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    SOFT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, KV, RW, DO, LSE, Delta, DKV, INV_OFF, INV_ENT, sm_scale,
+    stride_qb, stride_qp, stride_qm, stride_kb, stride_kp, stride_kn,
+    stride_db, stride_dp, stride_dm, stride_gb, stride_gp, stride_gn,
+    P, WQ, WK, TOPK,
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SOFT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_br = tl.program_id(1)  # (batch, key region)
-    h = tl.program_id(2)
-    b = (pid_br // P).to(tl.int64)
-    r = (pid_br % P).to(tl.int64)
+    pid_n, pid_br, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # br: batch, region
+    b, r = (pid_br // P).to(tl.int64), (pid_br % P).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
     mask_n = offs_n < WK
     mask_k = mask_n[:, None] & (offs_dk < DK)[None, :]
     mask_v = mask_n[:, None] & (offs_dv < DV)[None, :]
-    kv_base = KV + b * stride_kb + r * stride_kp + offs_n[:, None] * stride_kn
-    k = tl.load(kv_base + h * DK + offs_dk[None, :], mask=mask_k, other=0.0)
-    v = tl.load(kv_base + H * DK + h * DV + offs_dv[None, :], mask=mask_v, other=0.0)
+    kv_rows = KV + b * stride_kb + r * stride_kp + offs_n[:, None] * stride_kn
+    k = tl.load(kv_rows + h * DK + offs_dk[None, :], mask=mask_k, other=0.0)
+    v = tl.load(kv_rows + H * DK + h * DV + offs_dv[None, :], mask=mask_v, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -354,47 +195,40 @@ def _bra_bwd_dkdv(
         for start_m in range(0, WQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < WQ
-            qT = tl.load(
-                Q
-                + b * stride_qb
-                + p * stride_qp
-                + offs_m[None, :] * stride_qm
-                + h * DK
-                + offs_dk[:, None],
-                mask=mask_m[None, :] & (offs_dk < DK)[:, None],
-                other=0.0,
-            )
-            do = tl.load(
-                DO
-                + b * stride_db
-                + p * stride_dp
-                + offs_m[:, None] * stride_dm
-                + h * DV
-                + offs_dv[None, :],
-                mask=mask_m[:, None] & (offs_dv < DV)[None, :],
-                other=0.0,
-            )
+            qT = tl.load(Q + b * stride_qb + p * stride_qp + offs_m[None, :] * stride_qm + h * DK
+                         + offs_dk[:, None], mask=mask_m[None, :] & (offs_dk < DK)[:, None],
+                         other=0.0)
+            do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm
+                         + h * DV + offs_dv[None, :],
+                         mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
             row = ((b * P + p) * H + h) * WQ + offs_m
             lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))
             delta = tl.load(Delta + row, mask=mask_m, other=0.0)
-            qkT = tl.dot(k, qT, input_precision=PRECISION)  # [N, M]
-            pT = tl.math.exp2(qkT * (qk_scale * w) - lse[None, :])
+            pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * (qk_scale * w)
+                              - lse[None, :])
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION) * w
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT * w - delta[None, :])
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION) * (sm_scale * w)
-    g_base = DKV + b * stride_gb + r * stride_gp + offs_n[:, None] * stride_gn
-    tl.store(g_base + h * DK + offs_dk[None, :], dk.to(DKV.dtype.element_ty), mask=mask_k)
-    tl.store(g_base + H * DK + h * DV + offs_dv[None, :], dv.to(DKV.dtype.element_ty), mask=mask_v)
+    g_rows = DKV + b * stride_gb + r * stride_gp + offs_n[:, None] * stride_gn
+    tl.store(g_rows + h * DK + offs_dk[None, :], dk.to(DKV.dtype.element_ty), mask=mask_k)
+    tl.store(g_rows + H * DK + h * DV + offs_dv[None, :], dv.to(DKV.dtype.element_ty),
+             mask=mask_v)
+# fmt: on
 
 
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
 
 
-def _blocks(wq: int, wk: int, dk: int, dv: int) -> Tuple[int, int, int, int]:
-    """Tile sizes: 16..64 rows (tl.dot needs 16), head dims padded to a power of two."""
-    return min(64, _pow2(wq)), min(64, _pow2(wk)), _pow2(dk), _pow2(dv)
+def _tile(n: int) -> int:
+    """Rows per tile (tl.dot needs 16+): the largest of 64/32/16 wasting at most ~1/8 of the
+    tiles on padding, else the one wasting least (windows are often 9, 36 or 144 pixels)."""
+    waste = {b: triton.cdiv(n, b) * b - n for b in (64, 32, 16)}
+    for b in (64, 32, 16):
+        if waste[b] * 8 <= triton.cdiv(n, b) * b:
+            return b
+    return min(waste, key=lambda b: (waste[b], -b))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -404,10 +238,22 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch_opts(device: torch.device) -> dict:
-    return {} if device.type == "cpu" else {"num_warps": 4, "num_stages": 2}
+def _meta(q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> dict:
+    h = num_heads
+    dk, dv = q.shape[-1] // h, (kv.shape[-1] - q.shape[-1]) // h
+    meta = dict(H=h, DK=dk, DV=dv, BLOCK_M=_tile(q.shape[2]), BLOCK_N=_tile(kv.shape[2]),
+                BLOCK_DK=_pow2(dk), BLOCK_DV=_pow2(dv))  # fmt: skip
+    if q.device.type != "cpu":
+        meta.update(num_warps=4 if max(meta["BLOCK_DK"], meta["BLOCK_DV"]) <= 64 else 8,
+                    num_stages=2)  # fmt: skip
+    return meta
 
 
+def _strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@triton_op("dsconv_ext_bra::attn_fwd", mutates_args=())
 def bra_attention_fwd(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -429,47 +275,16 @@ def bra_attention_fwd(
     Returns:
         ``out [B, P, Wq, H*DV]`` in q's dtype and ``lse [B, P, H, Wq]`` (fp32, base 2).
     """
-    b, p, wq, ck = q.shape
-    wk, ckv = kv.shape[2], kv.shape[3]
-    h = num_heads
-    dk, dv = ck // h, (ckv - ck) // h
-    topk = r_idx.shape[-1]
-    out = torch.empty((b, p, wq, h * dv), device=q.device, dtype=q.dtype)
-    lse = torch.empty((b, p, h, wq), device=q.device, dtype=torch.float32)
-    bm, bn, bdk, bdv = _blocks(wq, wk, dk, dv)
-    grid = (triton.cdiv(wq, bm), b * p, h)
-    _bra_fwd[grid](
-        q,
-        kv,
-        r_idx,
-        r_weight if r_weight is not None else r_idx,
-        out,
-        lse,
-        float(scale),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        kv.stride(0),
-        kv.stride(1),
-        kv.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        p,
-        wq,
-        wk,
-        topk,
-        H=h,
-        DK=dk,
-        DV=dv,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_DK=bdk,
-        BLOCK_DV=bdv,
-        SOFT=r_weight is not None,
-        PRECISION=_precision(q.dtype),
-        **_launch_opts(q.device),
-    )
+    b, p, wq, _ = q.shape
+    meta = _meta(q, kv, num_heads)
+    out = q.new_empty((b, p, wq, num_heads * meta["DV"]))
+    lse = q.new_empty((b, p, num_heads, wq), dtype=torch.float32)
+    grid = (triton.cdiv(wq, meta["BLOCK_M"]), b * p, num_heads)
+    wrap_triton(_bra_fwd)[grid](
+        q, kv, r_idx, r_weight if r_weight is not None else r_idx, out, lse, scale,
+        *_strides(q), *_strides(kv), *_strides(out), p, wq, kv.shape[2], r_idx.shape[-1],
+        SOFT=r_weight is not None, PRECISION=_precision(q.dtype), **meta,
+    )  # fmt: skip
     return out, lse
 
 
@@ -481,14 +296,14 @@ def invert_routing(r_idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     stable sort: the backward then sums in a fixed order, run after run).
     """
     b, p, k = r_idx.shape
-    keys = (r_idx.long() + torch.arange(0, b * p, p, device=r_idx.device).view(b, 1, 1)).reshape(-1)
-    sorted_keys, order = torch.sort(keys, stable=True)
+    keys = r_idx.long() + torch.arange(0, b * p, p, device=r_idx.device).view(b, 1, 1)
+    sorted_keys, order = torch.sort(keys.reshape(-1), stable=True)
     bounds = torch.arange(b * p + 1, device=r_idx.device)
     offsets = torch.searchsorted(sorted_keys, bounds).to(torch.int32)
-    entries = (order % (p * k)).to(torch.int32)
-    return offsets, entries
+    return offsets, (order % (p * k)).to(torch.int32)
 
 
+@triton_op("dsconv_ext_bra::attn_bwd", mutates_args=())
 def bra_attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -500,129 +315,42 @@ def bra_attention_bwd(
     scale: float,
     num_heads: int,
     need_dw: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Fused routed attention backward: ``dq`` like q, ``dkv`` like kv, ``dr_weight`` or None."""
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused routed attention backward.
+
+    Returns ``dq`` like q, ``dkv`` like kv (contiguous) and ``dr_weight [B, P, K]`` (fp32; empty
+    unless ``need_dw`` and soft routing).
+    """
     b, p, wq, ck = q.shape
-    wk, ckv = kv.shape[2], kv.shape[3]
-    h = num_heads
-    dk, dv = ck // h, (ckv - ck) // h
-    topk = r_idx.shape[-1]
-    bm, bn, bdk, bdv = _blocks(wq, wk, dk, dv)
-    prec, opts = _precision(q.dtype), _launch_opts(q.device)
-    soft = r_weight is not None
+    wk, topk = kv.shape[2], r_idx.shape[-1]
+    meta = _meta(q, kv, num_heads)
+    prec, soft = _precision(q.dtype), r_weight is not None
     rw = r_weight if soft else r_idx
-    do = do if do.stride(-1) == 1 else do.contiguous()
+    n_mblocks = triton.cdiv(wq, meta["BLOCK_M"])
+    grid_q = (n_mblocks, b * p, num_heads)
 
     delta = torch.empty_like(lse)
-    n_mblocks = triton.cdiv(wq, bm)
-    grid_q = (n_mblocks, b * p, h)
-    _bra_bwd_preprocess[grid_q](
-        out,
-        do,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        p,
-        wq,
-        H=h,
-        DV=dv,
-        BLOCK_M=bm,
-        BLOCK_DV=bdv,
-        **opts,
-    )
+    wrap_triton(_bra_bwd_preprocess)[grid_q](
+        out, do, delta, *_strides(out), *_strides(do), p, wq,
+        H=num_heads, DV=meta["DV"], BLOCK_M=meta["BLOCK_M"], BLOCK_DV=meta["BLOCK_DV"],
+    )  # fmt: skip
 
-    dq = torch.empty((b, p, wq, ck), device=q.device, dtype=q.dtype)
     need_dw = need_dw and soft
-    dw_part = (
-        torch.empty((b, p, topk, h, n_mblocks), device=q.device, dtype=torch.float32)
-        if need_dw
-        else lse
-    )
-    _bra_bwd_dq[grid_q](
-        q,
-        kv,
-        r_idx,
-        rw,
-        do,
-        lse,
-        delta,
-        dq,
-        dw_part,
-        float(scale),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        kv.stride(0),
-        kv.stride(1),
-        kv.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dq.stride(0),
-        dq.stride(1),
-        dq.stride(2),
-        p,
-        wq,
-        wk,
-        topk,
-        n_mblocks,
-        H=h,
-        DK=dk,
-        DV=dv,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_DK=bdk,
-        BLOCK_DV=bdv,
-        SOFT=soft,
-        NEED_DW=need_dw,
-        PRECISION=prec,
-        **opts,
-    )
+    dq = q.new_empty((b, p, wq, ck))
+    dw_part = lse.new_empty((b, p, topk, num_heads, n_mblocks) if need_dw else (0,))
+    wrap_triton(_bra_bwd_dq)[grid_q](
+        q, kv, r_idx, rw, do, lse, delta, dq, dw_part, scale,
+        *_strides(q), *_strides(kv), *_strides(do), *_strides(dq),
+        p, wq, wk, topk, n_mblocks, SOFT=soft, NEED_DW=need_dw, PRECISION=prec, **meta,
+    )  # fmt: skip
 
     offsets, entries = invert_routing(r_idx)
-    dkv = torch.empty((b, p, wk, ckv), device=kv.device, dtype=kv.dtype)
-    grid_k = (triton.cdiv(wk, bn), b * p, h)
-    _bra_bwd_dkdv[grid_k](
-        q,
-        kv,
-        rw,
-        do,
-        lse,
-        delta,
-        dkv,
-        offsets,
-        entries,
-        float(scale),
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        kv.stride(0),
-        kv.stride(1),
-        kv.stride(2),
-        do.stride(0),
-        do.stride(1),
-        do.stride(2),
-        dkv.stride(0),
-        dkv.stride(1),
-        dkv.stride(2),
-        p,
-        wq,
-        wk,
-        topk,
-        H=h,
-        DK=dk,
-        DV=dv,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_DK=bdk,
-        BLOCK_DV=bdv,
-        SOFT=soft,
-        PRECISION=prec,
-        **opts,
-    )
-    dw = dw_part.sum((-2, -1)).to(r_weight.dtype) if need_dw else None
+    dkv = kv.new_empty(kv.shape)
+    grid_k = (triton.cdiv(wk, meta["BLOCK_N"]), b * p, num_heads)
+    wrap_triton(_bra_bwd_dkdv)[grid_k](
+        q, kv, rw, do, lse, delta, dkv, offsets, entries, scale,
+        *_strides(q), *_strides(kv), *_strides(do), *_strides(dkv),
+        p, wq, wk, topk, SOFT=soft, PRECISION=prec, **meta,
+    )  # fmt: skip
+    dw = dw_part.sum((-2, -1)) if need_dw else dw_part
     return dq, dkv, dw
