@@ -628,10 +628,12 @@ DSCONV_HD void warp_mac(const char* stage, int warp, int lane,
 }
 
 // End of a segment: fold the exact integer sums into the float accumulators and restart them.
-template <class Tile>
-DSCONV_HD void fold_thread(const PackedGeometry& p, const char* stage, int warp, int lane,
-                           int32_t (&acc)[Tile::kMTiles][Tile::kNTiles][4],
-                           float (&facc)[Tile::kMTiles][Tile::kNTiles][4]) {
+// The two flags are template parameters so that each unrolled loop holds only the instructions
+// it needs (as runtime values the compiler evaluates both sides and selects).
+template <class Tile, bool kBiased, bool kKds>
+DSCONV_HD void fold_thread_impl(const char* stage, int warp, int lane,
+                                int32_t (&acc)[Tile::kMTiles][Tile::kNTiles][4],
+                                float (&facc)[Tile::kMTiles][Tile::kNTiles][4]) {
   DSCONV_UNROLL
   for (int mt = 0; mt < Tile::kMTiles; ++mt) {
     DSCONV_UNROLL
@@ -639,7 +641,7 @@ DSCONV_HD void fold_thread(const PackedGeometry& p, const char* stage, int warp,
       const int row = acc_row<Tile>(warp, lane, mt, 2 * rh);
       const float sc = bits_to_float(load_u32(stage + Tile::kOffScale + row * 4));
       const float ms =
-          p.has_kds
+          kKds
               ? static_cast<float>(static_cast<int32_t>(load_u32(stage + Tile::kOffMsum + row * 4)))
               : 0.f;
       DSCONV_UNROLL
@@ -649,15 +651,30 @@ DSCONV_HD void fold_thread(const PackedGeometry& p, const char* stage, int warp,
           const int r = 2 * rh + rc;
           const int col = acc_col<Tile>(warp, lane, nt, r);
           const float al = bits_to_float(load_u32(stage + Tile::kOffAlpha + col * 4));
-          const float kd =
-              p.has_kds ? bits_to_float(load_u32(stage + Tile::kOffKds + col * 4)) : 0.f;
-          facc[mt][nt][r] =
-              fold_segment(facc[mt][nt][r], segment_sum_value(acc[mt][nt][r], p.biased), al, sc,
-                           p.has_kds, kd, ms);
-          acc[mt][nt][r] = segment_sum_init(p.biased);
+          const float kd = kKds ? bits_to_float(load_u32(stage + Tile::kOffKds + col * 4)) : 0.f;
+          facc[mt][nt][r] = fold_segment(
+              facc[mt][nt][r], segment_sum_value(acc[mt][nt][r], kBiased), al, sc, kKds, kd, ms);
+          acc[mt][nt][r] = segment_sum_init(kBiased);
         }
       }
     }
+  }
+}
+
+template <class Tile>
+DSCONV_HD void fold_thread(const PackedGeometry& p, const char* stage, int warp, int lane,
+                           int32_t (&acc)[Tile::kMTiles][Tile::kNTiles][4],
+                           float (&facc)[Tile::kMTiles][Tile::kNTiles][4]) {
+  if (p.biased) {
+    if (p.has_kds) {
+      fold_thread_impl<Tile, true, true>(stage, warp, lane, acc, facc);
+    } else {
+      fold_thread_impl<Tile, true, false>(stage, warp, lane, acc, facc);
+    }
+  } else if (p.has_kds) {
+    fold_thread_impl<Tile, false, true>(stage, warp, lane, acc, facc);
+  } else {
+    fold_thread_impl<Tile, false, false>(stage, warp, lane, acc, facc);
   }
 }
 

@@ -306,6 +306,28 @@ def _gpu_checks(rep: _Report, device: torch.device, seeds: int) -> None:
     rep.check("CPU and mixed-device inputs rejected", rejects)
 
 
+def _pytest_check(rep: _Report) -> None:
+    """The repository's CUDA test file, in a subprocess, where the checkout has one."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "tests", "test_dsconv_cuda.py")
+    if not os.path.isfile(path):
+        print("skip  pytest: no tests/test_dsconv_cuda.py next to this package (not a checkout)")
+        return
+
+    def run() -> Optional[str]:
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        tail = (out.stdout.strip().splitlines() or [""])[-1]
+        print(f"      pytest: {tail}")
+        return None if out.returncode == 0 else f"pytest exit {out.returncode}: {tail}"
+
+    rep.check("pytest tests/test_dsconv_cuda.py", run)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dsconv_ext selfcheck",
@@ -315,6 +337,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", type=int, default=40, help="random problems per check")
     p.add_argument("--device", default="cuda", help="CUDA device to check (default: current)")
     p.add_argument("--quick", action="store_true", help="a few problems only")
+    p.add_argument(
+        "--pytest",
+        action="store_true",
+        help="also run tests/test_dsconv_cuda.py with pytest when this is a source checkout",
+    )
     args = p.parse_args(argv)
     seeds = 6 if args.quick else max(args.seeds, 1)
 
@@ -344,6 +371,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"device: {torch.cuda.get_device_name(device)} ({cap}); kernels built for {archs}")
         with torch.cuda.device(device):
             _gpu_checks(rep, device, seeds)
+    if args.pytest:
+        _pytest_check(rep)
     if rep.failed:
         print(
             f"VERDICT: FAIL ({len(rep.failed)} of {rep.passed + len(rep.failed)} checks "
