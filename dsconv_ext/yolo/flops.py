@@ -17,6 +17,8 @@ import contextlib
 import functools
 import threading
 
+import torch
+
 __all__ = [
     "bra_macs",
     "count_bra",
@@ -121,8 +123,13 @@ def counting_rules():
         original = thop.profile
 
         @functools.wraps(original)
-        def profile(*args, custom_ops=None, **kwargs):
-            return original(*args, custom_ops={**rules, **(custom_ops or {})}, **kwargs)
+        def profile(model, inputs, *args, custom_ops=None, **kwargs):
+            # ultralytics profiles on torch.empty: costs do not depend on values, but our layers'
+            # quantisers would see whatever garbage (NaN, 1e38) the memory held.
+            inputs = [torch.zeros_like(t) if torch.is_tensor(t) else t for t in inputs]
+            return original(
+                model, inputs, *args, custom_ops={**rules, **(custom_ops or {})}, **kwargs
+            )
 
         thop.profile = profile
         try:

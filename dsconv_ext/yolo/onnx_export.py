@@ -23,29 +23,36 @@ import torch.nn.functional as F
 __all__ = ["dsconv2d_onnx", "export_mode", "wrap_export_onnx"]
 
 
-def _bfp_onnx(x: torch.Tensor, block_size: int, act_bits: int, groups: int) -> torch.Tensor:
-    """Block floating point round trip of ``x`` [N, C, H, W] (what the kernel multiplies)."""
-    n, c, h, w = x.shape
+def _bfp_onnx(
+    x: torch.Tensor, channels: int, block_size: int, act_bits: int, groups: int
+) -> torch.Tensor:
+    """Block floating point round trip of ``x`` [N, C, H, W] (what the kernel multiplies).
+
+    ``channels`` is C as a Python int: block arithmetic on traced sizes would be exported with
+    truncating division.
+    """
+    n, _, h, w = x.shape
+    c = channels
     cg = c // groups
     nblk = -(-cg // block_size)
     xb = x.reshape(n, groups, cg, h, w)
     if nblk * block_size != cg:  # zero channels do not change a block's max |x|
-        xb = F.pad(xb, (0, 0, 0, 0, 0, nblk * block_size - cg))
-    xb = xb.reshape(n, groups, nblk, block_size, h, w)
-    amax = xb.abs().amax(dim=3, keepdim=True)
+        # (torch.cat, not F.pad: the exporter writes a wrong Pad for this 5-D case)
+        xb = torch.cat([xb, xb.new_zeros(n, groups, nblk * block_size - cg, h, w)], 2)
+    amax = xb.reshape(n, groups, nblk, block_size, h, w).abs().amax(dim=3)  # [N, G, nblk, H, W]
     safe = torch.where(amax > 0, amax, torch.ones_like(amax))
     e = torch.floor(torch.log2(safe))
     # log2 of an exact power of two may land a hair below the integer: correct both ways so
     # that e == floor(log2(amax)) exactly, as frexp gives it.
-    p = torch.pow(2.0, e)
-    e = torch.where(p > safe, e - 1, e)
+    e = torch.where(torch.pow(2.0, e) > safe, e - 1, e)
     e = torch.where(torch.pow(2.0, e + 1) <= safe, e + 1, e)
     e = torch.where(amax > 0, e - (act_bits - 2), torch.zeros_like(e))
-    scale = torch.pow(2.0, e)
+    # Back to one scale per channel with a constant gather (slicing padded channels off traced
+    # shapes exports wrongly).
+    block_of = torch.arange(cg, device=x.device) // block_size
+    scale = torch.pow(2.0, e).index_select(2, block_of).reshape(n, c, h, w)
     lim = float(2 ** (act_bits - 1) - 1)
-    xq = torch.clamp(torch.round(xb / scale), -lim, lim) * scale
-    xq = xq.reshape(n, groups, nblk * block_size, h, w)[:, :, :cg]
-    return xq.reshape(n, c, h, w)
+    return torch.clamp(torch.round(x / scale), -lim, lim) * scale
 
 
 def dsconv2d_onnx(m, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,7 @@ def dsconv2d_onnx(m, x: torch.Tensor) -> torch.Tensor:
         else:
             weight = fake_quantize_weight(m.weight.float(), m.bits, m.block_size, m.KDSBias)
     dtype = x.dtype
-    xq = _bfp_onnx(x.float(), m.block_size, m.act_bits, m.groups)
+    xq = _bfp_onnx(x.float(), m.in_channels, m.block_size, m.act_bits, m.groups)
     y = F.conv2d(xq, weight.detach(), None, m.stride, m.padding, m.dilation, m.groups)
     shape = (1, -1, 1, 1)
     if m.CDSw is not None:
