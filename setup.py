@@ -153,13 +153,18 @@ class BuildPyWithSources(build_py):
         if os.path.isdir(dst):
             shutil.rmtree(dst)
         shutil.copytree(os.path.join(ROOT, "csrc"), dst)
+        # Start-up hook at the root of site-packages: registers dsconv_ext's YOLO modules when
+        # ultralytics is imported, so `yolo ...`, fresh processes loading best.pt and DDP workers
+        # work without importing dsconv_ext (opt out: DSCONV_EXT_YOLO=0).
+        pth = os.path.join(ROOT, "dsconv_ext", "yolo", "dsconv_ext_yolo.pth")
+        self.copy_file(pth, os.path.join(self.build_lib, "dsconv_ext_yolo.pth"))
 
 
 ext_modules, cmdclass = extensions()
 cmdclass["build_py"] = BuildPyWithSources
 setup(
     packages=find_packages(include=["dsconv_ext", "dsconv_ext.*"]),
-    package_data={"dsconv_ext": ["py.typed"]},
+    package_data={"dsconv_ext": ["py.typed"], "dsconv_ext.yolo": ["dsconv_ext_yolo.pth"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},

@@ -5,8 +5,9 @@
 
 extern "C" {
 // An empty module, so that `import dsconv_ext._C` loads this library (and with it the
-// TORCH_LIBRARY registrations below) from Python.
-PyObject* PyInit__C(void) {
+// TORCH_LIBRARY registrations below) from Python. PyMODINIT_FUNC exports the symbol despite
+// -fvisibility=hidden.
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
   };

@@ -47,3 +47,10 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'dsconv_ext' has no attribute {name!r}")
+
+
+# Register the YOLO modules with ultralytics when (if) it is imported: cheap, never imports
+# ultralytics itself. DSCONV_EXT_YOLO=0 opts out.
+from .yolo import autoregister as _yolo_autoregister  # noqa: E402
+
+_yolo_autoregister()

@@ -83,6 +83,15 @@ def load_library() -> LibraryStatus:
             return _status
         except ImportError as e:
             installed_error = str(e)
+            if glob.glob(os.path.join(_PKG_DIR, "_C*.so")) + glob.glob(
+                os.path.join(_PKG_DIR, "_C*.pyd")
+            ):
+                # The library exists but failed to import: it may already have registered its
+                # ops, and compiling a second copy would register them twice (a hard abort).
+                _status = LibraryStatus(
+                    False, "", f"the installed dsconv_ext._C failed to import: {installed_error}"
+                )
+                return _status
         if os.environ.get("DSCONV_EXT_JIT", "1") == "0":
             _status = LibraryStatus(
                 False,

@@ -241,7 +241,7 @@ def bfp_quantize(
     Cg = C // groups
     nblk = num_blocks(Cg, block_size)
     xd = x.detach().float().reshape(N, groups, Cg, H, W)
-    xd = _pad_channels(xd, 2, block_size).view(N, groups, nblk, block_size, H, W)
+    xd = _pad_channels(xd, 2, block_size).reshape(N, groups, nblk, block_size, H, W)
     all_finite = bool(torch.isfinite(xd).all())
     if not all_finite:
         finite_x = torch.isfinite(xd)
@@ -261,8 +261,8 @@ def bfp_quantize(
     if not all_finite:
         m = torch.where(finite.unsqueeze(3), m, torch.zeros_like(m))
         expo = torch.where(finite, expo, torch.full_like(expo, NONFINITE_EXPONENT))
-    mant = m.view(N, groups, nblk * block_size, H, W)[:, :, :Cg].reshape(N, C, H, W)
-    return mant.to(torch.int8), expo.view(N, groups * nblk, H, W)
+    mant = m.reshape(N, groups, nblk * block_size, H, W)[:, :, :Cg].reshape(N, C, H, W)
+    return mant.to(torch.int8), expo.reshape(N, groups * nblk, H, W)
 
 
 def exponent_to_scale(exponent: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -279,9 +279,13 @@ def bfp_dequantize(
     N, C, H, W = mantissa.shape
     Cg = C // groups
     nblk = exponent.shape[1] // groups
-    scale = exponent_to_scale(exponent).view(N, groups, nblk, 1, H, W)
+    scale = exponent_to_scale(exponent).reshape(N, groups, nblk, 1, H, W)
     scale = scale.expand(N, groups, nblk, block_size, H, W).reshape(N, groups, -1, H, W)
-    return (mantissa.double().view(N, groups, Cg, H, W) * scale[:, :, :Cg]).view(N, C, H, W).float()
+    return (
+        (mantissa.double().reshape(N, groups, Cg, H, W) * scale[:, :, :Cg])
+        .reshape(N, C, H, W)
+        .float()
+    )
 
 
 def packed_bits(bits: int) -> int:

@@ -386,6 +386,8 @@ class DSConv2d(nn.Module):
                 f"DSConv2d({state.get('in_channels')}, {state.get('out_channels')}, "
                 f"kernel_size={state.get('kernel_size')})"
             )
+            if state.get("layer_name"):  # set by dsconv_ext.quantize and the YOLO registration
+                desc = f"layer '{state['layer_name']}' ({desc})"
             raise DSConvFormatError(
                 f"{desc}: saved with dsconv_ext format version {version}, this dsconv_ext reads "
                 f"version {FORMAT_VERSION}; convert the model again with this version"
