@@ -9,7 +9,7 @@
 Environment:
   DSCONV_EXT_BUILD=0        build no extension at all (pure-Python install)
   DSCONV_EXT_CUDA=0|1       skip / require the CUDA kernels (default: build them when possible)
-  TORCH_CUDA_ARCH_LIST      CUDA architectures (default: the local GPU's, else "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST      CUDA architectures (default: the local GPU's, else "8.0;9.0+PTX")
   CUDA_HOME                 CUDA toolkit (default: found from nvcc on the PATH)
   MAX_JOBS                  parallel compile jobs
 """
@@ -23,7 +23,8 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# PTX for the newest so a wheel built without a GPU still runs on later GPUs.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _log(msg):
@@ -98,7 +99,7 @@ def extensions():
         _log(f"building the CPU kernels only ({reason or 'DSCONV_EXT_CUDA=0'})")
 
     cxx = ["-O3", "-fvisibility=hidden"]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # torch sets Py_LIMITED_API itself for py_limited_api builds
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not with_cuda:
         ext = CppExtension(

@@ -171,7 +171,7 @@ def dsconv2d(
             act_bits,
             fuse_silu,
         )
-    native = x.dtype == torch.float32 or (x.is_cuda and x.dtype == torch.float16)
+    native = x.dtype == torch.float32 or x.is_cuda  # the CUDA kernel takes fp16 / bf16 too
     xk = x if native else x.float()
 
     def f32(t):
