@@ -74,8 +74,8 @@ static const IsaKernels& kernels_for(Isa isa) {
 
 namespace {
 
-// Grow-only scratch of the calling thread: the packed activations of a large layer are MBs, and
-// fresh allocations of that size come back as untouched pages that fault on every call.
+// Grow-only per-thread buffer for the packed band: a fresh allocation per call would come back
+// as untouched pages that fault in on every call.
 struct Scratch {
   void* ptr = nullptr;
   size_t bytes = 0;
@@ -102,9 +102,15 @@ void check_param(const c10::optional<at::Tensor>& t, const char* name, c10::IntA
               t->sizes());
 }
 
+// Per-thread packed band: about this many bytes, so that it stays in a core's L2.
+constexpr int64_t kBandBytes = 384 << 10;
+
+// Geometry, band split and q-space sizes. `tasks_wanted`: the thread count; the split aims at a
+// task count that is a multiple of it (two threads on three equal tasks idle a third of the time).
 Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride,
                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                   int64_t block, int64_t qtile) {
+                   int64_t block, int64_t qtile, bool with_kdsb, int64_t threads,
+                   int64_t* ochunks) {
   Layout lay;
   ConvGeometry& g = lay.g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
@@ -119,16 +125,29 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   lay.Hq = (lay.Hp + g.sh - 1) / g.sh, lay.Wq = (lay.Wp + g.sw - 1) / g.sw;
   lay.P = g.sh * g.sw;
   lay.ntaps = g.kh * g.kw;
-  lay.depthwise = g.Cg == 1;
-  lay.K4 = lay.depthwise ? 0 : (std::min(block, g.Cg) + 3) / 4;
-  lay.Qlen = g.Ho * lay.Wq;
+  lay.K4 = (std::min(block, g.Cg) + 3) / 4;
+  lay.kfloat = lay.K4 <= 1;
   lay.qtile = qtile;
-  lay.nqt = (lay.Qlen + qtile - 1) / qtile;
-  // The last tile reads up to a whole tile past Qlen, plus the farthest tap.
+
+  // Bands: as tall as the budget allows, then more of them while there are too few tasks.
+  const int64_t per_pixel = lay.kfloat ? 4 * g.Cg : g.nblk * (4 * lay.K4 + 4 + (with_kdsb ? 4 : 0));
+  const int64_t row_bytes = std::max<int64_t>(1, per_pixel * lay.Wp * g.sh);
+  int64_t rows = std::clamp<int64_t>(kBandBytes / row_bytes, 1, g.Ho);
+  int64_t nb = (g.Ho + rows - 1) / rows;
+  const int64_t slices = g.N * groups;
+  *ochunks = 1;
+  if (slices * nb < 4 * threads) {
+    const int64_t want = (slices * nb + threads - 1) / threads * threads;
+    nb = std::max(nb, std::min((want + slices - 1) / slices, std::max<int64_t>(1, g.Ho / 2)));
+    if (slices * nb < want) *ochunks = (want + slices * nb - 1) / (slices * nb);
+  }
+  lay.band_rows = (g.Ho + nb - 1) / nb;
+  lay.nbands = (g.Ho + lay.band_rows - 1) / lay.band_rows;
+  lay.nqt = (lay.band_rows * lay.Wq + qtile - 1) / qtile;
+  // A tile reads up to qtile - 1 past the band's last q, plus the farthest tap.
   const int64_t far = ((g.kh - 1) * g.dh / g.sh) * lay.Wq + (g.kw - 1) * g.dw / g.sw;
-  const int64_t need = lay.nqt * qtile + far;
-  lay.Hqx = std::max(lay.Hq, (need + lay.Wq - 1) / lay.Wq);
-  lay.Lq = lay.Hqx * lay.Wq;
+  lay.Hqb = (lay.nqt * qtile + far + lay.Wq - 1) / lay.Wq;
+  lay.Lq = lay.Hqb * lay.Wq;
   lay.tapoff.resize(lay.ntaps);
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
@@ -137,6 +156,32 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
     }
   }
   return lay;
+}
+
+// Float-family weights alpha * q + KDSb as [G][o-tile][c][tap][R] floats, R = 1 or kOTile.
+std::vector<float> float_weights(const at::Tensor& intweight, const at::Tensor& alpha,
+                                 const c10::optional<at::Tensor>& KDSb, const Layout& lay,
+                                 int64_t R) {
+  const ConvGeometry& g = lay.g;
+  const at::Tensor q = intweight.contiguous();
+  const at::Tensor a = alpha.to(at::kFloat).contiguous();
+  const at::Tensor kb = KDSb.has_value() ? KDSb->to(at::kFloat).contiguous() : at::Tensor();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* ap = a.data_ptr<float>();
+  const float* kp = kb.defined() ? kb.data_ptr<float>() : nullptr;
+  const int64_t ot_n = (g.Og + R - 1) / R, T = lay.ntaps;
+  std::vector<float> wf(size_t(g.groups * ot_n * g.Cg * T * R), 0.f);
+  for (int64_t o = 0; o < g.O; ++o) {
+    const int64_t grp = o / g.Og, ol = o % g.Og, ot = ol / R, r = ol % R;
+    for (int64_t c = 0; c < g.Cg; ++c) {
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t ai = (o * g.nblk + c / g.block) * T + t;
+        wf[(((grp * ot_n + ot) * g.Cg + c) * T + t) * R + r] =
+            ap[ai] * float(qp[(o * g.Cg + c) * T + t]) + (kp ? kp[ai] : 0.f);
+      }
+    }
+  }
+  return wf;
 }
 
 }  // namespace
@@ -209,8 +254,10 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
   if (y.numel() == 0) return y;
 
   const at::Tensor x = x_in.contiguous();
-  const Layout lay =
-      make_layout(x, intweight_in, stride, padding, dilation, groups, block_size, kern.qtile);
+  const bool with_kdsb = KDSb.has_value();
+  int64_t ochunks = 1;
+  const Layout lay = make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
+                                 kern.qtile, with_kdsb, at::get_num_threads(), &ochunks);
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles.
@@ -229,101 +276,98 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
     }
   }
 
-  // Scratch: per (n, g) slice act words, esc floats, usum floats (int path) or xq (depthwise).
-  const bool with_kdsb = KDSb.has_value() && !lay.depthwise;
+  // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
+  std::shared_ptr<const PackedWeights> pw;
+  std::vector<float> wf;
+  const int64_t R = lay.kfloat && g.Og == 1 ? 1 : kOTile;
+  const int64_t otiles = (g.Og + R - 1) / R;
+  if (lay.kfloat) {
+    wf = float_weights(intweight_in, alpha, KDSb, lay, R);
+  } else {
+    pw = packed_weights(intweight_in, alpha, KDSb, lay, kern.weight_elem_bytes);
+  }
+  const int64_t oc_len = (otiles + ochunks - 1) / ochunks;
+
   const size_t act_b = align64(size_t(lay.act_words()) * 4);
   const size_t esc_b = align64(size_t(lay.esc_floats()) * 4);
-  const size_t us_b = with_kdsb ? esc_b : 0;
-  const size_t xq_b = lay.depthwise ? align64(size_t(lay.P * lay.Lq) * 4) : 0;
-  const size_t slice_b = lay.depthwise ? xq_b : act_b + esc_b + us_b;
-  static thread_local Scratch scratch;
-  uint8_t* base = scratch.get(slice_b * size_t(N * groups));
-  auto slice_ptr = [&](int64_t n, int64_t grp) { return base + (n * groups + grp) * slice_b; };
-
-  // Phase 1: one task per (n, g, block, phase row).
+  const size_t us_b = with_kdsb && !lay.kfloat ? esc_b : 0;
   const float* xp = x.data_ptr<float>();
-  const int64_t rows = g.sh * lay.Hqx;
-  const int64_t pack_tasks = N * groups * g.nblk * rows;
-  parallel_for_tasks(pack_tasks, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t row = t % rows, b = (t / rows) % g.nblk, ng = t / (rows * g.nblk);
-      const int64_t n = ng / groups, grp = ng % groups;
-      PackRow pr{};
-      pr.lay = &lay;
-      pr.x_cstride = g.H * g.W;
-      pr.x = xp + (n * g.C + grp * g.Cg + block_begin(b, g.block)) * pr.x_cstride;
-      pr.nch = block_end(b, g.block, g.Cg) - block_begin(b, g.block);
-      pr.mant_bits = static_cast<int>(act_bits);
-      pr.ry = row / lay.Hqx, pr.yq = row % lay.Hqx;
-      uint8_t* s = slice_ptr(n, grp);
-      if (lay.depthwise) {
-        pr.xq = reinterpret_cast<float*>(s);
-        kern.pack_row_dw(pr);
-      } else {
-        pr.act = reinterpret_cast<uint32_t*>(s) + b * lay.K4 * lay.P * lay.Lq;
-        pr.esc = reinterpret_cast<float*>(s + act_b) + b * lay.P * lay.Lq;
-        pr.usum =
-            with_kdsb ? reinterpret_cast<float*>(s + act_b + esc_b) + b * lay.P * lay.Lq : nullptr;
-        kern.pack_row(pr);
-      }
-    }
-  });
-
-  // Phase 2: the convolution.
   float* yp = y.data_ptr<float>();
-  auto make_slice = [&](int64_t n, int64_t grp) {
-    Slice sl{};
-    sl.lay = &lay;
-    uint8_t* s = slice_ptr(n, grp);
-    if (lay.depthwise) {
-      sl.xq = reinterpret_cast<const float*>(s);
-    } else {
-      sl.act = reinterpret_cast<const uint32_t*>(s);
-      sl.esc = reinterpret_cast<const float*>(s + act_b);
-      sl.usum = with_kdsb ? reinterpret_cast<const float*>(s + act_b + esc_b) : nullptr;
-    }
-    sl.out_cstride = Ho * Wo;
-    sl.out = yp + (n * O + grp * g.Og) * sl.out_cstride;
-    sl.nout = g.Og;
-    return sl;
-  };
-  auto epilogue = [&](int64_t grp) {
-    return Epilogue{epi.data() + grp * Ogp, epi.data() + (groups + grp) * Ogp, fuse_silu};
-  };
+  const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
+  const int64_t tasks = N * groups * lay.nbands * ochunks;
 
-  if (lay.depthwise) {
-    // Weights alpha * q + KDSb: with one channel per block the block sum is the mantissa itself.
-    const at::Tensor a = alpha.to(at::kFloat).contiguous();
-    const at::Tensor kb = KDSb.has_value() ? KDSb->to(at::kFloat).contiguous() : at::Tensor();
-    const at::Tensor q = intweight_in.contiguous();
-    std::vector<float> wdw(size_t(O * lay.ntaps));
-    for (int64_t i = 0; i < O * lay.ntaps; ++i) {
-      wdw[i] = a.data_ptr<float>()[i] * q.data_ptr<int8_t>()[i] +
-               (kb.defined() ? kb.data_ptr<float>()[i] : 0.f);
-    }
-    constexpr int64_t kChunk = 4;  // q tiles per task
-    const int64_t nqc = (lay.nqt + kChunk - 1) / kChunk;
-    parallel_for_tasks(N * groups * nqc, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t qc = t % nqc, ng = t / nqc, n = ng / groups, grp = ng % groups;
-        const Slice sl = make_slice(n, grp);
-        kern.dw_tiles(sl, wdw.data() + grp * g.Og * lay.ntaps, epilogue(grp), 0, g.Og, qc * kChunk,
-                      std::min(lay.nqt, (qc + 1) * kChunk));
-      }
-    });
-    return y;
-  }
-
-  const auto pw = packed_weights(intweight_in, alpha, KDSb, lay, kern.weight_elem_bytes);
-  const int64_t otiles = pw->otiles;
-  // o-tile innermost: a thread walks all o-tiles over one pixel tile, whose activations stay in
-  // L1, while the (smaller) weight streams come from L2.
-  parallel_for_tasks(N * groups * lay.nqt * otiles, [&](int64_t t0, int64_t t1) {
+  parallel_for_tasks(tasks, [&](int64_t t0, int64_t t1) {
+    // Per worker thread, grow-only: steady-state calls neither allocate nor fault pages in.
+    static thread_local Scratch scratch;
+    uint8_t* buf = scratch.get(act_b + esc_b + us_b);
+    uint32_t* act = reinterpret_cast<uint32_t*>(buf);
+    float* esc = reinterpret_cast<float*>(buf + act_b);
+    float* usum = us_b ? reinterpret_cast<float*>(buf + act_b + esc_b) : nullptr;
+    int64_t packed = -1;  // (n, g, band) currently in the buffer
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t ot = t % otiles, qt = (t / otiles) % lay.nqt;
-      const int64_t ng = t / (otiles * lay.nqt), n = ng / groups, grp = ng % groups;
-      const Slice sl = make_slice(n, grp);
-      kern.conv_tiles(sl, pw->stream(grp, ot), epilogue(grp), ot, qt, qt + 1);
+      const int64_t oc = t % ochunks, slice_band = t / ochunks;
+      const int64_t band = slice_band % lay.nbands, ng = slice_band / lay.nbands;
+      const int64_t n = ng / groups, grp = ng % groups;
+      const int64_t oh0 = band * lay.band_rows, oh1 = std::min(Ho, oh0 + lay.band_rows);
+      if (packed != slice_band) {
+        PackRow pr{};
+        pr.lay = &lay;
+        pr.x_cstride = g.H * g.W;
+        pr.mant_bits = static_cast<int>(act_bits);
+        pr.yend = oh1 + far_rows;  // rows past the band's taps are only read by unstored q
+        const float* xg = xp + (n * g.C + grp * g.Cg) * pr.x_cstride;
+        for (int64_t b = 0; b < g.nblk; ++b) {
+          const int64_t c0 = block_begin(b, g.block);
+          pr.x = xg + c0 * pr.x_cstride;
+          pr.nch = block_end(b, g.block, g.Cg) - c0;
+          if (lay.kfloat) {
+            pr.esc = esc + c0 * lay.P * lay.Lq;  // one plane per channel
+          } else {
+            pr.act = act + b * lay.K4 * lay.P * lay.Lq;
+            pr.esc = esc + b * lay.P * lay.Lq;
+            pr.usum = usum ? usum + b * lay.P * lay.Lq : nullptr;
+          }
+          for (pr.ry = 0; pr.ry < g.sh; ++pr.ry) {
+            for (pr.yl = 0; pr.yl < lay.Hqb; ++pr.yl) {
+              pr.yq = oh0 + pr.yl;
+              (lay.kfloat ? kern.pack_row_float : kern.pack_row)(pr);
+            }
+          }
+        }
+        packed = slice_band;
+      }
+      Slice sl{};
+      sl.lay = &lay;
+      sl.act = act;
+      sl.esc = esc;
+      sl.usum = usum;
+      sl.out_cstride = Ho * Wo;
+      sl.out = yp + (n * O + grp * g.Og) * sl.out_cstride;
+      sl.nout = g.Og;
+      sl.oh0 = oh0, sl.oh1 = oh1;
+      sl.nqt = ((oh1 - oh0) * lay.Wq + lay.qtile - 1) / lay.qtile;
+      const Epilogue ep{epi.data() + grp * Ogp, epi.data() + (groups + grp) * Ogp, fuse_silu};
+      const int64_t ot0 = oc * oc_len, ot1 = std::min(otiles, ot0 + oc_len);
+      if (ot1 - ot0 == 1) {  // one o-tile (depthwise, narrow layers): one call for the band
+        if (lay.kfloat) {
+          kern.float_tiles(sl, wf.data() + (grp * otiles + ot0) * g.Cg * lay.ntaps * R,
+                           static_cast<int>(R), ep, ot0 * R, 0, sl.nqt);
+        } else {
+          kern.conv_tiles(sl, pw->stream(grp, ot0), ep, ot0, 0, sl.nqt);
+        }
+        continue;
+      }
+      // o-tiles innermost: the tile's activations stay in L1 while the weights stream from L2.
+      for (int64_t qt = 0; qt < sl.nqt; ++qt) {
+        for (int64_t ot = ot0; ot < ot1; ++ot) {
+          if (lay.kfloat) {
+            kern.float_tiles(sl, wf.data() + (grp * otiles + ot) * g.Cg * lay.ntaps * R,
+                             static_cast<int>(R), ep, ot * R, qt, qt + 1);
+          } else {
+            kern.conv_tiles(sl, pw->stream(grp, ot), ep, ot, qt, qt + 1);
+          }
+        }
+      }
     }
   });
   return y;

@@ -1,6 +1,370 @@
+// AVX2 path (CPUs without AVX-512 VNNI): the same layouts and maths as the AVX-512 path with
+// 8-pixel vectors. The int8 products use vpmaddwd on operands widened to int16: vpmaddubsw would
+// be twice as fast, but its int16 pair sums saturate (255 * -128 * 2 < -32768), which would break
+// the exact integer sums. Subnormal, huge or non-finite blocks fall back to the scalar header
+// functions per lane, so every value matches the reference bit for bit.
+#include <immintrin.h>
+
+#include <cstring>
+
 #include "cpu/dsconv2d_cpu.h"
+
+#define DSCONV_AVX2 __attribute__((target("avx2,fma")))
+
 namespace dsconv_ext {
 namespace cpu {
-const IsaKernels& kernels_avx2() { return kernels_scalar(); }
+namespace {
+
+constexpr int64_t kVec = 8;
+constexpr int64_t kQTile = kVec;
+constexpr int64_t kHalf = kOTile / 2;  // output channels per pass over a weight stream
+
+DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i l = _mm256_set1_epi32(static_cast<int32_t>(std::max<int64_t>(lo, -1)));
+  const __m256i h = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(hi, kVec)));
+  return _mm256_and_si256(_mm256_cmpgt_epi32(h, idx),
+                          _mm256_or_si256(_mm256_cmpgt_epi32(idx, l), _mm256_cmpeq_epi32(idx, l)));
+}
+
+// e^x to about 2 ulp (Cephes expf polynomial), for x clamped to where 2^n is a normal float.
+DSCONV_AVX2 inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+DSCONV_AVX2 inline __m256 epilogue(__m256 acc, float cdsw, float cb, bool silu) {
+  const __m256 y = _mm256_fmadd_ps(acc, _mm256_set1_ps(cdsw), _mm256_set1_ps(cb));
+  if (!silu) return y;
+  const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), y));
+  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+// Stores 8 q-space values, the first of which is output (oh, ow); see the AVX-512 store_vec.
+DSCONV_AVX2 inline void store_vec(const Layout& lay, float* out, int64_t oh, int64_t ow,
+                                  int64_t oh1, __m256 y) {
+  const int64_t Wo = lay.g.Wo;
+  if (ow + kVec <= Wo && oh < oh1) {
+    _mm256_storeu_ps(out + oh * Wo + ow, y);
+    return;
+  }
+  int64_t lane = 0;
+  while (lane < kVec && oh < oh1) {
+    const int64_t n = std::min(kVec - lane, lay.Wq - ow);
+    const int64_t valid = std::min(n, Wo - ow);
+    if (valid > 0) _mm256_maskstore_ps(out + oh * Wo + ow - lane, lane_mask(lane, lane + valid), y);
+    lane += n;
+    ++oh;
+    ow = 0;
+  }
+}
+
+// --- Packing -------------------------------------------------------------------------------
+
+// Loads the 8 lanes x[w0 + l*sw] of channel c (0 outside [0, W)).
+DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, int64_t W) {
+  int64_t lo = -w0, hi = W - w0;  // lanes l with 0 <= w0 + l*sw < W
+  if (sw != 1) {
+    lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
+    hi = hi <= 0 ? 0 : (hi + sw - 1) / sw;
+  }
+  const __m256i m = lane_mask(lo, hi);
+  const float* p = row + w0;  // lanes outside the mask are not accessed
+  if (sw == 1) return _mm256_maskload_ps(p, m);
+  const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                         _mm256_set1_epi32(static_cast<int32_t>(sw)));
+  return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m), 4);
+}
+
+// Per-lane exponents of 8 blocks from max |x| bit patterns, and whether every lane is a finite
+// block whose exponent keeps 2^E and 2^-E normal floats (the vector path); other rows take the
+// scalar path.
+DSCONV_AVX2 inline bool block_exponent(__m256i amax_bits, int mant_bits, __m256i* e) {
+  const __m256i normal_min = _mm256_set1_epi32(0x00800000);
+  const __m256i inf = _mm256_set1_epi32(0x7F800000);
+  const __m256i zero = _mm256_cmpeq_epi32(amax_bits, _mm256_setzero_si256());
+  // Lanes that are all-zero are fine (E = 0); others need a normal, finite max.
+  const __m256i bad = _mm256_andnot_si256(
+      zero,
+      _mm256_or_si256(_mm256_cmpgt_epi32(normal_min, amax_bits),
+                      _mm256_cmpgt_epi32(amax_bits, _mm256_sub_epi32(inf, _mm256_set1_epi32(1)))));
+  __m256i ex =
+      _mm256_sub_epi32(_mm256_srli_epi32(amax_bits, 23), _mm256_set1_epi32(127 + mant_bits - 2));
+  ex = _mm256_andnot_si256(zero, ex);
+  *e = ex;
+  // 2^E and 2^-E must be normal floats: -126 <= E <= 126.
+  const __m256i out = _mm256_or_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(-126), ex),
+                                      _mm256_cmpgt_epi32(ex, _mm256_set1_epi32(126)));
+  return _mm256_testz_si256(_mm256_or_si256(bad, out), _mm256_set1_epi32(-1));
+}
+
+DSCONV_AVX2 inline __m256 pow2(__m256i e) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+}
+
+DSCONV_AVX2 inline __m256i mantissa(__m256 v, __m256 inv_scale, __m256i lim) {
+  const __m256 r =
+      _mm256_round_ps(_mm256_mul_ps(v, inv_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i m = _mm256_cvttps_epi32(r);
+  return _mm256_min_epi32(_mm256_max_epi32(m, _mm256_sub_epi32(_mm256_setzero_si256(), lim)), lim);
+}
+
+// Scalar lane of either pack: the header functions, for rows the vector path cannot take.
+inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* out_vals,
+                         uint32_t* words, float* scale_out, float* usum_out) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t c = 0; c < r.nch; ++c) {
+    const float v = px[c * r.x_cstride];
+    finite = finite && std::isfinite(v);
+    amax = std::fmax(amax, std::fabs(v));
+  }
+  const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
+  const int32_t lim = mantissa_limit(r.mant_bits);
+  const float scale = bfp_scale(e);
+  int32_t msum = 0;
+  for (int64_t c = 0; c < (kfloat ? r.nch : r.lay->K4 * 4); ++c) {
+    const int32_t m = c < r.nch && finite ? bfp_mantissa(px[c * r.x_cstride], e, lim) : 0;
+    msum += m;
+    if (kfloat) {
+      out_vals[c] = float(m) * scale;
+    } else {
+      uint32_t& w = words[c / 4];
+      if (c % 4 == 0) w = 0;
+      w |= uint32_t(uint8_t(m + 128)) << (8 * (c % 4));
+    }
+  }
+  *scale_out = scale;
+  *usum_out = scale * float(msum);
+}
+
+template <bool kFloat>
+DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
+  const Layout& lay = *r.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t hrow = pack_input_row(r);
+  const int64_t kplane = lay.P * lay.Lq;
+  const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
+  for (int64_t rx = 0; rx < g.sw; ++rx) {
+    const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
+    for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+      const int64_t nl = std::min(kVec, lay.Wq - x0);
+      const int64_t w0 = x0 * g.sw + rx - g.pw;
+      const float* row = hrow >= 0 ? r.x + hrow * g.W : nullptr;
+      alignas(32) float vals[4][kVec];  // float family: up to 4 channels
+      alignas(32) uint32_t words[kMaxBlockSize / 4][kVec];
+      alignas(32) float esc[kVec], us[kVec];
+      __m256i amax = _mm256_setzero_si256(), e;
+      if (row) {
+        for (int64_t c = 0; c < r.nch; ++c) {
+          const __m256 v = load_lanes(row + c * r.x_cstride, w0, g.sw, g.W);
+          amax = _mm256_max_epi32(
+              amax, _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF)));
+        }
+      }
+      if (block_exponent(amax, r.mant_bits, &e)) {
+        const __m256 scale = pow2(e);
+        const __m256 inv = pow2(_mm256_sub_epi32(_mm256_setzero_si256(), e));
+        __m256i msum = _mm256_setzero_si256();
+        const int64_t nc = kFloat ? r.nch : lay.K4 * 4;
+        for (int64_t c = 0; c < nc; ++c) {
+          __m256i m = _mm256_setzero_si256();
+          if (row && c < r.nch) {
+            m = mantissa(load_lanes(row + c * r.x_cstride, w0, g.sw, g.W), inv, lim);
+          }
+          if (kFloat) {
+            _mm256_store_ps(vals[c], _mm256_mul_ps(_mm256_cvtepi32_ps(m), scale));
+          } else {
+            msum = _mm256_add_epi32(msum, m);
+            const __m256i byte = _mm256_slli_epi32(_mm256_add_epi32(m, _mm256_set1_epi32(128)),
+                                                   static_cast<int>(8 * (c % 4)));
+            __m256i* wd = reinterpret_cast<__m256i*>(words[c / 4]);
+            _mm256_store_si256(wd,
+                               c % 4 == 0 ? byte : _mm256_or_si256(_mm256_load_si256(wd), byte));
+          }
+        }
+        _mm256_store_ps(esc, scale);
+        _mm256_store_ps(us, _mm256_mul_ps(_mm256_cvtepi32_ps(msum), scale));
+      } else {
+        for (int64_t l = 0; l < nl; ++l) {
+          const int64_t w = w0 + l * g.sw;
+          float v[4];
+          uint32_t wd[kMaxBlockSize / 4];
+          if (row && in_range(w, g.W)) {
+            scalar_pixel(r, row + w, kFloat, v, wd, &esc[l], &us[l]);
+          } else {
+            for (int64_t c = 0; c < 4; ++c) v[c] = 0.f;
+            for (int64_t k = 0; k < lay.K4; ++k) wd[k] = 0x80808080u;
+            esc[l] = 1.f, us[l] = 0.f;
+          }
+          if (kFloat) {
+            for (int64_t c = 0; c < r.nch; ++c) vals[c][l] = v[c];
+          } else {
+            for (int64_t k = 0; k < lay.K4; ++k) words[k][l] = wd[k];
+          }
+        }
+      }
+      const __m256i st = lane_mask(0, nl);
+      if (kFloat) {
+        for (int64_t c = 0; c < r.nch; ++c)
+          _mm256_maskstore_ps(r.esc + c * kplane + base + x0, st, _mm256_load_ps(vals[c]));
+      } else {
+        for (int64_t k = 0; k < lay.K4; ++k) {
+          _mm256_maskstore_epi32(reinterpret_cast<int*>(r.act + k * kplane + base + x0), st,
+                                 _mm256_load_si256(reinterpret_cast<const __m256i*>(words[k])));
+        }
+        _mm256_maskstore_ps(r.esc + base + x0, st, _mm256_load_ps(esc));
+        if (r.usum) _mm256_maskstore_ps(r.usum + base + x0, st, _mm256_load_ps(us));
+      }
+    }
+  }
+}
+
+DSCONV_AVX2 void pack_row(const PackRow& r) { pack_row_impl<false>(r); }
+DSCONV_AVX2 void pack_row_float(const PackRow& r) { pack_row_impl<true>(r); }
+
+// --- Microkernels --------------------------------------------------------------------------
+
+// 8 pixels x kOTile channels, in two passes of kHalf channels over the weight stream. Per
+// 4-channel group: the 8 pixels' 32 activation bytes widen to two int16 vectors (pixels 0-3 and
+// 4-7, channels interleaved), and each channel's 4 int16 weights are broadcast as a qword, so
+// vpmaddwd leaves per pixel two partial sums (channels 0-1 and 2-3), added pairwise at the flush.
+template <bool kKdsb>
+DSCONV_AVX2 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
+                                 int64_t ot, int64_t qt0, int64_t qt1) {
+  const Layout& lay = *sl.lay;
+  const int64_t K4 = lay.K4, ntaps = lay.ntaps, plane = lay.P * lay.Lq;
+  const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 8;
+  const int64_t* tapoff = lay.tapoff.data();
+  for (int64_t qt = qt0; qt < qt1; ++qt) {
+    const int64_t q0 = qt * kQTile;
+    for (int64_t half = 0; half < 2; ++half) {
+      __m256 f[kHalf];
+      for (int r = 0; r < kHalf; ++r) f[r] = _mm256_setzero_ps();
+      const uint8_t* ws = wstream;
+      for (int64_t b = 0; b < lay.g.nblk; ++b) {
+        for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
+          const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
+          const int64_t* w =
+              reinterpret_cast<const int64_t*>(ws + sizeof(SegHeader)) + half * kHalf;
+          const uint32_t* a = sl.act + b * K4 * plane + tapoff[t] + q0;
+          __m256i lo[kHalf], hi[kHalf];
+          for (int r = 0; r < kHalf; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+          for (int64_t k = 0; k < K4; ++k, a += plane, w += kOTile) {
+            const __m256i a_lo =
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
+            const __m256i a_hi =
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 4)));
+            for (int r = 0; r < kHalf; ++r) {
+              const __m256i wr = _mm256_set1_epi64x(w[r]);
+              lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(a_lo, wr));
+              hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(a_hi, wr));
+            }
+          }
+          const int64_t eo = b * plane + tapoff[t] + q0;
+          const __m256 scale = _mm256_loadu_ps(sl.esc + eo);
+          for (int r = 0; r < kHalf; ++r) {
+            // hadd pairs: lanes come out as pixels 0 1 4 5 | 2 3 6 7; the permute restores order.
+            __m256i S = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8);
+            S = _mm256_add_epi32(S, _mm256_set1_epi32(h->corr[half * kHalf + r]));
+            const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(S), scale);
+            f[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(h->alpha[half * kHalf + r]), f[r]);
+            if (kKdsb) {
+              f[r] = _mm256_fmadd_ps(_mm256_set1_ps(h->kdsb[half * kHalf + r]),
+                                     _mm256_loadu_ps(sl.usum + eo), f[r]);
+            }
+          }
+        }
+      }
+      const int64_t ohl = q0 / lay.Wq, ow = q0 - ohl * lay.Wq;
+      for (int r = 0; r < kHalf; ++r) {
+        const int64_t o = ot * kOTile + half * kHalf + r;
+        if (o >= sl.nout) break;
+        store_vec(lay, sl.out + o * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1,
+                  epilogue(f[r], ep.cdsw[o], ep.cb[o], ep.silu));
+      }
+    }
+  }
+}
+
+DSCONV_AVX2 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int64_t ot,
+                            int64_t qt0, int64_t qt1) {
+  if (sl.usum)
+    conv_tiles_impl<true>(sl, wstream, ep, ot, qt0, qt1);
+  else
+    conv_tiles_impl<false>(sl, wstream, ep, ot, qt0, qt1);
+}
+
+// Float family: R output channels x 8 pixels; with R == 1, four accumulators over the taps hide
+// the FMA latency.
+template <int R>
+DSCONV_AVX2 void float_tiles_impl(const Slice& sl, const float* wf, const Epilogue& ep, int64_t o0,
+                                  int64_t qt0, int64_t qt1) {
+  constexpr int kSets = R == 1 ? 4 : 1;
+  const Layout& lay = *sl.lay;
+  const int64_t plane = lay.P * lay.Lq, T = lay.ntaps;
+  const int64_t* tapoff = lay.tapoff.data();
+  for (int64_t qt = qt0; qt < qt1; ++qt) {
+    const int64_t q0 = qt * kQTile;
+    __m256 acc[kSets][R];
+    for (int k = 0; k < kSets; ++k)
+      for (int r = 0; r < R; ++r) acc[k][r] = _mm256_setzero_ps();
+    const float* w = wf;
+    for (int64_t c = 0; c < lay.g.Cg; ++c) {
+      const float* xc = sl.esc + c * plane + q0;
+      int64_t t = 0;
+      for (; t + kSets <= T; t += kSets) {
+        for (int k = 0; k < kSets; ++k, w += R) {
+          const __m256 x = _mm256_loadu_ps(xc + tapoff[t + k]);
+          for (int r = 0; r < R; ++r)
+            acc[k][r] = _mm256_fmadd_ps(_mm256_set1_ps(w[r]), x, acc[k][r]);
+        }
+      }
+      for (; t < T; ++t, w += R) {
+        const __m256 x = _mm256_loadu_ps(xc + tapoff[t]);
+        for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(_mm256_set1_ps(w[r]), x, acc[0][r]);
+      }
+    }
+    const int64_t ohl = q0 / lay.Wq, ow = q0 - ohl * lay.Wq;
+    for (int r = 0; r < R && o0 + r < sl.nout; ++r) {
+      __m256 a = acc[0][r];
+      for (int k = 1; k < kSets; ++k) a = _mm256_add_ps(a, acc[k][r]);
+      const int64_t o = o0 + r;
+      store_vec(lay, sl.out + o * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1,
+                epilogue(a, ep.cdsw[o], ep.cb[o], ep.silu));
+    }
+  }
+}
+
+DSCONV_AVX2 void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep,
+                             int64_t o0, int64_t qt0, int64_t qt1) {
+  if (R == 1)
+    float_tiles_impl<1>(sl, wf, ep, o0, qt0, qt1);
+  else
+    float_tiles_impl<kOTile>(sl, wf, ep, o0, qt0, qt1);
+}
+
+}  // namespace
+
+const IsaKernels& kernels_avx2() {
+  static const IsaKernels k{kQTile,      /*exponent_scale=*/false, /*weight_elem_bytes=*/2,
+                            &pack_row,   &pack_row_float,          &conv_tiles,
+                            &float_tiles};
+  return k;
+}
+
 }  // namespace cpu
 }  // namespace dsconv_ext

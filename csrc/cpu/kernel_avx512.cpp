@@ -54,17 +54,17 @@ DSCONV_AVX512 inline __m512 epilogue(__m512 acc, float cdsw, float cb, bool silu
   return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }
 
-// Stores the 16 q-space values starting at q0 (whose output coordinates are (oh, ow)) into the
-// output plane `out`, skipping columns >= Wo and rows >= Ho.
+// Stores 16 q-space values, the first of which is output (oh, ow), into the output plane `out`,
+// skipping columns >= Wo and rows >= oh1 (the band's end).
 DSCONV_AVX512 inline void store_vec(const Layout& lay, float* out, int64_t oh, int64_t ow,
-                                    __m512 y) {
+                                    int64_t oh1, __m512 y) {
   const int64_t Wo = lay.g.Wo;
-  if (ow + kVec <= Wo && oh < lay.g.Ho) {  // the common case: one row, all lanes real
+  if (ow + kVec <= Wo && oh < oh1) {  // the common case: one row, all lanes real
     _mm512_storeu_ps(out + oh * Wo + ow, y);
     return;
   }
   int64_t lane = 0;
-  while (lane < kVec && oh < lay.g.Ho) {
+  while (lane < kVec && oh < oh1) {
     const int64_t n = std::min(kVec - lane, lay.Wq - ow);
     const int64_t valid = std::min(n, Wo - ow);
     // Lane `lane` goes to column ow: the base is shifted back by `lane`; masked-off lanes are
@@ -90,9 +90,12 @@ struct RowLoader {
 DSCONV_AVX512 inline RowLoader make_loader(const float* row, int64_t cstride, int64_t w0,
                                            int64_t sw, int64_t W, int64_t nlanes) {
   RowLoader L{row, cstride, w0, sw, W, 0, 0};
-  // Lanes l with 0 <= w0 + l*sw < W.
-  const int64_t lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
-  const int64_t hi = W - w0 <= 0 ? 0 : (W - w0 + sw - 1) / sw;
+  // Lanes l with 0 <= w0 + l*sw < W (no division for the common stride 1).
+  int64_t lo = -w0, hi = W - w0;
+  if (sw != 1) {
+    lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
+    hi = hi <= 0 ? 0 : (hi + sw - 1) / sw;
+  }
   L.m16 = lane_range(lo, std::min(hi, nlanes));
   if (sw == 2) {
     const int64_t clo = std::max<int64_t>(-w0, 0), chi = std::min<int64_t>(W - w0, 32);
@@ -146,14 +149,14 @@ DSCONV_AVX512 inline __m512i mantissa(__m512 v, __m512 neg_e, __m512i lim, __mma
 DSCONV_AVX512 void pack_row(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
-  const int64_t hrow = r.yq * g.sh + r.ry - g.ph;
-  const bool inside = r.yq < lay.Hq && in_range(hrow, g.H);
+  const int64_t hrow = pack_input_row(r);
+  const bool inside = hrow >= 0;
   const int64_t kplane = lay.P * lay.Lq;
   const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
   const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   const __m512 nan = _mm512_set1_ps(NAN);
   for (int64_t rx = 0; rx < g.sw; ++rx) {
-    const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
       const int64_t nl = std::min(kVec, lay.Wq - x0);
       const __mmask16 st = lane_range(0, nl);
@@ -198,80 +201,112 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   }
 }
 
-DSCONV_AVX512 void pack_row_dw(const PackRow& r) {
+DSCONV_AVX512 void pack_row_float(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
-  const int64_t hrow = r.yq * g.sh + r.ry - g.ph;
-  const bool inside = r.yq < lay.Hq && in_range(hrow, g.H);
+  const int64_t hrow = pack_input_row(r);
+  const int64_t cplane = lay.P * lay.Lq;
   const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
   for (int64_t rx = 0; rx < g.sw; ++rx) {
-    float* dst = r.xq + (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    float* dst = r.esc + (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
       const int64_t nl = std::min(kVec, lay.Wq - x0);
       const __mmask16 st = lane_range(0, nl);
-      if (!inside) {
-        _mm512_mask_storeu_ps(dst + x0, st, _mm512_setzero_ps());
+      if (hrow < 0) {
+        for (int64_t c = 0; c < r.nch; ++c)
+          _mm512_mask_storeu_ps(dst + c * cplane + x0, st, _mm512_setzero_ps());
         continue;
       }
-      const RowLoader L = make_loader(r.x + hrow * g.W, 0, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
-      const __m512 v = load_lanes(L, 0);
-      const __m512i bits = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7FFFFFFF));
-      const __mmask16 finite = _mm512_cmplt_epi32_mask(bits, _mm512_set1_epi32(0x7F800000));
-      const __m512 e = _mm512_cvtepi32_ps(block_exponent(bits, r.mant_bits));
-      const __m512i m = mantissa(v, _mm512_sub_ps(_mm512_setzero_ps(), e), lim, finite);
-      const __m512 xq = _mm512_scalef_ps(_mm512_cvtepi32_ps(m), e);
-      _mm512_mask_storeu_ps(dst + x0, st, _mm512_mask_mov_ps(_mm512_set1_ps(NAN), finite, xq));
+      const RowLoader L =
+          make_loader(r.x + hrow * g.W, r.x_cstride, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
+      __m512i amax = _mm512_setzero_si512();
+      for (int64_t c = 0; c < r.nch; ++c) {
+        const __m512i bits =
+            _mm512_and_si512(_mm512_castps_si512(load_lanes(L, c)), _mm512_set1_epi32(0x7FFFFFFF));
+        amax = _mm512_max_epi32(amax, bits);
+      }
+      const __mmask16 finite = _mm512_cmplt_epi32_mask(amax, _mm512_set1_epi32(0x7F800000));
+      const __m512 e = _mm512_cvtepi32_ps(block_exponent(amax, r.mant_bits));
+      const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
+      for (int64_t c = 0; c < r.nch; ++c) {
+        const __m512i m = mantissa(load_lanes(L, c), neg_e, lim, finite);
+        const __m512 v = _mm512_scalef_ps(_mm512_cvtepi32_ps(m), e);
+        _mm512_mask_storeu_ps(dst + c * cplane + x0, st,
+                              _mm512_mask_mov_ps(_mm512_set1_ps(NAN), finite, v));
+      }
     }
   }
 }
 
 // --- Microkernels ---
 
-// The K loop of one (block, tap) segment: acc[r][v] = sum over the K4 4-channel groups of
-// u8(activations of pixel vector v) . s8(weights of output channel r), 12 accumulators.
-// Inline asm because GCC 12, given the intrinsics, copies every accumulator once per iteration
-// (12 extra moves per 12 vpdpbusd) or spills them to the stack.
-DSCONV_AVX512 inline void k_loop(__m512i (&acc)[kOTile][kPV], const uint8_t* a, const int32_t* w,
-                                 int64_t K4, int64_t kplane_b) {
-  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
-  __m512i c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
-  if (K4 > 0) {
-    // 30 operands, GCC's limit: the loop ends on the weight pointer rather than a counter.
-    asm volatile(
-        "1:\n\t"
-        "vmovdqu64 (%[a]), %%zmm29\n\t"
-        "vmovdqu64 64(%[a]), %%zmm30\n\t"
-        "vmovdqu64 128(%[a]), %%zmm31\n\t"
-        "vpbroadcastd (%[w]), %%zmm28\n\t"
-        "vpdpbusd %%zmm28, %%zmm29, %[c00]\n\t"
-        "vpdpbusd %%zmm28, %%zmm30, %[c01]\n\t"
-        "vpdpbusd %%zmm28, %%zmm31, %[c02]\n\t"
-        "vpbroadcastd 4(%[w]), %%zmm28\n\t"
-        "vpdpbusd %%zmm28, %%zmm29, %[c10]\n\t"
-        "vpdpbusd %%zmm28, %%zmm30, %[c11]\n\t"
-        "vpdpbusd %%zmm28, %%zmm31, %[c12]\n\t"
-        "vpbroadcastd 8(%[w]), %%zmm28\n\t"
-        "vpdpbusd %%zmm28, %%zmm29, %[c20]\n\t"
-        "vpdpbusd %%zmm28, %%zmm30, %[c21]\n\t"
-        "vpdpbusd %%zmm28, %%zmm31, %[c22]\n\t"
-        "vpbroadcastd 12(%[w]), %%zmm28\n\t"
-        "vpdpbusd %%zmm28, %%zmm29, %[c30]\n\t"
-        "vpdpbusd %%zmm28, %%zmm30, %[c31]\n\t"
-        "vpdpbusd %%zmm28, %%zmm31, %[c32]\n\t"
-        "add %[stride], %[a]\n\t"
-        "add $16, %[w]\n\t"
-        "cmp %[wend], %[w]\n\t"
-        "jne 1b\n\t"
-        : [c00] "+v"(c00), [c01] "+v"(c01), [c02] "+v"(c02), [c10] "+v"(c10), [c11] "+v"(c11),
-          [c12] "+v"(c12), [c20] "+v"(c20), [c21] "+v"(c21), [c22] "+v"(c22), [c30] "+v"(c30),
-          [c31] "+v"(c31), [c32] "+v"(c32), [a] "+r"(a), [w] "+r"(w)
-        : [stride] "r"(kplane_b), [wend] "r"(w + K4 * kOTile)
-        : "xmm28", "xmm29", "xmm30", "xmm31", "cc");
-  }
-  acc[0][0] = c00, acc[0][1] = c01, acc[0][2] = c02, acc[1][0] = c10, acc[1][1] = c11;
-  acc[1][2] = c12, acc[2][0] = c20, acc[2][1] = c21, acc[2][2] = c22, acc[3][0] = c30;
-  acc[3][1] = c31, acc[3][2] = c32;
+// One (block, tap) segment of the 8 output channel x 48 pixel tile, in one asm block:
+//   zmm0..23  int32 accumulators, channel r and pixel vector v in zmm(3r + v);
+//   zmm24..26 the three pixel vectors of a 4-channel group, then the block exponents E;
+//   zmm27/28  the broadcast weights, then corr / alpha of a channel.
+// K loop: acc += u8(act) . s8(w) over the segment's K4 4-channel groups. Flush:
+// f += alpha * scalef(float(acc + corr), E), with the 24 float accumulators f in L1 (the register
+// file holds the int32 ones). Inline asm because GCC cannot keep 24 accumulators in registers
+// across the intrinsic K loop (it copies or spills them every iteration), and 24 "+v" operands
+// exceed the asm operand limit, so the whole segment uses fixed registers.
+// clang-format off
+#define DSC_DP(R, A0, A1, A2)                           \
+  "vpbroadcastd " #R "*4(%[w]), %%zmm27\n\t"            \
+  "vpdpbusd %%zmm27, %%zmm24, %%zmm" #A0 "\n\t"         \
+  "vpdpbusd %%zmm27, %%zmm25, %%zmm" #A1 "\n\t"         \
+  "vpdpbusd %%zmm27, %%zmm26, %%zmm" #A2 "\n\t"
+#define DSC_FLUSH1(ACC, E)                              \
+  "vpaddd %%zmm27, %%zmm" #ACC ", %%zmm" #ACC "\n\t"    \
+  "vcvtdq2ps %%zmm" #ACC ", %%zmm" #ACC "\n\t"          \
+  "vscalefps %%zmm" #E ", %%zmm" #ACC ", %%zmm" #ACC "\n\t" \
+  "vfmadd213ps " #ACC "*64(%[f]), %%zmm28, %%zmm" #ACC "\n\t" \
+  "vmovaps %%zmm" #ACC ", " #ACC "*64(%[f])\n\t"
+#define DSC_FLUSH(R, A0, A1, A2)                        \
+  "vpbroadcastd " #R "*4(%[h]), %%zmm27\n\t"            \
+  "vbroadcastss 32+" #R "*4(%[h]), %%zmm28\n\t"         \
+  DSC_FLUSH1(A0, 24) DSC_FLUSH1(A1, 25) DSC_FLUSH1(A2, 26)
+#define DSC_ZERO3(A0, A1, A2)                           \
+  "vpxord %%zmm" #A0 ", %%zmm" #A0 ", %%zmm" #A0 "\n\t" \
+  "vpxord %%zmm" #A1 ", %%zmm" #A1 ", %%zmm" #A1 "\n\t" \
+  "vpxord %%zmm" #A2 ", %%zmm" #A2 ", %%zmm" #A2 "\n\t"
+// clang-format on
+
+static_assert(kOTile == 8 && kPV == 3, "the segment asm is written for 8 x 3 accumulators");
+static_assert(sizeof(SegHeader) == 96, "the segment asm reads corr at 0 and alpha at 32");
+
+DSCONV_AVX512 inline void segment(float* f, const SegHeader* h, const uint8_t* a, int64_t K4,
+                                  int64_t kplane_b, const float* e) {
+  const int32_t* w = reinterpret_cast<const int32_t*>(h + 1);
+  const int32_t* wend = w + K4 * kOTile;
+  asm volatile(
+      DSC_ZERO3(0, 1, 2) DSC_ZERO3(3, 4, 5) DSC_ZERO3(6, 7, 8) DSC_ZERO3(9, 10, 11)
+      DSC_ZERO3(12, 13, 14) DSC_ZERO3(15, 16, 17) DSC_ZERO3(18, 19, 20) DSC_ZERO3(21, 22, 23)
+      "1:\n\t"
+      "vmovdqu64 (%[a]), %%zmm24\n\t"
+      "vmovdqu64 64(%[a]), %%zmm25\n\t"
+      "vmovdqu64 128(%[a]), %%zmm26\n\t"
+      DSC_DP(0, 0, 1, 2) DSC_DP(1, 3, 4, 5) DSC_DP(2, 6, 7, 8) DSC_DP(3, 9, 10, 11)
+      DSC_DP(4, 12, 13, 14) DSC_DP(5, 15, 16, 17) DSC_DP(6, 18, 19, 20) DSC_DP(7, 21, 22, 23)
+      "add %[stride], %[a]\n\t"
+      "add $32, %[w]\n\t"
+      "cmp %[wend], %[w]\n\t"
+      "jne 1b\n\t"
+      "vmovups (%[e]), %%zmm24\n\t"
+      "vmovups 64(%[e]), %%zmm25\n\t"
+      "vmovups 128(%[e]), %%zmm26\n\t"
+      DSC_FLUSH(0, 0, 1, 2) DSC_FLUSH(1, 3, 4, 5) DSC_FLUSH(2, 6, 7, 8) DSC_FLUSH(3, 9, 10, 11)
+      DSC_FLUSH(4, 12, 13, 14) DSC_FLUSH(5, 15, 16, 17) DSC_FLUSH(6, 18, 19, 20)
+      DSC_FLUSH(7, 21, 22, 23)
+      : [a] "+r"(a), [w] "+r"(w)
+      : [wend] "r"(wend), [stride] "r"(kplane_b), [e] "r"(e), [h] "r"(h), [f] "r"(f)
+      : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
+        "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28");
 }
+#undef DSC_DP
+#undef DSC_FLUSH1
+#undef DSC_FLUSH
+#undef DSC_ZERO3
 
 template <bool kKdsb>
 DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
@@ -281,59 +316,38 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
   const int64_t kplane_b = lay.P * lay.Lq * 4;  // bytes from one k4 plane to the next
   const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 4;
   const int64_t* tapoff = lay.tapoff.data();
+  alignas(64) float f[kOTile * kPV][kVec];
   for (int64_t qt = qt0; qt < qt1; ++qt) {
     const int64_t q0 = qt * kQTile;
-    // 12 float accumulators; with the 12 int32 ones of k_loop and its 4 scratch registers the
-    // tile uses 28 of the 32 zmm registers.
-    __m512 f[kOTile][kPV];
-#pragma GCC unroll 4
-    for (int r = 0; r < kOTile; ++r)
-#pragma GCC unroll 3
-      for (int v = 0; v < kPV; ++v) f[r][v] = _mm512_setzero_ps();
+    std::memset(f, 0, sizeof(f));
     const uint8_t* ws = wstream;
     for (int64_t b = 0; b < lay.g.nblk; ++b) {
       const uint8_t* act_b = reinterpret_cast<const uint8_t*>(sl.act + q0) + b * K4 * kplane_b;
       const int64_t esc_b = b * lay.P * lay.Lq + q0;
       for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
         const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
-        const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
-        const uint8_t* a = act_b + tapoff[t] * 4;
-        __m512i acc[kOTile][kPV];
-        k_loop(acc, a, w, K4, kplane_b);
-        const float* e = sl.esc + esc_b + tapoff[t];
-        __m512 ev[kPV];
-#pragma GCC unroll 3
-        for (int v = 0; v < kPV; ++v) ev[v] = _mm512_loadu_ps(e + v * kVec);
-#pragma GCC unroll 4
-        for (int r = 0; r < kOTile; ++r) {
-          const __m512 al = _mm512_set1_ps(h->alpha[r]);
-          const __m512i corr = _mm512_set1_epi32(h->corr[r]);
-#pragma GCC unroll 3
-          for (int v = 0; v < kPV; ++v) {
-            const __m512i S = _mm512_add_epi32(acc[r][v], corr);
-            const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(S), ev[v]);
-            f[r][v] = _mm512_fmadd_ps(s, al, f[r][v]);
-          }
-        }
+        segment(&f[0][0], h, act_b + tapoff[t] * 4, K4, kplane_b, sl.esc + esc_b + tapoff[t]);
         if (kKdsb) {
           const float* u = sl.usum + esc_b + tapoff[t];
-#pragma GCC unroll 4
           for (int r = 0; r < kOTile; ++r) {
             const __m512 kb = _mm512_set1_ps(h->kdsb[r]);
-#pragma GCC unroll 3
-            for (int v = 0; v < kPV; ++v)
-              f[r][v] = _mm512_fmadd_ps(kb, _mm512_loadu_ps(u + v * kVec), f[r][v]);
+            for (int v = 0; v < kPV; ++v) {
+              float* fv = f[r * kPV + v];
+              _mm512_store_ps(
+                  fv, _mm512_fmadd_ps(kb, _mm512_loadu_ps(u + v * kVec), _mm512_load_ps(fv)));
+            }
           }
         }
       }
     }
     int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
+    oh += sl.oh0;
     for (int v = 0; v < kPV; ++v) {
       for (int r = 0; r < kOTile; ++r) {
         const int64_t o = ot * kOTile + r;
         if (o >= sl.nout) break;
-        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow,
-                  epilogue(f[r][v], ep.cdsw[o], ep.cb[o], ep.silu));
+        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
+                  epilogue(_mm512_load_ps(f[r * kPV + v]), ep.cdsw[o], ep.cb[o], ep.silu));
       }
       ow += kVec;
       while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
@@ -349,43 +363,85 @@ DSCONV_AVX512 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epi
     conv_tiles_impl<false>(sl, wstream, ep, ot, qt0, qt1);
 }
 
-DSCONV_AVX512 void dw_tiles(const Slice& sl, const float* wdw, const Epilogue& ep, int64_t o0,
-                            int64_t o1, int64_t qt0, int64_t qt1) {
+// Float family: R output channels x 48 pixels, one FMA per (channel, tap, channel r, vector).
+// With R == 1 the taps alternate between two accumulator sets: three FMA chains alone would wait
+// on the FMA latency.
+template <int R>
+DSCONV_AVX512 void float_tiles_impl(const Slice& sl, const float* wf, const Epilogue& ep,
+                                    int64_t o0, int64_t qt0, int64_t qt1) {
+  constexpr int kSets = R == 1 ? 2 : 1;
   const Layout& lay = *sl.lay;
+  const int64_t plane = lay.P * lay.Lq, T = lay.ntaps;
   const int64_t* tapoff = lay.tapoff.data();
-  for (int64_t o = o0; o < o1; ++o) {
-    const float* w = wdw + o * lay.ntaps;
-    for (int64_t qt = qt0; qt < qt1; ++qt) {
-      const int64_t q0 = qt * kQTile;
-      __m512 acc[kPV] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t t = 0; t < lay.ntaps; ++t) {
-        const __m512 wt = _mm512_set1_ps(w[t]);
-        const float* x = sl.xq + tapoff[t] + q0;
+  for (int64_t qt = qt0; qt < qt1; ++qt) {
+    const int64_t q0 = qt * kQTile;
+    __m512 acc[kSets][R][kPV];
+#pragma GCC unroll 2
+    for (int k = 0; k < kSets; ++k)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
 #pragma GCC unroll 3
-        for (int v = 0; v < kPV; ++v)
-          acc[v] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(x + v * kVec), acc[v]);
+        for (int v = 0; v < kPV; ++v) acc[k][r][v] = _mm512_setzero_ps();
+    const float* w = wf;
+    for (int64_t c = 0; c < lay.g.Cg; ++c) {
+      const float* xc = sl.esc + c * plane + q0;
+      int64_t t = 0;
+      for (; t + kSets <= T; t += kSets) {
+#pragma GCC unroll 2
+        for (int k = 0; k < kSets; ++k, w += R) {
+          const float* x = xc + tapoff[t + k];
+          const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + kVec);
+          const __m512 x2 = _mm512_loadu_ps(x + 2 * kVec);
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            const __m512 wr = _mm512_set1_ps(w[r]);
+            acc[k][r][0] = _mm512_fmadd_ps(wr, x0, acc[k][r][0]);
+            acc[k][r][1] = _mm512_fmadd_ps(wr, x1, acc[k][r][1]);
+            acc[k][r][2] = _mm512_fmadd_ps(wr, x2, acc[k][r][2]);
+          }
+        }
       }
-      int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
-      for (int v = 0; v < kPV; ++v) {
-        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow,
-                  epilogue(acc[v], ep.cdsw[o], ep.cb[o], ep.silu));
-        ow += kVec;
-        while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
+      for (; t < T; ++t, w += R) {
+        const float* x = xc + tapoff[t];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const __m512 wr = _mm512_set1_ps(w[r]);
+#pragma GCC unroll 3
+          for (int v = 0; v < kPV; ++v)
+            acc[0][r][v] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(x + v * kVec), acc[0][r][v]);
+        }
       }
     }
+    int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
+    oh += sl.oh0;
+    for (int v = 0; v < kPV; ++v) {
+      for (int r = 0; r < R && o0 + r < sl.nout; ++r) {
+        const int64_t o = o0 + r;
+        __m512 a = acc[0][r][v];
+        if (kSets == 2) a = _mm512_add_ps(a, acc[kSets - 1][r][v]);
+        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
+                  epilogue(a, ep.cdsw[o], ep.cb[o], ep.silu));
+      }
+      ow += kVec;
+      while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
+    }
   }
+}
+
+DSCONV_AVX512 void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep,
+                               int64_t o0, int64_t qt0, int64_t qt1) {
+  if (R == 1)
+    float_tiles_impl<1>(sl, wf, ep, o0, qt0, qt1);
+  else
+    float_tiles_impl<kOTile>(sl, wf, ep, o0, qt0, qt1);
 }
 
 }  // namespace
 
 const IsaKernels& kernels_avx512() {
-  static const IsaKernels k{kQTile,
-                            /*exponent_scale=*/true,
-                            /*weight_elem_bytes=*/1,
-                            &pack_row,
-                            &pack_row_dw,
-                            &conv_tiles,
-                            &dw_tiles};
+  static const IsaKernels k{kQTile,      /*exponent_scale=*/true, /*weight_elem_bytes=*/1,
+                            &pack_row,   &pack_row_float,         &conv_tiles,
+                            &float_tiles};
   return k;
 }
 

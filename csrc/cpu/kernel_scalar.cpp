@@ -21,19 +21,13 @@ void for_each_phase_column(const Layout& lay, int64_t rx, F&& f) {
   }
 }
 
-// Input row of phase row (ry, yq), or -1 when it is padding or slack.
-int64_t input_row(const Layout& lay, int64_t ry, int64_t yq) {
-  const int64_t h = yq * lay.g.sh + ry - lay.g.ph;
-  return yq < lay.Hq && in_range(h, lay.g.H) ? h : -1;
-}
-
 void pack_row(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
-  const int64_t h = input_row(lay, r.ry, r.yq);
+  const int64_t h = pack_input_row(r);
   const int32_t lim = mantissa_limit(r.mant_bits);
   for (int64_t rx = 0; rx < g.sw; ++rx) {
-    const int64_t off = (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    const int64_t off = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     for_each_phase_column(lay, rx, [&](int64_t xq, int64_t w) {
       const int64_t at = off + xq;
       if (h < 0 || w < 0) {
@@ -70,46 +64,56 @@ void pack_row(const PackRow& r) {
   }
 }
 
-void pack_row_dw(const PackRow& r) {
+void pack_row_float(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
-  const int64_t h = input_row(lay, r.ry, r.yq);
+  const int64_t h = pack_input_row(r);
   const int32_t lim = mantissa_limit(r.mant_bits);
+  const int64_t cplane = lay.P * lay.Lq;
   for (int64_t rx = 0; rx < g.sw; ++rx) {
-    float* dst = r.xq + (r.ry * g.sw + rx) * lay.Lq + r.yq * lay.Wq;
+    float* dst = r.esc + (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     for_each_phase_column(lay, rx, [&](int64_t xq, int64_t w) {
       if (h < 0 || w < 0) {
-        dst[xq] = 0.f;
+        for (int64_t c = 0; c < r.nch; ++c) dst[c * cplane + xq] = 0.f;
         return;
       }
-      const float v = r.x[h * g.W + w];
-      if (!std::isfinite(v)) {
-        dst[xq] = NAN;  // mantissa 0 times a NaN scale
-        return;
+      const float* px = r.x + h * g.W + w;
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t c = 0; c < r.nch; ++c) {
+        const float v = px[c * r.x_cstride];
+        finite = finite && std::isfinite(v);
+        amax = std::fmax(amax, std::fabs(v));
       }
-      const int32_t e = bfp_exponent(std::fabs(v), r.mant_bits);
-      dst[xq] = float(bfp_mantissa(v, e, lim)) * bfp_scale(e);
+      const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
+      const float scale = bfp_scale(e);  // NaN for a non-finite block: its values are NaN
+      for (int64_t c = 0; c < r.nch; ++c) {
+        const int32_t m = finite ? bfp_mantissa(px[c * r.x_cstride], e, lim) : 0;
+        dst[c * cplane + xq] = float(m) * scale;
+      }
     });
   }
 }
 
-// Writes y for output channel o (within the group) at q if q is a real output pixel.
+// Writes y for output channel o (within the group) at band-local q if it is a real output.
 inline void store(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, float acc) {
   const Layout& lay = *sl.lay;
-  const int64_t oh = q / lay.Wq, ow = q % lay.Wq;
-  if (oh >= lay.g.Ho || ow >= lay.g.Wo) return;
+  const int64_t oh = sl.oh0 + q / lay.Wq, ow = q % lay.Wq;
+  if (oh >= sl.oh1 || ow >= lay.g.Wo) return;
   sl.out[o * sl.out_cstride + oh * lay.g.Wo + ow] =
       dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
 }
+
+inline int64_t band_q_end(const Slice& sl) { return (sl.oh1 - sl.oh0) * sl.lay->Wq; }
 
 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int64_t ot,
                 int64_t qt0, int64_t qt1) {
   const Layout& lay = *sl.lay;
   const int64_t plane = lay.P * lay.Lq;
   const int64_t wbytes = lay.K4 * kOTile * 4;
-  for (int64_t q = qt0 * lay.qtile; q < std::min(lay.Qlen, qt1 * lay.qtile); ++q) {
+  for (int64_t q = qt0 * lay.qtile; q < std::min(band_q_end(sl), qt1 * lay.qtile); ++q) {
     if (q % lay.Wq >= lay.g.Wo) continue;  // a column that is never stored
-    float acc[kOTile] = {0.f, 0.f, 0.f, 0.f};
+    float acc[kOTile] = {};
     const uint8_t* s = wstream;
     for (int64_t b = 0; b < lay.g.nblk; ++b) {
       for (int64_t t = 0; t < lay.ntaps; ++t) {
@@ -143,15 +147,19 @@ void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int
   }
 }
 
-void dw_tiles(const Slice& sl, const float* wdw, const Epilogue& ep, int64_t o0, int64_t o1,
-              int64_t qt0, int64_t qt1) {
+void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, int64_t o0,
+                 int64_t qt0, int64_t qt1) {
   const Layout& lay = *sl.lay;
-  for (int64_t o = o0; o < o1; ++o) {
-    const float* w = wdw + o * lay.ntaps;
-    for (int64_t q = qt0 * lay.qtile; q < std::min(lay.Qlen, qt1 * lay.qtile); ++q) {
+  const int64_t plane = lay.P * lay.Lq;
+  for (int64_t r = 0; r < R && o0 + r < sl.nout; ++r) {
+    for (int64_t q = qt0 * lay.qtile; q < std::min(band_q_end(sl), qt1 * lay.qtile); ++q) {
       float acc = 0.f;
-      for (int64_t t = 0; t < lay.ntaps; ++t) acc += w[t] * sl.xq[lay.tapoff[t] + q];
-      store(sl, ep, o, q, acc);
+      for (int64_t c = 0; c < lay.g.Cg; ++c) {
+        for (int64_t t = 0; t < lay.ntaps; ++t) {
+          acc += wf[(c * lay.ntaps + t) * R + r] * sl.esc[c * plane + lay.tapoff[t] + q];
+        }
+      }
+      store(sl, ep, o0 + r, q, acc);
     }
   }
 }
@@ -159,13 +167,10 @@ void dw_tiles(const Slice& sl, const float* wdw, const Epilogue& ep, int64_t o0,
 }  // namespace
 
 const IsaKernels& kernels_scalar() {
-  static const IsaKernels k{/*qtile=*/16,
-                            /*exponent_scale=*/false,
-                            /*weight_elem_bytes=*/1,
-                            &pack_row,
-                            &pack_row_dw,
-                            &conv_tiles,
-                            &dw_tiles};
+  static const IsaKernels k{
+      /*qtile=*/16, /*exponent_scale=*/false, /*weight_elem_bytes=*/1,
+      &pack_row,    &pack_row_float,          &conv_tiles,
+      &float_tiles};
   return k;
 }
 
