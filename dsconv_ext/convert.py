@@ -172,21 +172,6 @@ def quantize(
     return model
 
 
-def check_format(model: nn.Module) -> None:
-    """Raise naming the first DSConv2d of ``model`` saved with another format version."""
-    from .modules.dsconv import DSConvFormatError
-
-    for name, m in model.named_modules():
-        if (
-            isinstance(m, DSConv2d)
-            and getattr(m, "format_version", FORMAT_VERSION) != FORMAT_VERSION
-        ):
-            raise DSConvFormatError(
-                f"layer '{name}': saved with dsconv_ext format version {m.format_version}, this "
-                f"dsconv_ext reads version {FORMAT_VERSION}; convert the model again"
-            )
-
-
 def _load(path: str) -> Dict:
     """An ultralytics checkpoint as a dict, with our modules registered first."""
     from .yolo.registry import register

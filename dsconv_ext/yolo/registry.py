@@ -9,6 +9,8 @@ What :func:`register` changes (all undone by :func:`unregister`; nothing on disk
 - ``BaseModel.fuse`` also folds the BatchNorm of each ``DSConv`` into its channel shift.
 - ``get_flops`` counts DSConv layers (``model.info()``; thop has no rule for them).
 - ``generate_ddp_file`` makes DDP workers register too, even without the ``.pth`` hook.
+- ``torch_safe_load`` names the layers when a checkpoint has another DSConv format version.
+- ``Exporter.export_onnx`` (once the exporter is imported) exports DSConv as standard ONNX ops.
 - our classes join torch's safe globals, so ``ULTRALYTICS_SAFE_LOAD=1`` loads our checkpoints.
 """
 
@@ -249,7 +251,10 @@ def _targets():
     from ultralytics.nn import tasks
     from ultralytics.utils import dist, torch_utils
 
+    from .checkpoint import wrap_torch_safe_load
+
     out = [
+        (tasks, "torch_safe_load", wrap_torch_safe_load),
         (tasks.BaseModel, "fuse", _wrap_fuse),
         (torch_utils, "get_flops", _wrap_get_flops),
         (dist, "generate_ddp_file", _wrap_generate_ddp_file),
@@ -355,8 +360,12 @@ def _register() -> None:
     saved["wrapped"] = []
     for owner, attr, factory in targets:
         fn = inspect.getattr_static(owner, attr)
-        setattr(owner, attr, factory(fn))
+        new = factory(fn)
+        setattr(owner, attr, new)
         saved["wrapped"].append((owner, attr, fn))
+        if owner is tasks and nn_pkg is not None and getattr(nn_pkg, attr, None) is fn:
+            setattr(nn_pkg, attr, new)  # 8.3 re-exports tasks' functions from ultralytics.nn
+            saved["wrapped"].append((nn_pkg, attr, fn))
 
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(safe_globals())

@@ -1,0 +1,194 @@
+"""Post-training conversion: quantize() on ultralytics models and plain modules, the convert
+command line, packed checkpoints that ultralytics loads, and format-version errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from yolo_helpers import CONFIGS, IMGSZ, pth_site, rel_err, run_python
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    import dsconv_ext.yolo as dy
+
+    dy.register()
+
+
+def trained_like(cfg: str = "yolo11n.yaml", seed: int = 0):
+    """An ultralytics model with non-trivial BatchNorm statistics (stands in for a trained one:
+    no pretrained weights offline)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, verbose=False).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    return model
+
+
+def _out(model, x):
+    with torch.no_grad():
+        y = model(x)
+    return (y[0] if isinstance(y, (tuple, list)) else y).numpy()
+
+
+def test_quantize_ultralytics_model():
+    from ultralytics.nn.modules import Conv
+
+    from dsconv_ext import DSConv2d, quantize
+
+    model = trained_like()
+    x = torch.rand(2, 3, IMGSZ, IMGSZ)
+    want = _out(copy.deepcopy(model).fuse(verbose=False), x)
+    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    q = quantize(model)
+    assert q is model
+    converted = q.dsconv_ext["converted"]
+    assert set(converted) == {n for n in convs if not n.endswith("dfl.conv")}
+    assert type(q.model[-1].dfl.conv) is nn.Conv2d  # the fixed DFL ramp stays exact
+    for name, m in q.named_modules():
+        if isinstance(m, DSConv2d):
+            assert m.frozen and m.layer_name == name and m.bits == 8
+    # BN folded first, SiLU run inside the kernel call of every ultralytics Conv
+    fused_silu = 0
+    for m in q.modules():
+        if isinstance(m, Conv):
+            assert not hasattr(m, "bn") and isinstance(m.conv, DSConv2d)
+            assert not isinstance(m.act, nn.SiLU)  # it moved into the kernel call
+            fused_silu += m.conv.fuse_silu
+    assert fused_silu > 50
+    got = _out(q, x)
+    boxes, scores = slice(0, 4), slice(4, None)
+    assert rel_err(got[:, boxes], want[:, boxes]) < 5e-3
+    assert np.abs(got[:, scores] - want[:, scores]).max() < 5e-3
+
+
+def test_quantize_selects_layers():
+    from dsconv_ext import DSConv2d, quantize
+
+    q = quantize(trained_like(), layers=["model.2.*", "model.3.*"], exclude="*.m.*")
+    names = {n for n, m in q.named_modules() if isinstance(m, DSConv2d)}
+    assert names == {"model.2.cv1.conv", "model.2.cv2.conv", "model.3.conv"}
+    q = quantize(trained_like(), layers=lambda name, conv: conv.kernel_size == (3, 3), bits=4)
+    convs = [m for m in q.modules() if isinstance(m, DSConv2d)]
+    assert convs and all(m.kernel_size == (3, 3) and m.bits == 4 for m in convs)
+
+
+def test_quantize_plain_module_and_qat_dsconv():
+    from dsconv_ext import DSConv, DSConv2d, quantize
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, 2, 1), DSConv(64, 64, 3),
+    ).eval()  # fmt: skip
+    net[1].running_var.uniform_(0.5, 2)
+    net[4].bn.running_mean.uniform_(-0.1, 0.1)
+    x = torch.rand(1, 3, 16, 16)
+    want = _out(net, x)
+    shadow = net[4].conv.weight.detach().clone()
+    quantize(net)
+    assert isinstance(net[0], DSConv2d) and isinstance(net[1], nn.Identity)
+    assert isinstance(net[3], DSConv2d)
+    # the QAT DSConv keeps its own quantiser (no re-quantisation), BN folded into CDS
+    assert net[4].fused and net[4].conv.frozen and not hasattr(net[4], "bn")
+    from dsconv_ext.quant_primitives import quantize_weight
+
+    assert torch.equal(net[4].conv.intweight, quantize_weight(shadow, 8, 32)[0])
+    assert rel_err(_out(net, x), want) < 2e-2
+
+
+def test_bad_conversion_names_the_layer():
+    from dsconv_ext.convert import ConversionError, quantize
+
+    net = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Sequential(nn.Conv2d(4, 8, 1)))
+    with pytest.raises(ConversionError, match=r"layer '1.0'.*bits"):
+        quantize(net, bits=9, layers="1.*")
+
+
+def _sizes(*paths):
+    return [os.path.getsize(p) for p in paths]
+
+
+def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
+    """`python -m dsconv_ext convert best.pt --bits 4 -o best-ds4.pt`: smaller files, loadable by
+    ultralytics in a fresh process (also with ULTRALYTICS_SAFE_LOAD=1), same outputs."""
+    from ultralytics import YOLO
+
+    from dsconv_ext.__main__ import main as cli
+    from dsconv_ext.convert import main
+
+    yolo = YOLO(str(CONFIGS / "yolo11n-C3k2-DSConv.yaml"))
+    yolo.model = trained_like(str(CONFIGS / "yolo11n-C3k2-DSConv.yaml"))
+    src = tmp_path / "best.pt"
+    yolo.save(str(src))
+    ds8, ds4 = tmp_path / "best-ds8.pt", tmp_path / "best-ds4.pt"
+    assert main([str(src), "-o", str(ds8)]) == 0
+    assert cli(["convert", str(src), "--bits", "4", "-o", str(ds4)]) == 0
+    float_size, size8, size4 = _sizes(src, ds8, ds4)
+    assert size4 < 0.75 * size8 < 0.75 * float_size  # fp16 weights -> int8 -> packed 4-bit
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    np.save(tmp_path / "x.npy", x.numpy())
+    for path, bits in ((ds8, 8), (ds4, 4)):
+        model = YOLO(str(path)).model.float().eval()
+        assert model.dsconv_ext["bits"] == bits
+        want = _out(model, x)
+        code = f"""
+            import site, numpy as np, torch
+            site.addsitedir({str(pth_site(tmp_path))!r})
+            from ultralytics import YOLO
+            model = YOLO({str(path)!r}).model.float().eval()
+            with torch.no_grad():
+                y = model(torch.from_numpy(np.load({str(tmp_path / "x.npy")!r})))
+            np.save({str(tmp_path / "y.npy")!r}, y[0].numpy())
+        """
+        run_python(code, timeout=180, ULTRALYTICS_SAFE_LOAD="1")
+        assert rel_err(np.load(tmp_path / "y.npy"), want) < 1e-6
+
+
+def test_convert_cli_errors(tmp_path, capsys):
+    from dsconv_ext.convert import main
+
+    assert main([str(tmp_path / "missing.pt")]) == 1
+    assert "missing.pt" in capsys.readouterr().err
+
+
+def test_other_format_version_names_the_layers(tmp_path, monkeypatch):
+    from ultralytics import YOLO
+
+    import dsconv_ext.modules.dsconv as dsmod
+    from dsconv_ext import DSConvFormatError, quantize
+
+    yolo = YOLO("yolo11n.yaml")
+    quantize(yolo.model, layers=["model.2.*", "model.4.cv1.conv"])
+    monkeypatch.setattr(dsmod, "FORMAT_VERSION", dsmod.FORMAT_VERSION + 100)  # "another version"
+    path = tmp_path / "future.pt"
+    yolo.save(str(path))
+    monkeypatch.undo()
+    for safe in ("0", "1"):
+        code = f"""
+            import dsconv_ext.yolo as dy
+            dy.register()
+            from dsconv_ext import DSConvFormatError
+            from ultralytics import YOLO
+            try:
+                YOLO({str(path)!r})
+            except DSConvFormatError as e:
+                print("ERROR", e)
+        """
+        r = run_python(code, timeout=180, ULTRALYTICS_SAFE_LOAD=safe)
+        assert "ERROR" in r.stdout, r.stdout
+        for layer in ("model.2.cv1.conv", "model.2.m.0.cv2.conv", "model.4.cv1.conv"):
+            assert f"'{layer}'" in r.stdout, (safe, r.stdout)
+        assert "version" in r.stdout
+    assert issubclass(DSConvFormatError, RuntimeError)
