@@ -1,4 +1,4 @@
-"""Every config at every scale: builds in ultralytics, parameter counts, forward, FLOPs, bad input."""
+"""Every config at every scale: builds in ultralytics, parameters, forward, FLOPs, bad rows."""
 
 from __future__ import annotations
 

@@ -235,6 +235,15 @@ OLD_CHECK = """
         with torch.no_grad():
             m(torch.rand(1, 3, 64, 64))
         print("COUNT", cfg.rsplit("/", 1)[-1], scale, sum(p.numel() for p in m.parameters()))
+    from dsconv_ext import DSConv
+    m = DetectionModel({bad!r}, verbose=False).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        y0 = m(x)[0]
+        m.fuse()  # 8.3's fuse(verbose) signature, our DSConvs folded too
+        y1 = m(x)[0]
+    assert all(l.fused for l in m.modules() if isinstance(l, DSConv))
+    print("FUSED", float((y1 - y0).abs().max() / y0.abs().max()))
     d = yaml.safe_load(open({bad!r}))
     d["backbone"][2] = [-1, 2, "C3k2_DSConv", [256, "yes"]]
     try:
@@ -259,6 +268,8 @@ def test_oldest_supported_ultralytics():
         want = derive(Path(cfg), scale)[1]
         assert f"COUNT {Path(cfg).name} {scale} {want}" in r.stdout, r.stdout
     assert "ROWERROR" in r.stdout and "layer 2 (C3k2_DSConv)" in r.stdout
+    assert float(r.stdout.split("FUSED")[1].split()[0]) < 1e-4
+    assert "GFLOPs" in r.stdout + r.stderr  # 8.3's model.info() after fuse, our rules in
 
 
 def test_info_report(registered):
