@@ -1,0 +1,352 @@
+"""The C++ CPU kernel (csrc/cpu/) against the float64 reference, on each SIMD path.
+
+Every path the CPU can run is tested in-process: the kernel re-reads ``DSCONV_EXT_CPU_ISA`` on
+each call, so ``avx2`` and ``scalar`` can be forced on an AVX-512 machine. A failing random case
+names its generator and seed (``random_case(i)`` from dsconv_cases.py, ``wide_case(i)`` here), so
+it can be rerun alone.
+"""
+
+import math
+
+import pytest
+import torch
+from dsconv_cases import integer_exact_case, random_case
+
+import dsconv_ext
+from dsconv_ext import dsconv2d_reference
+from dsconv_ext.quant_primitives import num_blocks, quantize_weight
+
+pytestmark = pytest.mark.skipif(
+    dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
+)
+
+ISAS = ["avx512_vnni", "avx2", "scalar"]
+RTOL = 1e-5  # relative to max |y|
+# Plus a few hundred subnormal steps: outputs of tiny activations can be subnormal, where float32
+# has no relative precision left (the reference rounds once from float64, the kernel per step).
+ATOL = 256 * 2.0**-149
+
+
+def op(case):
+    c = case
+    return torch.ops.dsconv_ext.dsconv2d(
+        c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),
+        c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"],
+        c["block_size"], c["act_bits"], c["fuse_silu"],
+    )  # fmt: skip
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", request.param)
+    if torch.ops.dsconv_ext.cpu_isa() != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    return request.param
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changes."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def describe(case):
+    return {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+
+
+def assert_close(y, ref, what):
+    assert y.shape == ref.shape and y.dtype == ref.dtype, what
+    assert torch.equal(torch.isnan(y), torch.isnan(ref)), f"NaN pattern differs: {what}"
+    fin = ~torch.isnan(ref)
+    scale = ref[fin].abs().max().item() if fin.any() else 0.0
+    err = (y[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
+    assert err <= RTOL * scale + ATOL, f"max err {err:.3g} vs max |y| {scale:.3g}: {what}"
+
+
+def wide_case(seed, exact=False):
+    """Larger problems than random_case: several bands and pixel tiles, int8 blocks of many
+    channels, uneven block splits, big kernels, strides, tiny / huge / subnormal activations."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    kind = ri(0, 9)
+    if kind == 0:  # depthwise, maybe with a channel multiplier
+        groups = ri(1, 40)
+        Cg, Og = 1, ri(1, 3)
+    else:
+        groups = [1, 1, 1, 2, 3, 4][ri(0, 5)]
+        Cg, Og = ri(1, 72 // groups), ri(1, 24)
+    kh, kw = [(3, 3), (3, 3), (1, 1), (5, 5), (2, 3), (1, 4)][ri(0, 5)]
+    if exact:  # every partial sum below 2^24, so that float32 holds it exactly
+        Cg = min(Cg, (2**24 - 1) // (kh * kw * 127 * 128))
+    C, O = Cg * groups, Og * groups
+    stride = (ri(1, 3), ri(1, 3))
+    dilation = (ri(1, 2), ri(1, 2))
+    padding = (ri(0, 3), ri(0, 3))
+    H = ri(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 40)
+    W = ri(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 40)
+    block_size = [1, 2, 3, 4, 5, 7, 8, 16, 31, 32, 33, 64, 1024][ri(0, 12)]
+    bits, act_bits = ri(2, 8), ri(2, 8)
+    N = ri(1, 3)
+    # Down to subnormal blocks; not up to float32's limit, where float32 accumulation overflows
+    # while the float64 reference does not.
+    scale = [1.0, 1.0, 1e-3, 1e3, 1e-39, 1e-30, 1e-42, 1e30][ri(0, 7)]
+    x = torch.randn(N, C, H, W, generator=g) * scale
+    if ri(0, 3) == 0:
+        x = torch.nn.functional.silu(x)
+    w = torch.randn(O, Cg, kh, kw, generator=g)
+    q, alpha, kdsb = quantize_weight(w, bits, block_size, kds_bias=ri(0, 2) == 0)
+    case = dict(x=x, intweight=q, alpha=alpha, KDSb=kdsb, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, block_size=block_size, act_bits=act_bits,
+                fuse_silu=bool(ri(0, 1)))  # fmt: skip
+    if ri(0, 1):
+        case["CDSw"] = torch.rand(O, generator=g) + 0.5
+        case["CDSb"] = torch.randn(O, generator=g)
+    if ri(0, 1):
+        case["bias"] = torch.randn(O, generator=g)
+    if exact:
+        # Integer activations with each block's max |x| in [64, 127]: E = 0 at 8 bits, and with
+        # alpha = 1 the output is the sum of the per-(block, tap) integer sums.
+        xi = torch.randint(-127, 128, x.shape, generator=g).float()
+        for grp in range(groups):
+            for b0 in range(0, Cg, block_size):
+                xi[:, grp * Cg + b0] = torch.randint(64, 128, xi[:, 0].shape, generator=g).float()
+        case.update(x=xi, alpha=torch.ones_like(alpha), KDSb=None, act_bits=8, fuse_silu=False)
+        for k in ("CDSw", "CDSb", "bias"):
+            case.pop(k, None)
+    return case
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_random_cases_match_reference(isa, chunk, threads):
+    """The shared random cases (small: every option combination) plus wide ones, 1 and 2
+    threads (the band / output-channel split depends on the thread count)."""
+    n = 40 if isa != "scalar" else 20
+    for i in range(chunk * n, (chunk + 1) * n):
+        torch.set_num_threads(1 + i % 2)
+        for kind, case in (("random_case", random_case(i)), ("wide_case", wide_case(i))):
+            assert_close(op(case), dsconv2d_reference(**case), f"{kind}({i}) {describe(case)}")
+
+
+def test_integer_sums_exact(isa):
+    """E = 0 and alpha = 1: the output must equal the reference's integer sums exactly."""
+    for i in range(60 if isa != "scalar" else 30):
+        for kind, case in (("integer_exact_case", integer_exact_case(i)),
+                           ("wide_case", wide_case(i, exact=True))):  # fmt: skip
+            y, ref = op(case), dsconv2d_reference(**case)
+            assert torch.equal(y, ref), f"{kind}({i}) {describe(case)}"
+
+
+def test_each_block_tap_sum_exact(isa):
+    """With alpha one-hot on a single (block, tap), the output is that segment's integer sum:
+    compare every segment with the reference's ``return_int_sums``."""
+    for i in range(6):
+        case = integer_exact_case(i)
+        _, sums = dsconv2d_reference(**case, return_int_sums=True)  # [N, O, nblk, taps, Ho, Wo]
+        O, nblk, kh, kw = case["alpha"].shape
+        for b in range(nblk):
+            for t in range(kh * kw):
+                alpha = torch.zeros(O, nblk, kh, kw)
+                alpha[:, b, t // kw, t % kw] = 1.0
+                y = op(dict(case, alpha=alpha))
+                assert torch.equal(y, sums[:, :, b, t].float()), f"seed {i} block {b} tap {t}"
+
+
+@pytest.mark.parametrize("kdsb", [False, True])
+@pytest.mark.parametrize("cds", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_epilogue_options(isa, kdsb, cds, bias, silu):
+    """Every combination of KDSb / CDS / bias / fused SiLU, on an int8 and a float-family layer."""
+    g = torch.Generator().manual_seed(7)
+    for C, O, groups, block in ((48, 24, 1, 16), (12, 12, 12, 32)):
+        q, alpha, kb = quantize_weight(torch.randn(O, C // groups, 3, 3, generator=g), 6, block,
+                                       kds_bias=kdsb)  # fmt: skip
+        case = dict(x=torch.randn(2, C, 17, 23, generator=g) * 4, intweight=q, alpha=alpha,
+                    KDSb=kb, stride=(1, 2), padding=(1, 1), dilation=(1, 1), groups=groups,
+                    block_size=block, act_bits=7, fuse_silu=silu)  # fmt: skip
+        if cds:
+            case.update(CDSw=torch.rand(O, generator=g) + 0.5, CDSb=torch.randn(O, generator=g))
+        if bias:
+            case["bias"] = torch.randn(O, generator=g)
+        assert_close(op(case), dsconv2d_reference(**case), describe(case))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nonfinite_activations_propagate(isa, value):
+    """A NaN or Inf makes its block's scale NaN: exactly the outputs reading it are NaN."""
+    g = torch.Generator().manual_seed(3)
+    for C, groups, block in ((40, 1, 16), (8, 8, 32), (6, 1, 4)):
+        q, alpha, kb = quantize_weight(torch.randn(16, C // groups, 3, 3, generator=g), 8, block,
+                                       kds_bias=True)  # fmt: skip
+        x = torch.randn(1, C, 12, 12, generator=g)
+        x[0, 1, 3, 4] = value
+        x[0, C - 1, 9, 0] = value
+        case = dict(x=x, intweight=q, alpha=alpha, KDSb=kb, stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=16 if groups > 1 else 1, block_size=block,
+                    act_bits=8, fuse_silu=True)  # fmt: skip
+        if groups > 1:  # depthwise with a channel multiplier of 2
+            case["groups"] = C
+        y, ref = op(case), dsconv2d_reference(**case)
+        assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+        assert_close(y, ref, f"{value} {describe(case)}")
+
+
+def test_threads_give_identical_results(threads):
+    """The split into bands / channel chunks changes with the thread count; the arithmetic of
+    each output does not."""
+    for i in range(20):
+        case = wide_case(i)
+        torch.set_num_threads(1)
+        y1 = op(case)
+        torch.set_num_threads(2)
+        assert torch.equal(y1, op(case)), f"wide_case({i})"
+
+
+def test_runs_multithreaded(threads):
+    """The kernel's parallel loops use torch's intra-op threads (also when the extension was
+    compiled without -fopenmp)."""
+    torch.set_num_threads(2)
+    assert torch.ops.dsconv_ext._cpu_parallel_probe(64) == min(2, torch.get_num_threads())
+    torch.set_num_threads(1)
+    assert torch.ops.dsconv_ext._cpu_parallel_probe(64) == 1
+
+
+def test_weight_cache_sees_in_place_updates(isa):
+    """Packed weights are cached across calls; in-place changes and new tensors must miss."""
+    g = torch.Generator().manual_seed(11)
+    q, alpha, kb = quantize_weight(torch.randn(32, 40, 3, 3, generator=g), 8, 16, kds_bias=True)
+    case = dict(x=torch.randn(1, 40, 9, 9, generator=g), intweight=q, alpha=alpha, KDSb=kb,
+                stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, block_size=16,
+                act_bits=8, fuse_silu=False)  # fmt: skip
+    assert_close(op(case), dsconv2d_reference(**case), "first call")
+    q.neg_()  # same storage, new version
+    assert_close(op(case), dsconv2d_reference(**case), "after q.neg_()")
+    alpha.mul_(3)
+    assert_close(op(case), dsconv2d_reference(**case), "after alpha.mul_()")
+    kb.add_(0.5)
+    assert_close(op(case), dsconv2d_reference(**case), "after KDSb.add_()")
+    case["intweight"] = q.clone()[:, :, :, :]  # a new tensor with the same values
+    assert_close(op(case), dsconv2d_reference(**case), "new tensor")
+    case["intweight"] = torch.flip(q, [0]).contiguous()
+    assert_close(op(case), dsconv2d_reference(**case), "new values")
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        qi = q.clone()
+        y1 = op(dict(case, intweight=qi))
+        qi.neg_()
+        assert_close(op(dict(case, intweight=qi)), dsconv2d_reference(**dict(case, intweight=qi)),
+                     "inference tensor")  # fmt: skip
+        assert not torch.equal(y1, op(dict(case, intweight=qi)))
+
+
+def test_layouts_and_empty():
+    g = torch.Generator().manual_seed(5)
+    q, alpha, _ = quantize_weight(torch.randn(16, 24, 3, 3, generator=g), 8, 32)
+    base = dict(intweight=q, alpha=alpha, stride=(2, 1), padding=(1, 1), dilation=(1, 1),
+                groups=1, block_size=32, act_bits=8, fuse_silu=False)  # fmt: skip
+    x = torch.randn(2, 24, 11, 13, generator=g)
+    ref = dsconv2d_reference(x=x, **base)
+    for xv in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().mT,
+               torch.randn(2, 48, 11, 13, generator=g)[:, ::2].copy_(x)):  # fmt: skip
+        assert_close(op(dict(base, x=xv)), ref, "non-contiguous x")
+    y = op(dict(base, x=torch.randn(0, 24, 11, 13)))
+    assert y.shape == (0, 16, 6, 13)
+    qo, ao, _ = quantize_weight(torch.randn(0, 24, 3, 3), 8, 32)
+    assert op(dict(base, x=x, intweight=qo, alpha=ao)).shape == (2, 0, 6, 13)
+
+
+def test_opcheck():
+    """Schema, fake kernel (registered by dsconv_ext.ops), autograd registration, AOT dispatch."""
+    for i in (0, 3, 4, 9):
+        c = random_case(i)
+        args = (c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),
+                c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]),
+                c["groups"], c["block_size"], c["act_bits"], c["fuse_silu"])  # fmt: skip
+        torch.library.opcheck(torch.ops.dsconv_ext.dsconv2d.default, args)
+
+
+def _good_args():
+    q, alpha, kb = quantize_weight(torch.randn(8, 4, 3, 3), 8, 3, kds_bias=True)
+    return dict(x=torch.randn(1, 8, 6, 6), intweight=q, alpha=alpha, KDSb=kb, CDSw=torch.ones(8),
+                CDSb=torch.zeros(8), bias=torch.zeros(8), stride=[1, 1], padding=[1, 1],
+                dilation=[1, 1], groups=2, block_size=3, act_bits=8, fuse_silu=False)  # fmt: skip
+
+
+def _call(args, cpu_only=False):
+    order = ["x", "intweight", "alpha", "KDSb", "CDSw", "CDSb", "bias", "stride", "padding",
+             "dilation", "groups", "block_size", "act_bits", "fuse_silu"]  # fmt: skip
+    vals = [args[k] for k in order]
+    ovl = torch.ops.dsconv_ext.dsconv2d.default
+    if cpu_only:  # straight to the CPU kernel, whatever devices the tensors claim
+        return ovl.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *vals)
+    return ovl(*vals)
+
+
+BAD = [
+    ("x", dict(x=torch.randn(1, 8, 6, 6, dtype=torch.float64)), "x"),
+    ("x", dict(x=torch.ones(1, 8, 6, 6, dtype=torch.int32)), "x"),
+    ("x", dict(x=torch.randn(8, 6, 6)), "x must be 4-D"),
+    ("x", dict(x=torch.randn(1, 6, 6, 6)), "x has 6 channels"),
+    ("x", dict(x=torch.randn(1, 8, 2, 2), padding=[0, 0]), "x spatial size"),
+    ("intweight", dict(intweight=torch.zeros(8, 4, 3, 3)), "intweight must be int8"),
+    ("intweight", dict(intweight=torch.zeros(8, 4, 3, dtype=torch.int8)), "intweight must be 4-D"),
+    ("intweight", dict(intweight=torch.zeros(7, 4, 3, 3, dtype=torch.int8)), "output channels"),
+    ("alpha", dict(alpha=torch.ones(8, 1, 3, 3)), "alpha must have shape"),
+    ("alpha", dict(alpha=torch.ones(8, 2, 3, 3, dtype=torch.int32)), "alpha must be a floating"),
+    ("KDSb", dict(KDSb=torch.ones(8, 2, 3)), "KDSb must have shape"),
+    ("CDSw", dict(CDSw=torch.ones(7)), "CDSw must have shape"),
+    ("CDSb", dict(CDSb=torch.ones(8, dtype=torch.int64)), "CDSb must be a floating"),
+    ("bias", dict(bias=torch.ones(9)), "bias must have shape"),
+    ("stride", dict(stride=[0, 1]), "stride"),
+    ("padding", dict(padding=[-1, 0]), "padding"),
+    ("dilation", dict(dilation=[1, 0]), "dilation"),
+    ("groups", dict(groups=3), "groups"),
+    ("groups", dict(groups=0), "groups"),
+    ("block_size", dict(block_size=0), "block_size"),
+    ("block_size", dict(block_size=1025), "block_size"),
+    ("act_bits", dict(act_bits=1), "act_bits"),
+    ("act_bits", dict(act_bits=9), "act_bits"),
+]
+
+
+@pytest.mark.parametrize("name,change,message", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(name, change, message):
+    _call(_good_args())  # the baseline is fine
+    with pytest.raises(RuntimeError, match=message):
+        _call({**_good_args(), **change})
+
+
+@pytest.mark.parametrize("name", ["x", "intweight", "alpha", "KDSb", "CDSw", "CDSb", "bias"])
+def test_bad_device(name):
+    """Tensors on a non-CPU device (meta: the one this machine has) reaching the CPU kernel."""
+    args = _good_args()
+    args[name] = args[name].to("meta")
+    with pytest.raises(RuntimeError, match=f"{name} must be a CPU tensor"):
+        _call(args, cpu_only=True)
+
+
+def test_isa_variable(monkeypatch):
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="DSCONV_EXT_CPU_ISA"):
+        torch.ops.dsconv_ext.cpu_isa()
+    with pytest.raises(RuntimeError, match="DSCONV_EXT_CPU_ISA"):
+        _call(_good_args())
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "scalar")
+    assert torch.ops.dsconv_ext.cpu_isa() == "scalar"
+    monkeypatch.delenv("DSCONV_EXT_CPU_ISA")
+    assert torch.ops.dsconv_ext.cpu_isa() in ISAS
+
+
+def test_block_count_helper_agrees():
+    """The C++ side computes nblocks like quant_primitives (checked through alpha's shape)."""
+    for Cg, B in ((5, 2), (32, 32), (33, 32), (1, 1024), (7, 1)):
+        q, alpha, _ = quantize_weight(torch.randn(4, Cg, 1, 1), 8, B)
+        assert alpha.shape[1] == num_blocks(Cg, B)
+        x = torch.randn(1, Cg, 3, 3)
+        case = dict(x=x, intweight=q, alpha=alpha, stride=(1, 1), padding=(0, 0), groups=1,
+                    dilation=(1, 1), block_size=B, act_bits=8, fuse_silu=False)  # fmt: skip
+        assert_close(op(case), dsconv2d_reference(**case), f"Cg={Cg} B={B}")
