@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 __all__ = ["linear_cl", "routed_attention_torch"]
 
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 16 << 20
 
 
 _ONEDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
@@ -93,8 +93,8 @@ def routed_attention_torch(
         r_weight: ``[B, P, K]`` soft-routing weights scaling keys and values, or None.
         scale: softmax scale.
         num_heads: ``H``.
-        chunk_bytes: without autograd, windows are processed in groups whose selected regions
-            take about this much memory (cache-sized copies; one huge copy costs page faults).
+        chunk_bytes: on CPU without autograd, windows are processed in groups whose selected
+            regions take about this much memory (one huge copy costs page faults every call).
 
     Returns:
         ``[B, P, Wq, H*Dv]``.
@@ -109,7 +109,11 @@ def routed_attention_torch(
     q, kv = q.reshape(b * p, wq, ck), kv.reshape(b * p, wk, ckv)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, w))
     per_window = topk * wk * ckv * kv.element_size()
-    g = b * p if grad else max(1, min(b * p, chunk_bytes // max(per_window, 1)))
+    g = max(1, min(b * p, chunk_bytes // max(per_window, 1)))
+    if grad or q.device.type != "cpu":
+        # Autograd would keep every chunk's copy anyway (and sum a full-size gradient per
+        # chunk); GPUs have a caching allocator and prefer one big launch.
+        g = b * p
     outs = [
         _attend(
             q[i : i + g],
