@@ -24,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .modules.dsconv import FORMAT_VERSION, DSConv2d
 
-__all__ = ["ConversionError", "eligible", "main", "quantize"]
+__all__ = ["ConversionError", "convertible", "eligible", "main", "quantize"]
 
 LayerSelector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -33,32 +33,42 @@ class ConversionError(RuntimeError):
     """A layer could not be converted; the message names it."""
 
 
-def eligible(name: str, conv: nn.Module) -> bool:
-    """Whether :func:`quantize` converts ``conv`` by default.
-
-    Every ``nn.Conv2d`` with numeric zero padding, except ultralytics' DFL conv: its weight is the
-    fixed ramp 0..15 that turns box distributions into distances (not learned, and an error
-    there shifts every box).
-    """
+def convertible(conv: nn.Module) -> bool:
+    """Whether DSConv2d can stand in for ``conv``: an ``nn.Conv2d`` with numeric zero padding."""
     return (
         type(conv) is nn.Conv2d
         and conv.padding_mode == "zeros"
         and not isinstance(conv.padding, str)
-        and not name.endswith("dfl.conv")
+    )
+
+
+def eligible(name: str, conv: nn.Module) -> bool:
+    """Whether :func:`quantize` converts ``conv`` when no ``layers`` are named.
+
+    Every convertible conv except:
+
+    - depth-wise ones (one input channel per group): a single multiply per weight and output,
+      memory-bound, so integer arithmetic saves nothing there (measured slower than fp32 oneDNN
+      on yolo11n's head) and their weights are a negligible share of the model;
+    - ultralytics' DFL conv: its weight is the fixed ramp 0..15 that turns box distributions
+      into distances (not learned; an error there shifts every box).
+    """
+    return (
+        convertible(conv) and conv.in_channels // conv.groups > 1 and not name.endswith("dfl.conv")
     )
 
 
 def _selector(layers: LayerSelector, exclude: LayerSelector) -> Callable[[str, nn.Module], bool]:
-    def as_fn(sel, default):
-        if sel is None:
-            return default
+    def as_fn(sel):
         if callable(sel):
             return sel
         patterns = [sel] if isinstance(sel, str) else list(sel)
         return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
-    inc, exc = as_fn(layers, lambda n, m: True), as_fn(exclude, lambda n, m: False)
-    return lambda name, m: eligible(name, m) and inc(name, m) and not exc(name, m)
+    # Named layers replace the default policy (a depth-wise conv can be asked for by name).
+    inc = eligible if layers is None else as_fn(layers)
+    exc = (lambda n, m: False) if exclude is None else as_fn(exclude)
+    return lambda name, m: convertible(m) and inc(name, m) and not exc(name, m)
 
 
 def _fold_batchnorms(model: nn.Module) -> None:
@@ -116,8 +126,9 @@ def quantize(
         bits: VQK width 2..8 of the converted layers.
         block_size: input channels per KDS / activation block.
         act_bits: activation mantissa width.
-        layers: which convs to convert among the eligible ones (see :func:`eligible`): None for
-            all, fnmatch patterns on module names (``"model.2*"``), or ``fn(name, conv) -> bool``.
+        layers: which convs to convert: None for the default policy (:func:`eligible`), else
+            fnmatch patterns on module names (``"model.2.*"``) or ``fn(name, conv) -> bool``
+            choosing among all convertible ``nn.Conv2d``.
         exclude: convs to leave in float, same forms.
         kds_bias: also fit a KDS bias per block (a little more accurate, a little slower).
         fuse_silu: run a following SiLU inside the kernel call (ultralytics ``Conv``).

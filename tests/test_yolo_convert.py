@@ -50,11 +50,12 @@ def test_quantize_ultralytics_model():
     model = trained_like()
     x = torch.rand(2, 3, IMGSZ, IMGSZ)
     want = _out(copy.deepcopy(model).fuse(verbose=False), x)
-    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
+    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
     q = quantize(model)
     assert q is model
     converted = q.dsconv_ext["converted"]
-    assert set(converted) == {n for n in convs if not n.endswith("dfl.conv")}
+    depthwise = {n for n, m in convs.items() if m.in_channels == m.groups}
+    assert depthwise and set(converted) == set(convs) - depthwise - {"model.23.dfl.conv"}
     assert type(q.model[-1].dfl.conv) is nn.Conv2d  # the fixed DFL ramp stays exact
     for name, m in q.named_modules():
         if isinstance(m, DSConv2d):
@@ -62,7 +63,7 @@ def test_quantize_ultralytics_model():
     # BN folded first, SiLU run inside the kernel call of every ultralytics Conv
     fused_silu = 0
     for m in q.modules():
-        if isinstance(m, Conv):
+        if isinstance(m, Conv) and m.conv.groups < m.conv.in_channels:  # depth-wise stay float
             assert not hasattr(m, "bn") and isinstance(m.conv, DSConv2d)
             assert not isinstance(m.act, nn.SiLU)  # it moved into the kernel call
             fused_silu += m.conv.fuse_silu
@@ -82,6 +83,7 @@ def test_quantize_selects_layers():
     q = quantize(trained_like(), layers=lambda name, conv: conv.kernel_size == (3, 3), bits=4)
     convs = [m for m in q.modules() if isinstance(m, DSConv2d)]
     assert convs and all(m.kernel_size == (3, 3) and m.bits == 4 for m in convs)
+    assert any(m.groups > 1 for m in convs)  # named layers may include depth-wise convs
 
 
 def test_quantize_plain_module_and_qat_dsconv():

@@ -45,8 +45,19 @@ def format_mismatches(path, safe_loader=None) -> List[Tuple[str, object]]:
     real, probe = _probe_class()
     name = f"{real.__module__}.{real.__qualname__}"
     if safe_loader is not None:
-        with torch.serialization.safe_globals([(probe, name)]):
+        # torch keeps its allow-list in a set: with both DSConv2d and the stand-in registered
+        # under one name, which one wins would be arbitrary. Swap them for this load.
+        saved = torch.serialization.get_safe_globals()
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(
+            [g for g in saved if g is not real and not (isinstance(g, tuple) and g[0] is real)]
+            + [(probe, name)]
+        )
+        try:
             ckpt = safe_loader(path)
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(saved)
     else:
 
         class ProbeUnpickler(pickle.Unpickler):
