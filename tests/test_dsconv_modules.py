@@ -172,7 +172,9 @@ def test_state_dict_roundtrip_exact_and_weights_only(bits):
 def test_format_version_mismatch_names_the_layer():
     model = nn.Sequential(nn.Identity(), DSConv2d(8, 8, 1).freeze())
     sd = model.state_dict()
-    sd["1._extra_state"] = dict(sd["1._extra_state"], format_version=FORMAT_VERSION + 1)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())  # Ultralytics' EMA needs it
+    sd["1._extra_state"] = sd["1._extra_state"].clone()
+    sd["1._extra_state"][0] = FORMAT_VERSION + 1
     fresh = nn.Sequential(nn.Identity(), DSConv2d(8, 8, 1))
     with pytest.raises(DSConvFormatError, match="layer '1'.*format version"):
         fresh.load_state_dict(sd)

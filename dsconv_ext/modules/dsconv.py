@@ -297,18 +297,32 @@ class DSConv2d(nn.Module):
                 self._buffers[n] = b.to(target)
         return self
 
+    # Extra state is an int32 tensor, not a dict: Ultralytics walks state dicts assuming every
+    # value is a tensor (ModelEMA reads .dtype, intersect_dicts reads .shape). Integer tensors
+    # are also left alone by EMA and by .half().
+    _EXTRA_FIELDS = ("format_version", "frozen", "bits", "block_size", "act_bits", "fuse_silu")
+
     def get_extra_state(self):
-        return {
-            "format_version": FORMAT_VERSION,
-            "frozen": self.frozen,
-            "bits": self.bits,
-            "block_size": self.block_size,
-            "act_bits": self.act_bits,
-            "fuse_silu": self.fuse_silu,
-        }
+        values = (
+            FORMAT_VERSION,
+            self.frozen,
+            self.bits,
+            self.block_size,
+            self.act_bits,
+            self.fuse_silu,
+        )
+        return torch.tensor([int(v) for v in values], dtype=torch.int32)
+
+    @classmethod
+    def _extra_dict(cls, state):
+        if isinstance(state, dict):
+            return state
+        if isinstance(state, torch.Tensor) and state.dim() == 1:
+            return dict(zip(cls._EXTRA_FIELDS, (int(v) for v in state.tolist())))
+        return {}
 
     def set_extra_state(self, state):
-        self.fuse_silu = bool(state.get("fuse_silu", False))
+        self.fuse_silu = bool(self._extra_dict(state).get("fuse_silu", False))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -322,7 +336,8 @@ class DSConv2d(nn.Module):
     ):
         extra = state_dict.get(prefix + "_extra_state")
         layer = prefix.rstrip(".") or type(self).__name__
-        if isinstance(extra, dict):
+        if extra is not None:
+            extra = self._extra_dict(extra)
             version = extra.get("format_version")
             if version != FORMAT_VERSION:
                 raise DSConvFormatError(
