@@ -93,6 +93,30 @@ def peak_cpu_memory_mb(fn: Callable[[], object]) -> float:
     return peak / 2**20
 
 
+def peak_cpu_memory_self_mb(fn: Callable[[], object]) -> float:
+    """Peak CPU memory of one call, each allocation counted once.
+
+    The profiler reports an op's memory inclusive of the ops it calls (``conv2d`` ->
+    ``convolution`` -> ... -> ``mkldnn_convolution`` all show the same output buffer), so summing
+    ``cpu_memory_usage`` over every event counts nested allocations several times; this walks
+    ``self_cpu_memory_usage`` (what each op allocated or freed itself) instead.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "self_cpu_memory_usage", 0) != 0),
+        key=lambda e: e.time_range.start,
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
 def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
     """Print rows as a GitHub-markdown table (so it pastes into the README as is)."""
 

@@ -5,7 +5,8 @@ On the three BRA layers of YOLO11n and YOLO11s with the BiFormer head at 640 px 
 threads unless --threads) and 16 on CUDA. Forward (inference, no autograd) and forward+backward
 (gradients of the input and every parameter). Backends of a row are timed interleaved and the
 median of the rounds is reported; ``x ref`` = reference time / backend time, ``mem x`` =
-reference peak / backend peak (CPU: allocator accounting of the profiler; CUDA: peak allocated).
+reference peak / backend peak (CPU: the profiler's allocator accounting, each allocation
+counted once; CUDA: peak allocated).
 
     python benchmarks/bench_bra.py                 # full table (minutes: the reference is slow)
     python benchmarks/bench_bra.py --quick         # n-scale P3, batch 1
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _timing import (  # noqa: E402
     dump_json,
     environment,
-    peak_cpu_memory_mb,
+    peak_cpu_memory_self_mb,
     peak_cuda_memory_mb,
     print_table,
     time_interleaved,
@@ -107,7 +108,7 @@ def bench_row(scale, layer, c, h, w, batch, train, backends, device, args) -> Li
     peak = {}
     if not args.no_memory:
         for name, fn in fns.items():
-            peak[name] = peak_cuda_memory_mb(fn) if sync else peak_cpu_memory_mb(fn)
+            peak[name] = peak_cuda_memory_mb(fn) if sync else peak_cpu_memory_self_mb(fn)
     rows = []
     for name in backends:
         row = {
