@@ -158,7 +158,7 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   return lay;
 }
 
-// Float-family weights alpha * q + KDSb as [G][o-tile][c][tap][R] floats, R = 1 or kOTile.
+// Float-family weights alpha * q + KDSb as [G][o-tile][c][tap][R] floats, R = 1 or kFloatOTile.
 std::vector<float> float_weights(const at::Tensor& intweight, const at::Tensor& alpha,
                                  const c10::optional<at::Tensor>& KDSb, const Layout& lay,
                                  int64_t R) {
@@ -261,7 +261,7 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles.
-  const int64_t Ogp = (g.Og + kOTile - 1) / kOTile * kOTile;
+  const int64_t Ogp = (g.Og + kFloatOTile - 1) / kFloatOTile * kFloatOTile;
   std::vector<float> epi(size_t(2 * groups * Ogp), 0.f);
   {
     at::Tensor cw = CDSw.has_value() ? CDSw->to(at::kFloat).contiguous() : at::Tensor();
@@ -279,7 +279,7 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;
   std::vector<float> wf;
-  const int64_t R = lay.kfloat && g.Og == 1 ? 1 : kOTile;
+  const int64_t R = !lay.kfloat ? kOTile : g.Og == 1 ? 1 : kFloatOTile;
   const int64_t otiles = (g.Og + R - 1) / R;
   if (lay.kfloat) {
     wf = float_weights(intweight_in, alpha, KDSb, lay, R);

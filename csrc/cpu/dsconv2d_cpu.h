@@ -43,8 +43,9 @@ const char* isa_name(Isa isa);
 Isa select_isa();
 
 // Output channels per int8 microkernel tile, for every ISA (the weight streams are laid out
-// for it). The float kernels use kOTile, or 1 for groups with a single output channel.
-constexpr int64_t kOTile = 8;
+// for it), and per float-family tile (1 instead for groups with a single output channel).
+constexpr int64_t kOTile = 4;
+constexpr int64_t kFloatOTile = 8;
 
 struct Layout {
   ConvGeometry g;
@@ -85,7 +86,7 @@ struct PackedWeights {
   }
 };
 
-// Per-output-channel epilogue constants of one group, padded to a multiple of kOTile.
+// Per-output-channel epilogue constants of one group, padded to a multiple of kFloatOTile.
 struct Epilogue {
   const float* cdsw;  // CDSw or ones
   const float* cb;    // CDSb + bias
@@ -131,7 +132,7 @@ struct IsaKernels {
   // int8: o-tile `ot` over q tiles [qt0, qt1) of one slice.
   void (*conv_tiles)(const Slice&, const uint8_t* wstream, const Epilogue&, int64_t ot, int64_t qt0,
                      int64_t qt1);
-  // float: `R` (1 or kOTile) output channels from o0, weights wf[c][tap][R].
+  // float: `R` (1 or kFloatOTile) output channels from o0, weights wf[c][tap][R].
   void (*float_tiles)(const Slice&, const float* wf, int R, const Epilogue&, int64_t o0,
                       int64_t qt0, int64_t qt1);
 };
@@ -145,6 +146,19 @@ inline int64_t pack_input_row(const PackRow& r) {
   const ConvGeometry& g = r.lay->g;
   const int64_t h = r.yq * g.sh + r.ry - g.ph;
   return r.yq < r.yend && r.yq < r.lay->Hq && in_range(h, g.H) ? h : -1;
+}
+
+// Software prefetch of the input row the next phase row of this block will read. The packers
+// read several channel rows, each MBs apart in NCHW, and a high-resolution layer's input comes
+// from DRAM: the hardware prefetchers alone left the packers waiting on these loads.
+inline void prefetch_next_row(const PackRow& r, int64_t hrow) {
+  const ConvGeometry& g = r.lay->g;
+  const int64_t next = hrow + g.sh;
+  if (hrow < 0 || next >= g.H) return;
+  for (int64_t c = 0; c < r.nch; ++c) {
+    const char* p = reinterpret_cast<const char*>(r.x + c * r.x_cstride + next * g.W);
+    for (int64_t b = 0; b < g.W * 4; b += 64) __builtin_prefetch(p + b);
+  }
 }
 
 }  // namespace cpu

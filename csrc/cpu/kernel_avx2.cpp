@@ -17,7 +17,8 @@ namespace {
 
 constexpr int64_t kVec = 8;
 constexpr int64_t kQTile = kVec;
-constexpr int64_t kHalf = kOTile / 2;  // output channels per pass over a weight stream
+constexpr int64_t kHalf = 4;  // output channels per pass over a weight stream
+static_assert(kOTile % kHalf == 0, "whole passes");
 
 DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -251,7 +252,7 @@ DSCONV_AVX2 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const 
   const int64_t* tapoff = lay.tapoff.data();
   for (int64_t qt = qt0; qt < qt1; ++qt) {
     const int64_t q0 = qt * kQTile;
-    for (int64_t half = 0; half < 2; ++half) {
+    for (int64_t half = 0; half < kOTile / kHalf; ++half) {
       __m256 f[kHalf];
       for (int r = 0; r < kHalf; ++r) f[r] = _mm256_setzero_ps();
       const uint8_t* ws = wstream;
@@ -354,7 +355,7 @@ DSCONV_AVX2 void float_tiles(const Slice& sl, const float* wf, int R, const Epil
   if (R == 1)
     float_tiles_impl<1>(sl, wf, ep, o0, qt0, qt1);
   else
-    float_tiles_impl<kOTile>(sl, wf, ep, o0, qt0, qt1);
+    float_tiles_impl<kFloatOTile>(sl, wf, ep, o0, qt0, qt1);
 }
 
 }  // namespace

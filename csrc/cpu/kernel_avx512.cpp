@@ -151,6 +151,7 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   const ConvGeometry& g = lay.g;
   const int64_t hrow = pack_input_row(r);
   const bool inside = hrow >= 0;
+  prefetch_next_row(r, hrow);
   const int64_t kplane = lay.P * lay.Lq;
   const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
   const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
@@ -205,6 +206,7 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
   const int64_t hrow = pack_input_row(r);
+  prefetch_next_row(r, hrow);
   const int64_t cplane = lay.P * lay.Lq;
   const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
   for (int64_t rx = 0; rx < g.sw; ++rx) {
@@ -240,73 +242,51 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
 
 // --- Microkernels ---
 
-// One (block, tap) segment of the 8 output channel x 48 pixel tile, in one asm block:
-//   zmm0..23  int32 accumulators, channel r and pixel vector v in zmm(3r + v);
-//   zmm24..26 the three pixel vectors of a 4-channel group, then the block exponents E;
-//   zmm27/28  the broadcast weights, then corr / alpha of a channel.
-// K loop: acc += u8(act) . s8(w) over the segment's K4 4-channel groups. Flush:
-// f += alpha * scalef(float(acc + corr), E), with the 24 float accumulators f in L1 (the register
-// file holds the int32 ones). Inline asm because GCC cannot keep 24 accumulators in registers
-// across the intrinsic K loop (it copies or spills them every iteration), and 24 "+v" operands
-// exceed the asm operand limit, so the whole segment uses fixed registers.
-// clang-format off
-#define DSC_DP(R, A0, A1, A2)                           \
-  "vpbroadcastd " #R "*4(%[w]), %%zmm27\n\t"            \
-  "vpdpbusd %%zmm27, %%zmm24, %%zmm" #A0 "\n\t"         \
-  "vpdpbusd %%zmm27, %%zmm25, %%zmm" #A1 "\n\t"         \
-  "vpdpbusd %%zmm27, %%zmm26, %%zmm" #A2 "\n\t"
-#define DSC_FLUSH1(ACC, E)                              \
-  "vpaddd %%zmm27, %%zmm" #ACC ", %%zmm" #ACC "\n\t"    \
-  "vcvtdq2ps %%zmm" #ACC ", %%zmm" #ACC "\n\t"          \
-  "vscalefps %%zmm" #E ", %%zmm" #ACC ", %%zmm" #ACC "\n\t" \
-  "vfmadd213ps " #ACC "*64(%[f]), %%zmm28, %%zmm" #ACC "\n\t" \
-  "vmovaps %%zmm" #ACC ", " #ACC "*64(%[f])\n\t"
-#define DSC_FLUSH(R, A0, A1, A2)                        \
-  "vpbroadcastd " #R "*4(%[h]), %%zmm27\n\t"            \
-  "vbroadcastss 32+" #R "*4(%[h]), %%zmm28\n\t"         \
-  DSC_FLUSH1(A0, 24) DSC_FLUSH1(A1, 25) DSC_FLUSH1(A2, 26)
-#define DSC_ZERO3(A0, A1, A2)                           \
-  "vpxord %%zmm" #A0 ", %%zmm" #A0 ", %%zmm" #A0 "\n\t" \
-  "vpxord %%zmm" #A1 ", %%zmm" #A1 ", %%zmm" #A1 "\n\t" \
-  "vpxord %%zmm" #A2 ", %%zmm" #A2 ", %%zmm" #A2 "\n\t"
-// clang-format on
-
-static_assert(kOTile == 8 && kPV == 3, "the segment asm is written for 8 x 3 accumulators");
-static_assert(sizeof(SegHeader) == 96, "the segment asm reads corr at 0 and alpha at 32");
-
-DSCONV_AVX512 inline void segment(float* f, const SegHeader* h, const uint8_t* a, int64_t K4,
-                                  int64_t kplane_b, const float* e) {
-  const int32_t* w = reinterpret_cast<const int32_t*>(h + 1);
-  const int32_t* wend = w + K4 * kOTile;
-  asm volatile(
-      DSC_ZERO3(0, 1, 2) DSC_ZERO3(3, 4, 5) DSC_ZERO3(6, 7, 8) DSC_ZERO3(9, 10, 11)
-      DSC_ZERO3(12, 13, 14) DSC_ZERO3(15, 16, 17) DSC_ZERO3(18, 19, 20) DSC_ZERO3(21, 22, 23)
-      "1:\n\t"
-      "vmovdqu64 (%[a]), %%zmm24\n\t"
-      "vmovdqu64 64(%[a]), %%zmm25\n\t"
-      "vmovdqu64 128(%[a]), %%zmm26\n\t"
-      DSC_DP(0, 0, 1, 2) DSC_DP(1, 3, 4, 5) DSC_DP(2, 6, 7, 8) DSC_DP(3, 9, 10, 11)
-      DSC_DP(4, 12, 13, 14) DSC_DP(5, 15, 16, 17) DSC_DP(6, 18, 19, 20) DSC_DP(7, 21, 22, 23)
-      "add %[stride], %[a]\n\t"
-      "add $32, %[w]\n\t"
-      "cmp %[wend], %[w]\n\t"
-      "jne 1b\n\t"
-      "vmovups (%[e]), %%zmm24\n\t"
-      "vmovups 64(%[e]), %%zmm25\n\t"
-      "vmovups 128(%[e]), %%zmm26\n\t"
-      DSC_FLUSH(0, 0, 1, 2) DSC_FLUSH(1, 3, 4, 5) DSC_FLUSH(2, 6, 7, 8) DSC_FLUSH(3, 9, 10, 11)
-      DSC_FLUSH(4, 12, 13, 14) DSC_FLUSH(5, 15, 16, 17) DSC_FLUSH(6, 18, 19, 20)
-      DSC_FLUSH(7, 21, 22, 23)
-      : [a] "+r"(a), [w] "+r"(w)
-      : [wend] "r"(wend), [stride] "r"(kplane_b), [e] "r"(e), [h] "r"(h), [f] "r"(f)
-      : "cc", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
-        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18",
-        "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28");
+// The K loop of one (block, tap) segment: acc[r][v] = sum over the K4 4-channel groups of
+// u8(activations of pixel vector v) . s8(weights of output channel r), 12 accumulators.
+// Inline asm because GCC 12, given the intrinsics, copies every accumulator once per iteration
+// (12 extra moves per 12 vpdpbusd) or spills them to the stack.
+DSCONV_AVX512 inline void k_loop(__m512i (&acc)[kOTile][kPV], const uint8_t* a, const int32_t* w,
+                                 int64_t K4, int64_t kplane_b) {
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
+  __m512i c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+  if (K4 > 0) {
+    // 30 operands, GCC's limit: the loop ends on the weight pointer rather than a counter.
+    asm volatile(
+        "1:\n\t"
+        "vmovdqu64 (%[a]), %%zmm29\n\t"
+        "vmovdqu64 64(%[a]), %%zmm30\n\t"
+        "vmovdqu64 128(%[a]), %%zmm31\n\t"
+        "vpbroadcastd (%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c00]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c01]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c02]\n\t"
+        "vpbroadcastd 4(%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c10]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c11]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c12]\n\t"
+        "vpbroadcastd 8(%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c20]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c21]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c22]\n\t"
+        "vpbroadcastd 12(%[w]), %%zmm28\n\t"
+        "vpdpbusd %%zmm28, %%zmm29, %[c30]\n\t"
+        "vpdpbusd %%zmm28, %%zmm30, %[c31]\n\t"
+        "vpdpbusd %%zmm28, %%zmm31, %[c32]\n\t"
+        "add %[stride], %[a]\n\t"
+        "add $16, %[w]\n\t"
+        "cmp %[wend], %[w]\n\t"
+        "jne 1b\n\t"
+        : [c00] "+v"(c00), [c01] "+v"(c01), [c02] "+v"(c02), [c10] "+v"(c10), [c11] "+v"(c11),
+          [c12] "+v"(c12), [c20] "+v"(c20), [c21] "+v"(c21), [c22] "+v"(c22), [c30] "+v"(c30),
+          [c31] "+v"(c31), [c32] "+v"(c32), [a] "+r"(a), [w] "+r"(w)
+        : [stride] "r"(kplane_b), [wend] "r"(w + K4 * kOTile)
+        : "xmm28", "xmm29", "xmm30", "xmm31", "cc");
+  }
+  acc[0][0] = c00, acc[0][1] = c01, acc[0][2] = c02, acc[1][0] = c10, acc[1][1] = c11;
+  acc[1][2] = c12, acc[2][0] = c20, acc[2][1] = c21, acc[2][2] = c22, acc[3][0] = c30;
+  acc[3][1] = c31, acc[3][2] = c32;
 }
-#undef DSC_DP
-#undef DSC_FLUSH1
-#undef DSC_FLUSH
-#undef DSC_ZERO3
 
 template <bool kKdsb>
 DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
@@ -316,26 +296,48 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
   const int64_t kplane_b = lay.P * lay.Lq * 4;  // bytes from one k4 plane to the next
   const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 4;
   const int64_t* tapoff = lay.tapoff.data();
-  alignas(64) float f[kOTile * kPV][kVec];
   for (int64_t qt = qt0; qt < qt1; ++qt) {
     const int64_t q0 = qt * kQTile;
-    std::memset(f, 0, sizeof(f));
+    // 12 float accumulators; with the 12 int32 ones of k_loop and its 4 scratch registers the
+    // tile uses 28 of the 32 zmm registers.
+    __m512 f[kOTile][kPV];
+#pragma GCC unroll 4
+    for (int r = 0; r < kOTile; ++r)
+#pragma GCC unroll 3
+      for (int v = 0; v < kPV; ++v) f[r][v] = _mm512_setzero_ps();
     const uint8_t* ws = wstream;
     for (int64_t b = 0; b < lay.g.nblk; ++b) {
       const uint8_t* act_b = reinterpret_cast<const uint8_t*>(sl.act + q0) + b * K4 * kplane_b;
       const int64_t esc_b = b * lay.P * lay.Lq + q0;
       for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
         const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
-        segment(&f[0][0], h, act_b + tapoff[t] * 4, K4, kplane_b, sl.esc + esc_b + tapoff[t]);
+        const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
+        const uint8_t* a = act_b + tapoff[t] * 4;
+        __m512i acc[kOTile][kPV];
+        k_loop(acc, a, w, K4, kplane_b);
+        const float* e = sl.esc + esc_b + tapoff[t];
+        __m512 ev[kPV];
+#pragma GCC unroll 3
+        for (int v = 0; v < kPV; ++v) ev[v] = _mm512_loadu_ps(e + v * kVec);
+#pragma GCC unroll 4
+        for (int r = 0; r < kOTile; ++r) {
+          const __m512 al = _mm512_set1_ps(h->alpha[r]);
+          const __m512i corr = _mm512_set1_epi32(h->corr[r]);
+#pragma GCC unroll 3
+          for (int v = 0; v < kPV; ++v) {
+            const __m512i S = _mm512_add_epi32(acc[r][v], corr);
+            const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(S), ev[v]);
+            f[r][v] = _mm512_fmadd_ps(s, al, f[r][v]);
+          }
+        }
         if (kKdsb) {
           const float* u = sl.usum + esc_b + tapoff[t];
+#pragma GCC unroll 4
           for (int r = 0; r < kOTile; ++r) {
             const __m512 kb = _mm512_set1_ps(h->kdsb[r]);
-            for (int v = 0; v < kPV; ++v) {
-              float* fv = f[r * kPV + v];
-              _mm512_store_ps(
-                  fv, _mm512_fmadd_ps(kb, _mm512_loadu_ps(u + v * kVec), _mm512_load_ps(fv)));
-            }
+#pragma GCC unroll 3
+            for (int v = 0; v < kPV; ++v)
+              f[r][v] = _mm512_fmadd_ps(kb, _mm512_loadu_ps(u + v * kVec), f[r][v]);
           }
         }
       }
@@ -347,7 +349,7 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
         const int64_t o = ot * kOTile + r;
         if (o >= sl.nout) break;
         store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
-                  epilogue(_mm512_load_ps(f[r * kPV + v]), ep.cdsw[o], ep.cb[o], ep.silu));
+                  epilogue(f[r][v], ep.cdsw[o], ep.cb[o], ep.silu));
       }
       ow += kVec;
       while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
@@ -433,7 +435,7 @@ DSCONV_AVX512 void float_tiles(const Slice& sl, const float* wf, int R, const Ep
   if (R == 1)
     float_tiles_impl<1>(sl, wf, ep, o0, qt0, qt1);
   else
-    float_tiles_impl<kOTile>(sl, wf, ep, o0, qt0, qt1);
+    float_tiles_impl<kFloatOTile>(sl, wf, ep, o0, qt0, qt1);
 }
 
 }  // namespace
