@@ -295,8 +295,11 @@ class BiLevelRoutingAttention(nn.Module):
         # NCHW -> window-grouped pixels [N, P, Wq, C] in one copy; the projection then yields
         # window-grouped q / k / v with channels last, the layout of the attention core.
         xw = x.reshape(n, c, nw, wh, nw, ww).permute(0, 2, 4, 3, 5, 1).reshape(n, p2, wq, c)
-        qkv = linear_cl(xw, self.qkv.qkv.weight, self.qkv.qkv.bias)
-        q, kv = qkv[..., :qk], qkv[..., qk:]
+        # q and kv as two dense tensors (two products on row slices of the one weight): the CPU
+        # gathers then copy whole contiguous rows, which stays fast when the cores are shared.
+        wt, bias = self.qkv.qkv.weight, self.qkv.qkv.bias
+        q = linear_cl(xw, wt[:qk], None if bias is None else bias[:qk])
+        kv = linear_cl(xw, wt[qk:], None if bias is None else bias[qk:])
         r_weight, r_idx = self.router(q.mean(2), kv[..., :qk].mean(2))
         if not isinstance(self.kv_down, nn.Identity):
             ckv = kv.shape[-1]

@@ -13,6 +13,7 @@ oneDNN's speed.
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -52,13 +53,36 @@ def linear_cl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return out.permute(0, 2, 3, 1).reshape(*lead, weight.shape[0])
 
 
-def _attend(q, kv, flat_idx, w, scale, h):
+_WS = threading.local()
+
+
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-thread scratch buffer reused across calls (no autograd): fresh multi-MB buffers
+    are page-faulted in on every call, which is slow, and very slow when the cores are shared."""
+    buf = getattr(_WS, "buf", None)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(
+            max(numel, CHUNK_BYTES // like.element_size()), dtype=like.dtype, device=like.device
+        )
+        _WS.buf = buf
+    return buf[:numel]
+
+
+def _attend(q, kv, flat_idx, w, scale, h, scratch):
     """SDPA of ``q [G, Wq, Ck]`` over the ``[G*K]`` regions ``flat_idx`` of ``kv [R, Wk, Ckv]``."""
     g, wq, ck = q.shape
     wk, ckv = kv.shape[1], kv.shape[2]
     cv = ckv - ck
     topk = flat_idx.numel() // g
-    sel = kv.index_select(0, flat_idx)  # one contiguous copy per routed region
+    # One contiguous copy per routed region, as rows of a 2-D view: index_select then copies
+    # whole rows (its strided path was far slower, above all with the cores shared).
+    rows = kv.view(kv.shape[0], -1)
+    if scratch:
+        sel = _workspace(flat_idx.numel() * wk * ckv, kv)
+        torch.index_select(rows, 0, flat_idx, out=sel.view(-1, wk * ckv))
+    else:
+        sel = rows.index_select(0, flat_idx)
+    sel = sel.view(-1, wk, ckv)
     if w is not None:
         sel = sel * w.reshape(-1, 1, 1).to(sel.dtype)
     sel = sel.view(g, topk * wk, ckv)
@@ -105,12 +129,12 @@ def routed_attention_torch(
     base = torch.arange(0, b * p, p, device=r_idx.device).view(b, 1, 1)
     flat_idx = (r_idx + base).reshape(b * p, topk)
     w = None if r_weight is None else r_weight.reshape(b * p, topk)
-    # Channel slices of the projection output are read in place by index_select.
-    q, kv = q.reshape(b * p, wq, ck), kv.reshape(b * p, wk, ckv)
+    q, kv = q.reshape(b * p, wq, ck), kv.reshape(b * p, wk, ckv).contiguous()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, w))
     per_window = topk * wk * ckv * kv.element_size()
     g = max(1, min(b * p, chunk_bytes // max(per_window, 1)))
-    if grad or q.device.type != "cpu":
+    scratch = not (grad or q.device.type != "cpu" or torch.compiler.is_compiling())
+    if not scratch:
         # Autograd would keep every chunk's copy anyway (and sum a full-size gradient per
         # chunk); GPUs have a caching allocator and prefer one big launch.
         g = b * p
@@ -122,6 +146,7 @@ def routed_attention_torch(
             None if w is None else w[i : i + g],
             scale,
             num_heads,
+            scratch,
         )
         for i in range(0, b * p, g)
     ]
