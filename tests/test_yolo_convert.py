@@ -153,6 +153,7 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
             with torch.no_grad():
                 y = model(torch.from_numpy(np.load({str(tmp_path / "x.npy")!r})))
             np.save({str(tmp_path / "y.npy")!r}, y[0].numpy())
+            YOLO({str(path)!r}).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)
         """
         run_python(code, timeout=180, ULTRALYTICS_SAFE_LOAD="1")
         assert rel_err(np.load(tmp_path / "y.npy"), want) < 1e-6
