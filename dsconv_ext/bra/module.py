@@ -325,7 +325,8 @@ class BiLevelRoutingAttention(nn.Module):
         # One pass back to pixels that also adds the local enhancement (NHWC result).
         out = out.view(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
         if lepe is not None:
-            out = out + lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c)
+            # The pixel-ordered operand first: the sum then comes out pixel-ordered (NHWC).
+            out = lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c) + out
         out = out.reshape(n, h, w, c)
         if pad_r or pad_b:
             out = out[:, :h_in, :w_in]
