@@ -78,6 +78,21 @@ DSCONV_AVX512 inline void store_vec(const Layout& lay, float* out, int64_t oh, i
   }
 }
 
+// Row stores of the packers: a plain store for whole vectors (masked stores are markedly slower
+// on AMD cores), a masked one only for the row's last, partial vector.
+DSCONV_AVX512 inline void store_row(float* p, __mmask16 m, __m512 v) {
+  if (m == 0xFFFF)
+    _mm512_storeu_ps(p, v);
+  else
+    _mm512_mask_storeu_ps(p, m, v);
+}
+DSCONV_AVX512 inline void store_row(uint32_t* p, __mmask16 m, __m512i v) {
+  if (m == 0xFFFF)
+    _mm512_storeu_si512(p, v);
+  else
+    _mm512_mask_storeu_epi32(p, m, v);
+}
+
 // --- Packing -------------------------------------------------------------------------------
 
 struct RowLoader {
@@ -163,10 +178,9 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
       const __mmask16 st = lane_range(0, nl);
       uint32_t* act = r.act + base + x0;
       if (!inside) {
-        for (int64_t k4 = 0; k4 < lay.K4; ++k4)
-          _mm512_mask_storeu_epi32(act + k4 * kplane, st, neutral);
-        _mm512_mask_storeu_ps(r.esc + base + x0, st, _mm512_setzero_ps());
-        if (r.usum) _mm512_mask_storeu_ps(r.usum + base + x0, st, _mm512_setzero_ps());
+        for (int64_t k4 = 0; k4 < lay.K4; ++k4) store_row(act + k4 * kplane, st, neutral);
+        store_row(r.esc + base + x0, st, _mm512_setzero_ps());
+        if (r.usum) store_row(r.usum + base + x0, st, _mm512_setzero_ps());
         continue;
       }
       const RowLoader L =
@@ -191,12 +205,12 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
           const __m512i byte = _mm512_add_epi32(m, _mm512_set1_epi32(128));  // in [1, 255]
           word = _mm512_or_si512(word, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * lane)));
         }
-        _mm512_mask_storeu_epi32(act + k4 * kplane, st, word);
+        store_row(act + k4 * kplane, st, word);
       }
-      _mm512_mask_storeu_ps(r.esc + base + x0, st, _mm512_mask_mov_ps(nan, finite, e));
+      store_row(r.esc + base + x0, st, _mm512_mask_mov_ps(nan, finite, e));
       if (r.usum) {
         const __m512 u = _mm512_scalef_ps(_mm512_cvtepi32_ps(msum), e);
-        _mm512_mask_storeu_ps(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
+        store_row(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
       }
     }
   }
@@ -216,7 +230,7 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
       const __mmask16 st = lane_range(0, nl);
       if (hrow < 0) {
         for (int64_t c = 0; c < r.nch; ++c)
-          _mm512_mask_storeu_ps(dst + c * cplane + x0, st, _mm512_setzero_ps());
+          store_row(dst + c * cplane + x0, st, _mm512_setzero_ps());
         continue;
       }
       const RowLoader L =
@@ -233,8 +247,7 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
       for (int64_t c = 0; c < r.nch; ++c) {
         const __m512i m = mantissa(load_lanes(L, c), neg_e, lim, finite);
         const __m512 v = _mm512_scalef_ps(_mm512_cvtepi32_ps(m), e);
-        _mm512_mask_storeu_ps(dst + c * cplane + x0, st,
-                              _mm512_mask_mov_ps(_mm512_set1_ps(NAN), finite, v));
+        store_row(dst + c * cplane + x0, st, _mm512_mask_mov_ps(_mm512_set1_ps(NAN), finite, v));
       }
     }
   }
