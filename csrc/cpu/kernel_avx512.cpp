@@ -235,17 +235,20 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
       }
       const RowLoader L =
           make_loader(r.x + hrow * g.W, r.x_cstride, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
+      // Up to 4 channels: load each once and keep it for the second pass.
+      __m512 xv[4];
       __m512i amax = _mm512_setzero_si512();
       for (int64_t c = 0; c < r.nch; ++c) {
+        xv[c] = load_lanes(L, c);
         const __m512i bits =
-            _mm512_and_si512(_mm512_castps_si512(load_lanes(L, c)), _mm512_set1_epi32(0x7FFFFFFF));
+            _mm512_and_si512(_mm512_castps_si512(xv[c]), _mm512_set1_epi32(0x7FFFFFFF));
         amax = _mm512_max_epi32(amax, bits);
       }
       const __mmask16 finite = _mm512_cmplt_epi32_mask(amax, _mm512_set1_epi32(0x7F800000));
       const __m512 e = _mm512_cvtepi32_ps(block_exponent(amax, r.mant_bits));
       const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
       for (int64_t c = 0; c < r.nch; ++c) {
-        const __m512i m = mantissa(load_lanes(L, c), neg_e, lim, finite);
+        const __m512i m = mantissa(xv[c], neg_e, lim, finite);
         const __m512 v = _mm512_scalef_ps(_mm512_cvtepi32_ps(m), e);
         store_row(dst + c * cplane + x0, st, _mm512_mask_mov_ps(_mm512_set1_ps(NAN), finite, v));
       }
