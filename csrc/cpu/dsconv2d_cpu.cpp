@@ -1,6 +1,6 @@
-// CPU implementation of dsconv_ext::dsconv2d: argument checks, the packed layouts, the two
-// parallel phases (pack activations, convolve) and the ISA dispatch. The maths lives in the
-// per-ISA files; see dsconv2d_cpu.h for the layouts.
+// CPU implementation of dsconv_ext::dsconv2d: argument checks, the band split, the parallel loop
+// over (image, group, band, output-channel chunk) tasks and the ISA dispatch. The maths lives in
+// the per-ISA files; see dsconv2d_cpu.h for the layouts.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -105,8 +105,9 @@ void check_param(const c10::optional<at::Tensor>& t, const char* name, c10::IntA
 // Per-thread packed band: about this many bytes, so that it stays in a core's L2.
 constexpr int64_t kBandBytes = 384 << 10;
 
-// Geometry, band split and q-space sizes. `tasks_wanted`: the thread count; the split aims at a
-// task count that is a multiple of it (two threads on three equal tasks idle a third of the time).
+// Geometry, band split and q-space sizes. With few tasks the split aims at a task count that is
+// a multiple of `threads` (two threads on three equal tasks idle a third of the time), splitting
+// the output channels into `ochunks` when the rows alone cannot give enough tasks.
 Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride,
                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                    int64_t block, int64_t qtile, bool with_kdsb, int64_t threads,

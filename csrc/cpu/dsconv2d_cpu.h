@@ -124,8 +124,7 @@ struct PackRow {
 
 // Per-ISA entry points.
 struct IsaKernels {
-  int64_t qtile;        // pixels per microkernel call
-  bool exponent_scale;  // esc holds E (true) or 2^E (false)
+  int64_t qtile;  // pixels per microkernel call
   int weight_elem_bytes;
   void (*pack_row)(const PackRow&);
   void (*pack_row_float)(const PackRow&);

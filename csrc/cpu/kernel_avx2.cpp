@@ -361,9 +361,8 @@ DSCONV_AVX2 void float_tiles(const Slice& sl, const float* wf, int R, const Epil
 }  // namespace
 
 const IsaKernels& kernels_avx2() {
-  static const IsaKernels k{kQTile,      /*exponent_scale=*/false, /*weight_elem_bytes=*/2,
-                            &pack_row,   &pack_row_float,          &conv_tiles,
-                            &float_tiles};
+  static const IsaKernels k{
+      kQTile, /*weight_elem_bytes=*/2, &pack_row, &pack_row_float, &conv_tiles, &float_tiles};
   return k;
 }
 

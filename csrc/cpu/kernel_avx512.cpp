@@ -457,9 +457,8 @@ DSCONV_AVX512 void float_tiles(const Slice& sl, const float* wf, int R, const Ep
 }  // namespace
 
 const IsaKernels& kernels_avx512() {
-  static const IsaKernels k{kQTile,      /*exponent_scale=*/true, /*weight_elem_bytes=*/1,
-                            &pack_row,   &pack_row_float,         &conv_tiles,
-                            &float_tiles};
+  static const IsaKernels k{
+      kQTile, /*weight_elem_bytes=*/1, &pack_row, &pack_row_float, &conv_tiles, &float_tiles};
   return k;
 }
 

@@ -167,10 +167,9 @@ void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, in
 }  // namespace
 
 const IsaKernels& kernels_scalar() {
-  static const IsaKernels k{
-      /*qtile=*/16, /*exponent_scale=*/false, /*weight_elem_bytes=*/1,
-      &pack_row,    &pack_row_float,          &conv_tiles,
-      &float_tiles};
+  static const IsaKernels k{/*qtile=*/16, /*weight_elem_bytes=*/1,
+                            &pack_row,    &pack_row_float,
+                            &conv_tiles,  &float_tiles};
   return k;
 }
 
