@@ -350,3 +350,24 @@ def test_block_count_helper_agrees():
         case = dict(x=x, intweight=q, alpha=alpha, stride=(1, 1), padding=(0, 0), groups=1,
                     dilation=(1, 1), block_size=B, act_bits=8, fuse_silu=False)  # fmt: skip
         assert_close(op(case), dsconv2d_reference(**case), f"Cg={Cg} B={B}")
+
+
+@pytest.mark.parametrize("act_bits", range(2, 9))
+def test_bfp_rounding_ties_and_clamp(isa, act_bits):
+    """A 1x1 depthwise conv with q = 1 and alpha = 1 returns the BFP values themselves: ties must
+    round half to even and the top of each binade must clamp to 2^(m-1) - 1 (at every scale,
+    subnormals included)."""
+    m = act_bits
+    k = torch.arange(2 ** (m - 2), 2 ** (m - 1), dtype=torch.float64)
+    vals = torch.cat([k, k + 0.5, k + 0.25, k + 0.75, k[-1:] + 0.999])  # mantissa * 2^-E units
+    rows = []
+    for e in (-149 + m, -140, -20, 0, 7, 100):
+        rows.append(vals * 2.0**e)
+        rows.append(-vals * 2.0**e)
+    x = torch.stack([r[: vals.numel()] for r in rows]).float()  # [channels, values]
+    x = x.view(1, x.shape[0], 1, -1)
+    C = x.shape[1]
+    case = dict(x=x, intweight=torch.ones(C, 1, 1, 1, dtype=torch.int8),
+                alpha=torch.ones(C, 1, 1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=C, block_size=32, act_bits=m, fuse_silu=False)  # fmt: skip
+    assert torch.equal(op(case), dsconv2d_reference(**case))

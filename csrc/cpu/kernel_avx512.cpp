@@ -216,6 +216,33 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   }
 }
 
+// The BFP value of single-channel blocks, on the bit pattern: E = floor(log2|x|) - (m - 2) makes
+// the mantissa x / 2^E the float's significand with m - 2 fraction bits, so rounding it half to
+// even is an integer add and mask at bit k = 25 - m; a carry into the next binade is the clamp to
+// 2^(m-1) - 1. Returns false (and the caller takes the general path) for subnormal, Inf or NaN
+// lanes.
+DSCONV_AVX512 inline bool round_single(__m512 x, int mant_bits, __m512* out) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i ex = _mm512_srli_epi32(mag, 23);
+  const __mmask16 special =
+      _mm512_cmpeq_epi32_mask(ex, _mm512_set1_epi32(255)) |
+      (_mm512_cmpeq_epi32_mask(ex, _mm512_setzero_si512()) & _mm512_test_epi32_mask(mag, mag));
+  if (special) return false;
+  const int k = 25 - mant_bits;
+  const __m512i low = _mm512_set1_epi32((1 << k) - 1);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(mag, k), _mm512_set1_epi32(1));
+  const __m512i half = _mm512_set1_epi32((1 << (k - 1)) - 1);
+  __m512i rnd = _mm512_andnot_si512(low, _mm512_add_epi32(mag, _mm512_add_epi32(half, lsb)));
+  const __mmask16 carry = _mm512_cmpneq_epi32_mask(_mm512_srli_epi32(rnd, 23), ex);
+  const __m512i top = _mm512_or_si512(_mm512_slli_epi32(ex, 23),
+                                      _mm512_set1_epi32(((1 << (mant_bits - 2)) - 1) << k));
+  rnd = _mm512_mask_mov_epi32(rnd, carry, top);
+  *out = _mm512_castsi512_ps(
+      _mm512_or_si512(rnd, _mm512_and_si512(bits, _mm512_set1_epi32(int32_t(0x80000000u)))));
+  return true;
+}
+
 DSCONV_AVX512 void pack_row_float(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
@@ -235,6 +262,13 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
       }
       const RowLoader L =
           make_loader(r.x + hrow * g.W, r.x_cstride, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
+      if (r.nch == 1) {  // depthwise: round in the bit pattern, see round_single
+        __m512 v;
+        if (round_single(load_lanes(L, 0), r.mant_bits, &v)) {
+          store_row(dst + x0, st, v);
+          continue;
+        }
+      }
       // Up to 4 channels: load each once and keep it for the second pass.
       __m512 xv[4];
       __m512i amax = _mm512_setzero_si512();
