@@ -12,6 +12,10 @@ counted once; CUDA: peak allocated).
     python benchmarks/bench_bra.py --quick         # n-scale P3, batch 1
     python benchmarks/bench_bra.py --json out.json
     python benchmarks/bench_bra.py --check-shapes  # compare the layer table with ultralytics
+
+On a shared machine, OpenMP threads that spin while waiting at barriers steal the cores from
+the threads doing work; ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the
+output) which made busy-machine timings far steadier for every backend.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import sys
 import time
 from typing import Dict, List, Tuple
 
-import torch
+if "--omp-passive" in sys.argv:  # must precede the OpenMP runtime's start (torch import)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,6 +146,7 @@ def main() -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--json", help="write results to this path ('-' for stdout)")
     p.add_argument("--check-shapes", action="store_true", help="compare LAYERS with ultralytics")
+    p.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE")
     args = p.parse_args()
 
     if args.check_shapes:
@@ -181,7 +189,8 @@ def main() -> int:
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
     load1 = os.getloadavg()
-    env = dict(environment(), device=device, loadavg_before=load0, loadavg_after=load1)
+    env = dict(environment(), device=device, loadavg_before=load0, loadavg_after=load1,
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))  # fmt: skip
     print(f"\nBiLevelRoutingAttention, {env}")
     cols = ["scale", "layer", "C", "HxW", "batch", "pass", "backend", "ms", "x ref"]
     if not args.no_memory:
