@@ -57,8 +57,19 @@ def _register_fake() -> None:
     _fake_registered = True
 
 
+_kernel_cache: Dict[str, Tuple[bool, str]] = {}
+
+
 def _kernel_for(device_type: str) -> Tuple[bool, str]:
-    """Whether a compiled kernel serves this device type, and if not, why."""
+    """Whether a compiled kernel serves this device type, and if not, why (memoised: the answer
+    cannot change once the library is loaded, and the dispatcher query costs ~10 us a call)."""
+    hit = _kernel_cache.get(device_type)
+    if hit is None:
+        hit = _kernel_cache[device_type] = _query_kernel(device_type)
+    return hit
+
+
+def _query_kernel(device_type: str) -> Tuple[bool, str]:
     status = load_library()
     if not status.loaded:
         return False, status.reason
@@ -85,7 +96,7 @@ def _requested_backend() -> str:
 
 def dsconv2d_backend(device: torch.device | str = "cpu") -> str:
     """'kernel' or 'fallback': what ``dsconv2d`` runs for tensors on ``device``."""
-    device_type = torch.device(device).type
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     requested = _requested_backend()
     if requested == "fallback":
         return "fallback"
