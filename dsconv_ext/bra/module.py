@@ -269,16 +269,23 @@ class BiLevelRoutingAttention(nn.Module):
         backend = resolve_backend(self.backend, x)
         if ret_attn_mask or backend == "reference":
             return bra_forward_naive(self, x, ret_attn_mask)
-        if backend == "torch" and x.device.type == "cpu" and x.shape[0] > 1:
-            if not (torch.is_grad_enabled() and (x.requires_grad or self._needs_grad())):
-                # Inference on CPU: one image at a time keeps every temporary cache- and
-                # allocator-friendly (large fresh buffers cost page faults on every call).
-                out = torch.cat([self._forward_fast(xi, backend) for xi in x.split(1)])
-                return out.permute(0, 3, 1, 2)
+        if backend == "torch" and x.device.type == "cpu" and self._split_batch(x):
+            # Inference on large CPU maps: one image at a time keeps the temporaries cache- and
+            # allocator-friendly (fresh multi-MB buffers are page-faulted in on every call);
+            # small maps go whole, where per-op overheads dominate instead.
+            out = torch.cat([self._forward_fast(xi, backend) for xi in x.split(1)])
+            return out.permute(0, 3, 1, 2)
         return self._forward_fast(x, backend).permute(0, 3, 1, 2)
 
-    def _needs_grad(self) -> bool:
-        return any(p.requires_grad for p in self.parameters())
+    def _split_batch(self, x: Tensor) -> bool:
+        if x.shape[0] < 2 or (
+            torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        ):
+            return False
+        nw = self.n_win
+        pixels = -(-x.shape[2] // nw) * -(-x.shape[3] // nw) * nw * nw
+        return pixels * (2 * self.qk_dim + self.dim) * x.element_size() >= 16 << 20
 
     def _forward_fast(self, x: Tensor, backend: str) -> Tensor:
         """The fast path; returns NHWC ``[N, H, W, C]`` (contiguous)."""
