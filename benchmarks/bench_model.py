@@ -178,24 +178,28 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
     for k in ("int8", "int4"):
         models[k] = YOLO(str(ckpts[k])).model.float().eval()
     fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
-    try:
-        import onnxruntime as ort
-
-        onnx_file = YOLO(str(best)).export(
-            format="onnx", imgsz=IMGSZ, simplify=False, verbose=False
-        )
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = args.threads
-        sess = ort.InferenceSession(onnx_file, opts, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        fns["onnxruntime float"] = lambda: sess.run(None, feed)
-    except ImportError:
-        pass
     # ultralytics' select_device() sets torch to cpu_count - 1 threads (1 here) when it loads or
     # exports a model: time every variant with the same, requested thread count.
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
         ms = time_interleaved(fns, rounds=args.rounds, warmup=3)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is not None:
+        onnx_file = YOLO(str(best)).export(
+            format="onnx", imgsz=IMGSZ, simplify=False, verbose=False
+        )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = args.threads
+        # Timed on its own: onnxruntime's pool spins after each run, and interleaved with torch's
+        # OpenMP threads the two steal each other's cores (torch measured 10x slower that way).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(onnx_file, opts, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        ms.update(time_interleaved({"onnxruntime float": lambda: sess.run(None, feed)},
+                                   rounds=args.rounds, warmup=3))  # fmt: skip
 
     images = sorted(str(p) for p in (data.parent / "images" / "val").glob("*.jpg"))[: args.images]
     ref = predictions(YOLO(str(best)), images)
