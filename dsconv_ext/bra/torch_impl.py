@@ -74,14 +74,15 @@ def _attend(q, kv, flat_idx, w, scale, h, scratch):
     wk, ckv = kv.shape[1], kv.shape[2]
     cv = ckv - ck
     topk = flat_idx.numel() // g
-    # One contiguous copy per routed region, as rows of a 2-D view: index_select then copies
-    # whole rows (its strided path was far slower, above all with the cores shared).
-    rows = kv.view(kv.shape[0], -1)
+    # One contiguous copy per routed region. Selecting along dim 1 of a [1, R, Wk*Ckv] view
+    # takes index_select's plain memcpy loop; its dim-0 path iterates in parallel chunks and
+    # ran 3-100x slower whenever the cores were shared.
+    rows = kv.view(1, kv.shape[0], -1)
     if scratch:
         sel = _workspace(flat_idx.numel() * wk * ckv, kv)
-        torch.index_select(rows, 0, flat_idx, out=sel.view(-1, wk * ckv))
+        torch.index_select(rows, 1, flat_idx, out=sel.view(1, -1, wk * ckv))
     else:
-        sel = rows.index_select(0, flat_idx)
+        sel = rows.index_select(1, flat_idx)
     sel = sel.view(-1, wk, ckv)
     if w is not None:
         sel = sel * w.reshape(-1, 1, 1).to(sel.dtype)
