@@ -105,7 +105,7 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
                     ao = _ao_conv(w, s, x)
                     if ao is not None:
                         fns["ao_int8"] = ao
-                    if with_fallback:
+                    if with_fallback and batch == 1:  # the slow fallback: batch 1 only
                         fns["fallback"] = lambda x=x, q=q, a=alpha, c=conv_args: dsconv2d_fallback(
                             x, q, a, None, None, None, None, *c, 32, 8
                         )
@@ -113,7 +113,7 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
                         # Fewer rounds for the slow fallback: keep each row to a few seconds.
                         t = time_interleaved(
                             fns,
-                            rounds=rounds if not with_fallback else max(5, rounds // 4),
+                            rounds=rounds if "fallback" not in fns else max(8, rounds // 3),
                             warmup=2,
                         )
                     row = {
