@@ -240,8 +240,18 @@ def enumerate_with_ultralytics(scale: str) -> List[Tuple[int, ...]]:
 
     def hook(mod, inputs, _out):
         h, w = inputs[0].shape[-2:]
-        rows.append((mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0],
-                     mod.padding[0], mod.groups, int(h), int(w)))
+        rows.append(
+            (
+                mod.in_channels,
+                mod.out_channels,
+                mod.kernel_size[0],
+                mod.stride[0],
+                mod.padding[0],
+                mod.groups,
+                int(h),
+                int(w),
+            )
+        )
 
     for mod in model.modules():
         if isinstance(mod, torch.nn.Conv2d):

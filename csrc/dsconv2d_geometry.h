@@ -21,16 +21,15 @@ namespace dsconv_ext {
 constexpr int64_t kMaxBlockSize = 1024;
 
 struct ConvGeometry {
-  int64_t N, C, H, W;      // input
-  int64_t O, kh, kw;       // weight
+  int64_t N, C, H, W;  // input
+  int64_t O, kh, kw;   // weight
   int64_t sh, sw, ph, pw, dh, dw;
   int64_t groups, Cg, Og;  // channels per group, in and out
   int64_t block, nblk;     // block size and blocks per group
   int64_t Ho, Wo;          // output
 };
 
-DSCONV_HD int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad,
-                                int64_t dil) {
+DSCONV_HD int64_t conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
   return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
 }
 
