@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear_cl", "routed_attention_torch", "scratch", "to_windows"]
+__all__ = ["linear_cl", "routed_attention_torch"]
 
 CHUNK_BYTES = 64 << 20
 
@@ -56,45 +56,19 @@ def linear_cl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 _WS = threading.local()
 
 
-def scratch(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-    """A flat per-thread buffer ``name`` of at least ``numel`` elements, reused across calls.
-
-    Only for CPU inference temporaries that never leave the caller (no autograd, never
-    returned): a fresh multi-MB tensor is page-faulted in on every call (the allocator hands big
-    blocks back to the OS), which cost ~15% of the BRA layer here.
-    """
-    pool = _WS.__dict__.setdefault("pool", {})
-    buf = pool.get(name)
+def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-thread scratch buffer reused across calls (no autograd): fresh multi-MB buffers
+    are page-faulted in on every call, which is slow, and very slow when the cores are shared."""
+    buf = getattr(_WS, "buf", None)
     if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-        buf = pool[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        buf = torch.empty(
+            max(numel, CHUNK_BYTES // like.element_size()), dtype=like.dtype, device=like.device
+        )
+        _WS.buf = buf
     return buf[:numel]
 
 
-def to_windows(x: torch.Tensor, n_win: int, hp: int, wp: int, out: torch.Tensor) -> torch.Tensor:
-    """Zero-pad ``x [N, C, H, W]`` to ``hp x wp`` and group it by window in one copy.
-
-    Returns ``out`` viewed as ``[N, n_win**2, wh*ww, C]`` (window ``j*n_win + i``, row-major
-    pixels, channels last), ``out`` being a flat buffer of ``N*hp*wp*C`` elements.
-    """
-    n, c, h, w = x.shape
-    nw, wh, ww = n_win, hp // n_win, wp // n_win
-    o = out.view(n, nw, nw, wh, ww, c)
-    if h != hp or w != wp:
-        o.zero_()
-    jf, rh = divmod(h, wh)
-    if_, rw = divmod(w, ww)
-    # The valid pixels are at most four boxes: full windows, and the partial last window row /
-    # column / corner.
-    for j0, nj, hh in ((0, jf, wh), (jf, 1, rh)):
-        for i0, ni, wc in ((0, if_, ww), (if_, 1, rw)):
-            if nj and ni and hh and wc:
-                src = x[:, :, j0 * wh : j0 * wh + nj * hh, i0 * ww : i0 * ww + ni * wc]
-                src = src.reshape(n, c, nj, hh, ni, wc).permute(0, 2, 4, 3, 5, 1)
-                o[:, j0 : j0 + nj, i0 : i0 + ni, :hh, :wc].copy_(src)
-    return o.view(n, nw * nw, wh * ww, c)
-
-
-def _attend(q, kv, flat_idx, w, scale, h, reuse):
+def _attend(q, kv, flat_idx, w, scale, h, scratch):
     """SDPA of ``q [G, Wq, Ck]`` over the ``[G*K]`` regions ``flat_idx`` of ``kv [R, Wk, Ckv]``."""
     g, wq, ck = q.shape
     wk, ckv = kv.shape[1], kv.shape[2]
@@ -104,8 +78,8 @@ def _attend(q, kv, flat_idx, w, scale, h, reuse):
     # takes index_select's plain memcpy loop; its dim-0 path iterates in parallel chunks and
     # ran 3-100x slower whenever the cores were shared.
     rows = kv.view(1, kv.shape[0], -1)
-    if reuse:
-        sel = scratch("gather", flat_idx.numel() * wk * ckv, kv)
+    if scratch:
+        sel = _workspace(flat_idx.numel() * wk * ckv, kv)
         torch.index_select(rows, 1, flat_idx, out=sel.view(1, -1, wk * ckv))
     else:
         sel = rows.index_select(1, flat_idx)
@@ -163,8 +137,8 @@ def routed_attention_torch(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, w))
     per_window = topk * wk * ckv * kv.element_size()
     g = max(1, min(b * p, chunk_bytes // max(per_window, 1)))
-    reuse = not (grad or q.device.type != "cpu" or torch.compiler.is_compiling())
-    if not reuse:
+    scratch = not (grad or q.device.type != "cpu" or torch.compiler.is_compiling())
+    if not scratch:
         # Autograd would keep every chunk's copy anyway (and sum a full-size gradient per
         # chunk); GPUs have a caching allocator and prefer one big launch.
         g = b * p
@@ -176,7 +150,7 @@ def routed_attention_torch(
             None if w is None else w[i : i + g],
             scale,
             num_heads,
-            reuse,
+            scratch,
         )
         for i in range(0, b * p, g)
     ]
