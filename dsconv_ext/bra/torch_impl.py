@@ -134,8 +134,14 @@ def to_windows(x: torch.Tensor, n_win: int, hp: int, wp: int, out: torch.Tensor)
     return o.view(n, nw * nw, wh * ww, c)
 
 
+def _kernel_disabled() -> bool:
+    return os.environ.get(CPU_KERNEL_ENV, "1").strip().lower() in ("0", "false", "off", "no")
+
+
 def cpu_kernel_status() -> str:
     """'loaded', or why the fused C++ inference kernel is not in use."""
+    if _kernel_disabled():
+        return f"disabled by {CPU_KERNEL_ENV}=0"
     return "loaded" if _cpu_kernel else _cpu_why
 
 
@@ -148,8 +154,8 @@ def _load_cpu_kernel():
         if _cpu_kernel is not None:
             return _cpu_kernel or None
         _cpu_kernel = False
-        if os.environ.get(CPU_KERNEL_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
-            _cpu_why = f"disabled by {CPU_KERNEL_ENV}=0"
+        if not os.path.isfile(_CPU_SRC):
+            _cpu_why = f"source missing from the installed package ({_CPU_SRC})"
             return None
         if torch.backends.cpu.get_cpu_capability() != "AVX512":
             _cpu_why = "needs an AVX-512 CPU"
@@ -242,7 +248,8 @@ def routed_attention_torch(
             op is a parallel region, and with the cores shared every region waits for the
             slowest thread (16 MB groups ran 3x slower than 64 MB ones on a busy 2-core box).
         fused: eager fp32 CPU inference runs the fused C++ kernel (``cpu_attention.cpp``)
-            when it builds (None: if available; True: required; False: never).
+            when it builds (None: if available and ``DSCONV_EXT_BRA_CPU_KERNEL`` is not 0;
+            True: required; False: never).
 
     Returns:
         ``[B, P, Wq, H*Dv]``.
@@ -255,7 +262,7 @@ def routed_attention_torch(
     )
     reuse = eager_cpu_inference(q, grad)
     fusable = reuse and q.dtype == kv.dtype == torch.float32 and ckv - ck <= 128 * num_heads
-    if fusable and fused is not False:
+    if fusable and (fused or (fused is None and not _kernel_disabled())):
         kernel = _load_cpu_kernel()
         if kernel is None and fused:
             raise RuntimeError(f"fused CPU kernel unavailable: {_cpu_why}")
