@@ -18,6 +18,7 @@ oneDNN's speed.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import sys
@@ -166,8 +167,10 @@ def _load_cpu_kernel():
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
                 from torch.utils.cpp_extension import get_default_build_root, load
 
-                built = os.path.join(get_default_build_root(), _CPU_NAME, _CPU_NAME + ".so")
-                if not os.path.exists(built):
+                built = glob.glob(
+                    os.path.join(get_default_build_root(), "*", _CPU_NAME, _CPU_NAME + ".so")
+                )
+                if not built:
                     print(
                         "dsconv_ext: compiling the fused BiLevelRoutingAttention CPU kernel on "
                         "first use (under a minute, cached afterwards)",
