@@ -5,7 +5,9 @@ constructor, parameter names (``state_dict`` loads unchanged) and numbers. Only 
 changes with the backend:
 
 - ``reference``: the original gather-everything algorithm (:mod:`dsconv_ext.bra.naive`).
-- ``torch``: region copies + ``scaled_dot_product_attention`` (:mod:`dsconv_ext.bra.torch_impl`).
+- ``torch``: region copies + ``scaled_dot_product_attention`` (:mod:`dsconv_ext.bra.torch_impl`);
+  eager fp32 CPU inference runs a fused C++ kernel instead (``cpu_attention.cpp``, AVX-512,
+  compiled on first use; ``DSCONV_EXT_BRA_CPU_KERNEL=0`` turns it off).
 - ``triton``: fused gather-attention kernels (:mod:`dsconv_ext.bra.triton_kernels`).
 
 ``backend='auto'`` picks ``triton`` for CUDA tensors when Triton works there, else ``torch``; the
