@@ -143,7 +143,16 @@ def cpu_kernel_status() -> str:
     """'loaded', or why the fused C++ inference kernel is not in use."""
     if _kernel_disabled():
         return f"disabled by {CPU_KERNEL_ENV}=0"
+    if _cpu_kernel is None and _cached_build():
+        return "built (loaded on the first CPU inference call)"
     return "loaded" if _cpu_kernel else _cpu_why
+
+
+def _cached_build() -> bool:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    pattern = os.path.join(get_default_build_root(), "*", _CPU_NAME, _CPU_NAME + ".so")
+    return bool(glob.glob(pattern))
 
 
 def _load_cpu_kernel():
@@ -165,12 +174,9 @@ def _load_cpu_kernel():
             if not hasattr(torch.ops.dsconv_ext_bra_cpu, "attn_fwd"):
                 # The build is CPU-only: torch's guess at CUDA_HOME would only mislead.
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-                from torch.utils.cpp_extension import get_default_build_root, load
+                from torch.utils.cpp_extension import load
 
-                built = glob.glob(
-                    os.path.join(get_default_build_root(), "*", _CPU_NAME, _CPU_NAME + ".so")
-                )
-                if not built:
+                if not _cached_build():
                     print(
                         "dsconv_ext: compiling the fused BiLevelRoutingAttention CPU kernel on "
                         "first use (under a minute, cached afterwards)",
