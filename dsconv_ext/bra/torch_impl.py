@@ -148,9 +148,16 @@ def cpu_kernel_status() -> str:
     return "loaded" if _cpu_kernel else _cpu_why
 
 
-def _cached_build() -> bool:
-    from torch.utils.cpp_extension import get_default_build_root
+def _cpp_extension():
+    # The build is CPU-only: torch's guess at CUDA_HOME (logged on import) would only mislead.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.cpp_extension as cpp_extension
 
+    return cpp_extension
+
+
+def _cached_build() -> bool:
+    get_default_build_root = _cpp_extension().get_default_build_root
     pattern = os.path.join(get_default_build_root(), "*", _CPU_NAME, _CPU_NAME + ".so")
     return bool(glob.glob(pattern))
 
@@ -172,10 +179,7 @@ def _load_cpu_kernel():
             return None
         try:
             if not hasattr(torch.ops.dsconv_ext_bra_cpu, "attn_fwd"):
-                # The build is CPU-only: torch's guess at CUDA_HOME would only mislead.
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-                from torch.utils.cpp_extension import load
-
+                load = _cpp_extension().load
                 if not _cached_build():
                     print(
                         "dsconv_ext: compiling the fused BiLevelRoutingAttention CPU kernel on "
