@@ -6,9 +6,7 @@ threads unless --threads) and 16 on CUDA. Forward (inference, no autograd) and f
 (gradients of the input and every parameter). Backends of a row are timed interleaved and the
 median of the rounds is reported; ``x ref`` = reference time / backend time, ``mem x`` =
 reference peak / backend peak (CPU: the profiler's allocator accounting, each allocation
-counted once; CUDA: peak allocated). On CPU, ``torch`` inference runs the fused C++ kernel
-and ``torch-sdpa`` is the same backend with it switched off (``DSCONV_EXT_BRA_CPU_KERNEL=0``):
-region copies + ``scaled_dot_product_attention``, pure PyTorch.
+counted once; CUDA: peak allocated).
 
     python benchmarks/bench_bra.py                 # full table (minutes: the reference is slow)
     python benchmarks/bench_bra.py --quick         # n-scale P3, batch 1
@@ -85,18 +83,12 @@ def _candidates(m, x, backends, train: bool):
     xs = x.detach().clone().requires_grad_(train)
 
     def make(backend):
-        # "torch-sdpa": the torch backend without its fused C++ inference kernel.
-        env = {"DSCONV_EXT_BRA_CPU_KERNEL": "0" if backend == "torch-sdpa" else "1"}
-        backend = "torch" if backend == "torch-sdpa" else backend
-
         def fwd():
-            os.environ.update(env)
             m.backend = backend
             with torch.no_grad():
                 return m(x)
 
         def fwd_bwd():
-            os.environ.update(env)
             m.backend = backend
             m.zero_grad(set_to_none=True)
             xs.grad = None
@@ -108,8 +100,6 @@ def _candidates(m, x, backends, train: bool):
 
 
 def bench_row(scale, layer, c, h, w, batch, train, backends, device, args) -> List[dict]:
-    if train:  # the fused C++ kernel is inference-only: torch-sdpa would repeat torch
-        backends = [b for b in backends if b != "torch-sdpa"]
     torch.manual_seed(0)
     m = BiLevelRoutingAttention(c).to(device).train(train)
     x = torch.randn(batch, c, h, w, device=device)
@@ -172,13 +162,10 @@ def main() -> int:
     if device == "cpu":
         torch.set_num_threads(args.threads)
     backends = args.backends or (
-        ["reference", "torch", "triton"]
-        if device.startswith("cuda")
-        else ["reference", "torch", "torch-sdpa"]
+        ["reference", "torch", "triton"] if device.startswith("cuda") else ["reference", "torch"]
     )
     if "reference" not in backends:
         backends = ["reference", *backends]
-
     batches = args.batch or ([16] if device.startswith("cuda") else [1, 8])
     scales, layers, passes = args.scales, args.layers, args.passes
     if args.quick:

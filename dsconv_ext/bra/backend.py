@@ -121,9 +121,6 @@ def bra_backend_report() -> Dict[str, str]:
     except Exception as e:  # pragma: no cover
         report["triton"] = f"not importable ({type(e).__name__}: {e})"
     report["interpreter"] = "on (Triton kernels run on CPU tensors)" if _interpret_env() else "off"
-    from .torch_impl import cpu_kernel_status
-
-    report["cpu_kernel"] = f"fused C++ inference kernel: {cpu_kernel_status()}"
     report["env"] = f"{ENV_VAR}={forced or '<unset>'}"
     report["backends"] = ", ".join(BACKENDS)
     return report

@@ -5,9 +5,7 @@ constructor, parameter names (``state_dict`` loads unchanged) and numbers. Only 
 changes with the backend:
 
 - ``reference``: the original gather-everything algorithm (:mod:`dsconv_ext.bra.naive`).
-- ``torch``: region copies + ``scaled_dot_product_attention`` (:mod:`dsconv_ext.bra.torch_impl`);
-  eager fp32 CPU inference runs a fused C++ kernel instead (``cpu_attention.cpp``, AVX-512,
-  compiled on first use; ``DSCONV_EXT_BRA_CPU_KERNEL=0`` turns it off).
+- ``torch``: region copies + ``scaled_dot_product_attention`` (:mod:`dsconv_ext.bra.torch_impl`).
 - ``triton``: fused gather-attention kernels (:mod:`dsconv_ext.bra.triton_kernels`).
 
 ``backend='auto'`` picks ``triton`` for CUDA tensors when Triton works there, else ``torch``; the
@@ -25,7 +23,7 @@ from torch import Tensor
 
 from .backend import resolve_backend, routed_attention
 from .naive import bra_forward_naive, kv_gather_naive
-from .torch_impl import eager_cpu_inference, linear_cl, scratch, to_windows
+from .torch_impl import linear_cl
 
 __all__ = ["BiLevelRoutingAttention", "KVGather", "QKVLinear", "TopkRouting"]
 
@@ -280,37 +278,32 @@ class BiLevelRoutingAttention(nn.Module):
         return self._forward_fast(x, backend).permute(0, 3, 1, 2)
 
     def _split_batch(self, x: Tensor) -> bool:
-        if x.shape[0] < 2 or not eager_cpu_inference(x, self._grad(x)):
+        if x.shape[0] < 2 or (
+            torch.is_grad_enabled()
+            and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        ):
             return False
         nw = self.n_win
-        pixels = (x.shape[2] + (nw - x.shape[2] % nw) % nw) * (
-            x.shape[3] + (nw - x.shape[3] % nw) % nw
-        )
+        pixels = -(-x.shape[2] // nw) * -(-x.shape[3] // nw) * nw * nw
         return pixels * (2 * self.qk_dim + self.dim) * x.element_size() >= 16 << 20
 
     def _forward_fast(self, x: Tensor, backend: str) -> Tensor:
         """The fast path; returns NHWC ``[N, H, W, C]`` (contiguous)."""
         n, c, h_in, w_in = x.shape
         nw, qk = self.n_win, self.qk_dim
-        # The original's padding formula: only non-negative operands, so that traced exports
-        # (ONNX rounds integer division towards zero) compute the same sizes.
-        h = h_in + ((nw - h_in % nw) % nw if self.auto_pad else 0)
-        w = w_in + ((nw - w_in % nw) % nw if self.auto_pad else 0)
+        pad_r = (nw - w_in % nw) % nw if self.auto_pad else 0
+        pad_b = (nw - h_in % nw) % nw if self.auto_pad else 0
+        if pad_r or pad_b:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        h, w = x.shape[2:]
         wh, ww = h // nw, w // nw
         p2, wq = nw * nw, wh * ww
-        # CPU inference keeps its big temporaries in per-thread buffers (see torch_impl.scratch).
-        reuse = eager_cpu_inference(x, self._grad(x))
-        buf = (lambda name, t: scratch(name, n * h * w * c, t)) if reuse else None
 
-        # NCHW -> zero-padded, window-grouped pixels [N, P, Wq, C] (channels last): the
-        # projections then give q / k / v in the layout of the attention core.
-        if reuse:
-            xw = to_windows(x, nw, h, w, buf("x", x))
-        else:
-            xp = F.pad(x, (0, w - w_in, 0, h - h_in)) if (h, w) != (h_in, w_in) else x
-            xw = xp.reshape(n, c, nw, wh, nw, ww).permute(0, 2, 4, 3, 5, 1).reshape(n, p2, wq, c)
+        # NCHW -> window-grouped pixels [N, P, Wq, C] in one copy; the projection then yields
+        # window-grouped q / k / v with channels last, the layout of the attention core.
+        xw = x.reshape(n, c, nw, wh, nw, ww).permute(0, 2, 4, 3, 5, 1).reshape(n, p2, wq, c)
         # q and kv as two dense tensors (two products on row slices of the one weight): the CPU
-        # gathers then copy whole contiguous rows.
+        # gathers then copy whole contiguous rows, which stays fast when the cores are shared.
         wt, bias = self.qkv.qkv.weight, self.qkv.qkv.bias
         q = linear_cl(xw, wt[:qk], None if bias is None else bias[:qk])
         kv = linear_cl(xw, wt[qk:], None if bias is None else bias[qk:])
@@ -322,12 +315,10 @@ class BiLevelRoutingAttention(nn.Module):
         else:
             kv_pix = kv
 
-        lepe = None
-        if not isinstance(self.lepe, _ZeroLepe):
-            # Values back to pixels, channels last, for the depth-wise conv (runs channels-last).
-            v_win = kv[..., qk:].reshape(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-            v_img = buf("v", kv).view(n, nw, wh, nw, ww, c).copy_(v_win) if reuse else v_win
-            lepe = self.lepe(v_img.reshape(n, h, w, c).permute(0, 3, 1, 2))
+        # Values back to pixels, channels last, for the depth-wise conv (runs channels-last).
+        v_img = kv[..., qk:].reshape(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
+        v_img = v_img.reshape(n, h, w, c).permute(0, 3, 1, 2)
+        lepe = None if isinstance(self.lepe, _ZeroLepe) else self.lepe(v_img)
 
         out = routed_attention(
             q,
@@ -342,21 +333,13 @@ class BiLevelRoutingAttention(nn.Module):
         out = out.view(n, nw, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
         if lepe is not None:
             # The pixel-ordered operand first: the sum then comes out pixel-ordered (NHWC).
-            lepe = lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c)
-            out = torch.add(lepe, out, out=buf("sum", out).view_as(lepe)) if reuse else lepe + out
+            out = lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c) + out
         out = out.reshape(n, h, w, c)
-        if (h, w) != (h_in, w_in):
+        if pad_r or pad_b:
             out = out[:, :h_in, :w_in]
-            if reuse:
-                out = buf("crop", out)[: out.numel()].view(out.shape).copy_(out)
         if isinstance(self.wo, nn.Linear):
             return linear_cl(out, self.wo.weight, self.wo.bias)
-        return out.clone(memory_format=torch.contiguous_format) if reuse else out.contiguous()
-
-    def _grad(self, x: Tensor) -> bool:
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
+        return out.contiguous()
 
     def backend_for(self, x: Optional[Tensor] = None) -> str:
         """The backend that a call on ``x`` (or on a CPU tensor) would run."""
