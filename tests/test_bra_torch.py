@@ -80,3 +80,19 @@ def test_eval_deterministic():
     x = torch.randn(2, 16, 11, 13)
     with torch.no_grad():
         assert torch.equal(m(x), m(x))
+
+
+def test_onnx_export_matches_eager(tmp_path):
+    """Tracing exporters must see plain ops: no reused buffer baked in, same numbers."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    m = build(dict(dim=32, n_win=7, num_heads=4, topk=4, soft_routing=True), 0).eval()
+    x = make_input(m, (1, 32, 20, 17), 0)
+    f = tmp_path / "bra.onnx"
+    with torch.no_grad():
+        want = m(x)
+        torch.onnx.export(m, (x,), str(f), opset_version=17, dynamo=False)
+    assert f.stat().st_size < 1 << 20, f.stat().st_size
+    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - want.numpy()).max() < 1e-4

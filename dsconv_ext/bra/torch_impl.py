@@ -137,7 +137,14 @@ def routed_attention_torch(
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, kv, w))
     per_window = topk * wk * ckv * kv.element_size()
     g = max(1, min(b * p, chunk_bytes // max(per_window, 1)))
-    scratch = not (grad or q.device.type != "cpu" or torch.compiler.is_compiling())
+    # Tracing exporters (ONNX, jit.trace) would bake the reused buffer in as a 64 MB constant.
+    scratch = not (
+        grad
+        or q.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
     if not scratch:
         # Autograd would keep every chunk's copy anyway (and sum a full-size gradient per
         # chunk); GPUs have a caching allocator and prefer one big launch.
