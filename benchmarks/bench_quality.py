@@ -5,6 +5,11 @@ correlation (the inputs YOLO convs see), with 8-bit BFP activations; bytes are t
 layer's saved state_dict (torch.save) against the fp32 nn.Conv2d's.
 
     python benchmarks/bench_quality.py [--json PATH]
+
+With ``--weights best.pt`` (a trained ultralytics checkpoint) and ``--images DIR``, it also
+captures the real input of every convolution of the fused model on those images and reports, per
+layer, the 8-bit error of ``from_float`` against that conv, split into its weight part (dequantised
+VQK, float activations) and its activation part (BFP activations, float weights).
 """
 
 from __future__ import annotations
@@ -36,10 +41,86 @@ def saved_bytes(module: nn.Module) -> int:
     return buf.getbuffer().nbytes
 
 
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return 100 * ((y - ref).norm() / ref.norm()).item()
+
+
+def captured_layer_errors(weights: str, images: str, count: int, block: int) -> list:
+    """Per-conv 8-bit errors of a trained model on the inputs that conv really sees."""
+    import glob
+
+    import cv2
+    from ultralytics import YOLO
+
+    from dsconv_ext.quant_primitives import bfp_dequantize, bfp_quantize, dequantize_weight
+
+    model = YOLO(weights).model.float().eval().fuse()
+    files = sorted(
+        glob.glob(os.path.join(images, "*.jpg")) + glob.glob(os.path.join(images, "*.png"))
+    )
+    if not files:
+        raise SystemExit(f"--images {images!r}: no .jpg or .png files")
+    batch = [cv2.resize(cv2.imread(f), (640, 640))[:, :, ::-1].copy() for f in files[:count]]
+    x = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in batch])
+    inputs = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out, n=n: inputs.setdefault(n, (mod, inp[0])) and None
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(x)
+        for h in hooks:
+            h.remove()
+        rows = []
+        for name, (conv, xin) in inputs.items():
+            ref = conv(xin)
+            ds = DSConv2d.from_float(conv, bits=8, block_size=block)
+            geo = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            groups_note = f" g{conv.groups}" if conv.groups > 1 else ""
+            wq = dequantize_weight(ds.intweight, ds.alpha, block_size=block).float()
+            mant, expo = bfp_quantize(xin, block_size=block, mant_bits=8, groups=conv.groups)
+            xq = bfp_dequantize(mant, expo, block, conv.groups).float()
+            rows.append({
+                "layer": name.removeprefix("model."),
+                "shape": "x".join(map(str, conv.weight.shape)) + groups_note,
+                "err_%": relative_error(ds(xin), ref),
+                "weight_part_%": relative_error(F.conv2d(xin, wq, conv.bias, *geo), ref),
+                "act_part_%": relative_error(F.conv2d(xq, conv.weight, conv.bias, *geo), ref),
+            })  # fmt: skip
+    return rows
+
+
+def summarise(rows: list) -> dict:
+    errs = torch.tensor([r["err_%"] for r in rows])
+    return {
+        "layers": len(rows),
+        "median_%": errs.median().item(),
+        "max_%": errs.max().item(),
+        "under_1%": f"{int((errs < 1).sum())}/{len(rows)}",
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--weights", help="trained ultralytics checkpoint: errors on captured inputs")
+    p.add_argument("--images", help="directory of images to run --weights on")
+    p.add_argument("--count", type=int, default=4, help="images from --images")
     args = p.parse_args(argv)
+    if args.weights:
+        if not args.images:
+            p.error("--weights needs --images")
+        rows = captured_layer_errors(args.weights, args.images, args.count, 32)
+        print(f"8-bit from_float on captured inputs of {args.weights}, block_size 32, act_bits 8:")
+        print_table(rows, ["layer", "shape", "err_%", "weight_part_%", "act_part_%"])
+        summary = summarise(rows)
+        print_table([summary], list(summary))
+        if args.json:
+            dump_json(args.json, {"layers": rows, "summary": summary})
+        return
     torch.manual_seed(0)
     layers = [
         ("3x3 64->64", nn.Conv2d(64, 64, 3, 1, 1)),
