@@ -6,6 +6,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -104,6 +105,13 @@ void check_param(const c10::optional<at::Tensor>& t, const char* name, c10::IntA
 
 // Per-thread packed band: about this many bytes, so that it stays in a core's L2.
 constexpr int64_t kBandBytes = 384 << 10;
+// Depthwise band (one channel, quantised and convolved at once): half of a 32-48 KB L1, the
+// rest for the input rows streaming in and the output rows going out.
+constexpr int64_t kDwBandBytes = 20 << 10;
+
+// Calls per kernel path since load: a test hook that shows which path a shape takes.
+enum Path : int { kPathInt8 = 0, kPathFloat = 1, kPathDepthwise = 2, kPaths = 3 };
+std::atomic<int64_t> path_calls[kPaths];
 
 // Geometry, band split and q-space sizes. With few tasks the split aims at a task count that is
 // a multiple of `threads` (two threads on three equal tasks idle a third of the time), splitting
@@ -111,7 +119,7 @@ constexpr int64_t kBandBytes = 384 << 10;
 Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride,
                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
                    int64_t block, int64_t qtile, bool with_kdsb, int64_t threads,
-                   int64_t* ochunks) {
+                   int64_t band_bytes, int64_t plane_slack, int64_t* ochunks) {
   Layout lay;
   ConvGeometry& g = lay.g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
@@ -133,7 +141,7 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   // Bands: as tall as the budget allows, then more of them while there are too few tasks.
   const int64_t per_pixel = lay.kfloat ? 4 * g.Cg : g.nblk * (4 * lay.K4 + 4 + (with_kdsb ? 4 : 0));
   const int64_t row_bytes = std::max<int64_t>(1, per_pixel * lay.Wp * g.sh);
-  int64_t rows = std::clamp<int64_t>(kBandBytes / row_bytes, 1, g.Ho);
+  int64_t rows = std::clamp<int64_t>(band_bytes / row_bytes, 1, g.Ho);
   int64_t nb = (g.Ho + rows - 1) / rows;
   const int64_t slices = g.N * groups;
   *ochunks = 1;
@@ -148,7 +156,7 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   // A tile reads up to qtile - 1 past the band's last q, plus the farthest tap.
   const int64_t far = ((g.kh - 1) * g.dh / g.sh) * lay.Wq + (g.kw - 1) * g.dw / g.sw;
   lay.Hqb = (lay.nqt * qtile + far + lay.Wq - 1) / lay.Wq;
-  lay.Lq = lay.Hqb * lay.Wq;
+  lay.Lq = lay.Hqb * lay.Wq + plane_slack;
   lay.tapoff.resize(lay.ntaps);
   for (int64_t i = 0; i < g.kh; ++i) {
     for (int64_t j = 0; j < g.kw; ++j) {
@@ -256,9 +264,14 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
 
   const at::Tensor x = x_in.contiguous();
   const bool with_kdsb = KDSb.has_value();
+  const bool depthwise = C == groups && kern.depthwise != nullptr;
   int64_t ochunks = 1;
-  const Layout lay = make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
-                                 kern.qtile, with_kdsb, at::get_num_threads(), &ochunks);
+  // The depthwise quantiser stores whole vectors: a row's last one may run 15 floats past the
+  // plane (never read as a tap of a stored output).
+  const Layout lay =
+      make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
+                  depthwise ? kern.dw_qtile : kern.qtile, with_kdsb, at::get_num_threads(),
+                  depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles.
@@ -276,6 +289,28 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
                                       (bb.defined() ? bb.data_ptr<float>()[o] : 0.f);
     }
   }
+
+  if (depthwise) {
+    path_calls[kPathDepthwise].fetch_add(1, std::memory_order_relaxed);
+    const std::vector<float> wf = float_weights(intweight_in, alpha, KDSb, lay, 1);  // [O][taps]
+    DwArgs d{};
+    d.lay = &lay;
+    d.x = x.data_ptr<float>();
+    d.y = y.data_ptr<float>();
+    d.wf = wf.data();
+    d.cdsw = epi.data();
+    d.cb = epi.data() + groups * Ogp;
+    d.epi_stride = Ogp;
+    d.silu = fuse_silu;
+    d.mant_bits = static_cast<int>(act_bits);
+    const size_t buf_b = align64(size_t(lay.P * lay.Lq) * 4);
+    parallel_for_tasks(N * groups * lay.nbands, [&](int64_t t0, int64_t t1) {
+      static thread_local Scratch scratch;
+      kern.depthwise(d, reinterpret_cast<float*>(scratch.get(buf_b)), t0, t1);
+    });
+    return y;
+  }
+  path_calls[lay.kfloat ? kPathFloat : kPathInt8].fetch_add(1, std::memory_order_relaxed);
 
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;
@@ -395,4 +430,10 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",
         [](int64_t tasks) -> int64_t { return dsconv_ext::cpu::parallel_probe(tasks); });
+  // Test hook: calls so far that took the int8, float-family and depthwise paths.
+  m.def("_cpu_path_calls() -> int[]", []() -> std::vector<int64_t> {
+    std::vector<int64_t> n;
+    for (const auto& c : dsconv_ext::cpu::path_calls) n.push_back(c.load());
+    return n;
+  });
 }

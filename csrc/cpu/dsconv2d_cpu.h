@@ -25,6 +25,14 @@
 //    each channel is stored as its BFP value m * 2^E (one float per q) and convolved with
 //    weights alpha * q + KDSb in float: the same sum, rounded per product instead of per block.
 // Everything outside the input (padding, phase tails, slack) is mantissa 0 with E = 0.
+//
+// Depthwise path (one input channel per group, the Detect head's convs; AVX2 and AVX-512). The
+// float family above spent as long packing as convolving: a call per packed row, blocks of up to
+// 4 channels, and one task per (channel, band) going through the generic band driver. Here one
+// function runs a range of (image, channel, band) tasks: it quantises the channel's band straight
+// from NCHW into the same q-space phase planes (a one-channel block's BFP value is the input
+// rounded to m - 1 significant bits, done on the float itself), sized to stay in L1, then
+// convolves it for each output channel of the group with the taps' weights held in registers.
 #pragma once
 
 #include <algorithm>
@@ -122,6 +130,20 @@ struct PackRow {
   float* usum;    // (block) base or null
 };
 
+// One depthwise call (groups with one input channel). Task t is (image, channel, band) =
+// (t / (C * nbands), t / nbands % C, t % nbands); `buf` is the thread's P * Lq floats.
+struct DwArgs {
+  const Layout* lay;
+  const float* x;     // [N, C, H, W]
+  float* y;           // [N, O, Ho, Wo]
+  const float* wf;    // [O][taps]: alpha * q + KDSb
+  const float* cdsw;  // per group g: cdsw[g * epi_stride + r] for output channel g * Og + r
+  const float* cb;
+  int64_t epi_stride;
+  bool silu;
+  int mant_bits;
+};
+
 // Per-ISA entry points.
 struct IsaKernels {
   int64_t qtile;  // pixels per microkernel call
@@ -134,6 +156,9 @@ struct IsaKernels {
   // float: `R` (1 or kFloatOTile) output channels from o0, weights wf[c][tap][R].
   void (*float_tiles)(const Slice&, const float* wf, int R, const Epilogue&, int64_t o0,
                       int64_t qt0, int64_t qt1);
+  // Depthwise tasks [t0, t1) (see DwArgs), or null: the ISA takes the float family instead.
+  void (*depthwise)(const DwArgs&, float* buf, int64_t t0, int64_t t1);
+  int64_t dw_qtile;  // pixels per depthwise tile
 };
 
 const IsaKernels& kernels_scalar();

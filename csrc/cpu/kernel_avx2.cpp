@@ -358,11 +358,138 @@ DSCONV_AVX2 void float_tiles(const Slice& sl, const float* wf, int R, const Epil
     float_tiles_impl<kFloatOTile>(sl, wf, ep, o0, qt0, qt1);
 }
 
+// --- Depthwise path (see dsconv2d_cpu.h) ---------------------------------------------------
+
+// BFP value of 8 one-channel blocks on the bit pattern: E = floor(log2|x|) - (m-2) makes x / 2^E
+// the float's significand with m - 2 fraction bits, so rounding half to even is an integer add
+// and mask at bit k = 25 - m, and a carry into the next binade is the clamp to 2^(m-1) - 1.
+// Returns the lanes this cannot take (subnormal, Inf, NaN) as a bit mask.
+DSCONV_AVX2 inline int bfp_single(__m256 x, int mant_bits, __m256* out) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i mag = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i ex = _mm256_srli_epi32(mag, 23);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i special = _mm256_or_si256(
+      _mm256_cmpeq_epi32(ex, _mm256_set1_epi32(255)),
+      _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, zero), _mm256_cmpeq_epi32(ex, zero)));
+  const __m128i k = _mm_cvtsi32_si128(25 - mant_bits);
+  const __m256i low = _mm256_set1_epi32((1 << (25 - mant_bits)) - 1);
+  const __m256i lsb = _mm256_and_si256(_mm256_srl_epi32(mag, k), _mm256_set1_epi32(1));
+  const __m256i half = _mm256_set1_epi32((1 << (24 - mant_bits)) - 1);
+  __m256i rnd = _mm256_andnot_si256(low, _mm256_add_epi32(mag, _mm256_add_epi32(half, lsb)));
+  const __m256i same = _mm256_cmpeq_epi32(_mm256_srli_epi32(rnd, 23), ex);
+  const __m256i top =
+      _mm256_or_si256(_mm256_slli_epi32(ex, 23),
+                      _mm256_set1_epi32(((1 << (mant_bits - 2)) - 1) << (25 - mant_bits)));
+  rnd = _mm256_blendv_epi8(top, rnd, same);
+  *out = _mm256_castsi256_ps(
+      _mm256_or_si256(rnd, _mm256_and_si256(bits, _mm256_set1_epi32(int32_t(0x80000000u)))));
+  return _mm256_movemask_ps(_mm256_castsi256_ps(special));
+}
+
+// The header's scalar maths for one lane bfp_single cannot take.
+inline float bfp_single_scalar(float x, int mant_bits) {
+  if (!std::isfinite(x)) return NAN;
+  const int32_t e = bfp_exponent(std::fabs(x), mant_bits);
+  return ldexpf(float(bfp_mantissa(x, e, mantissa_limit(mant_bits))), e);  // exact
+}
+
+// Quantises the band of one channel into the phase planes of `buf` (see the AVX-512 version).
+DSCONV_AVX2 void dw_quantise(const Layout& lay, const float* xc, int mant_bits, int64_t oh0,
+                             int64_t yend, float* buf) {
+  const ConvGeometry& g = lay.g;
+  for (int64_t ry = 0; ry < g.sh; ++ry) {
+    for (int64_t yl = 0; yl < lay.Hqb; ++yl) {
+      const int64_t yq = oh0 + yl, h = yq * g.sh + ry - g.ph;
+      const bool inside = yq < yend && yq < lay.Hq && in_range(h, g.H);
+      for (int64_t rx = 0; rx < g.sw; ++rx) {
+        float* dst = buf + (ry * g.sw + rx) * lay.Lq + yl * lay.Wq;
+        if (!inside) {
+          for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec)
+            _mm256_storeu_ps(dst + x0, _mm256_setzero_ps());
+          continue;
+        }
+        const float* row = xc + h * g.W;
+        for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+          const int64_t w0 = x0 * g.sw + rx - g.pw;
+          const __m256 v = g.sw == 1 && w0 >= 0 && w0 + kVec <= g.W
+                               ? _mm256_loadu_ps(row + w0)
+                               : load_lanes(row, w0, g.sw, g.W);
+          __m256 q;
+          const int special = bfp_single(v, mant_bits, &q);
+          _mm256_storeu_ps(dst + x0, q);
+          if (special) {
+            for (int l = 0; l < kVec; ++l)
+              if (special >> l & 1) dst[x0 + l] = bfp_single_scalar(row[w0 + l * g.sw], mant_bits);
+          }
+        }
+      }
+    }
+  }
+}
+
+// One output channel over a band: 4 pixel vectors per tile, taps alternating between two
+// accumulator sets (8 FMA chains), weights broadcast from memory (16 ymm registers).
+DSCONV_AVX2 void dw_tiles(const Layout& lay, const float* buf, const float* w, float cdsw, float cb,
+                          bool silu, float* out, int64_t oh0, int64_t oh1) {
+  constexpr int kV = 4;
+  const int64_t T = lay.ntaps;
+  const int64_t* tapoff = lay.tapoff.data();
+  const int64_t qend = (oh1 - oh0) * lay.Wq;
+  for (int64_t q0 = 0; q0 < qend; q0 += kV * kVec) {
+    __m256 a[2][kV];
+    for (int k = 0; k < 2; ++k)
+      for (int v = 0; v < kV; ++v) a[k][v] = _mm256_setzero_ps();
+    const float* base = buf + q0;
+    int64_t t = 0;
+    for (; t + 2 <= T; t += 2) {
+      for (int k = 0; k < 2; ++k) {
+        const float* p = base + tapoff[t + k];
+        const __m256 wt = _mm256_broadcast_ss(w + t + k);
+        for (int v = 0; v < kV; ++v)
+          a[k][v] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(p + v * kVec), a[k][v]);
+      }
+    }
+    if (t < T) {
+      const float* p = base + tapoff[t];
+      const __m256 wt = _mm256_broadcast_ss(w + t);
+      for (int v = 0; v < kV; ++v)
+        a[0][v] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(p + v * kVec), a[0][v]);
+    }
+    int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
+    oh += oh0;
+    for (int v = 0; v < kV; ++v) {
+      if (oh >= oh1) break;
+      store_vec(lay, out, oh, ow, oh1, epilogue(_mm256_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
+      ow += kVec;
+      while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
+    }
+  }
+}
+
+DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
+  const Layout& lay = *d.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t band = t % lay.nbands, nc = t / lay.nbands;
+    const int64_t n = nc / g.C, c = nc % g.C;
+    const int64_t oh0 = band * lay.band_rows, oh1 = std::min(g.Ho, oh0 + lay.band_rows);
+    dw_quantise(lay, d.x + nc * g.H * g.W, d.mant_bits, oh0, oh1 + far_rows, buf);
+    for (int64_t r = 0; r < g.Og; ++r) {
+      const int64_t o = c * g.Og + r;
+      dw_tiles(lay, buf, d.wf + o * lay.ntaps, d.cdsw[c * d.epi_stride + r],
+               d.cb[c * d.epi_stride + r], d.silu, d.y + (n * g.O + o) * g.Ho * g.Wo, oh0, oh1);
+    }
+  }
+}
+
 }  // namespace
 
 const IsaKernels& kernels_avx2() {
   static const IsaKernels k{
-      kQTile, /*weight_elem_bytes=*/2, &pack_row, &pack_row_float, &conv_tiles, &float_tiles};
+      kQTile,     /*weight_elem_bytes=*/2, &pack_row, &pack_row_float, &conv_tiles, &float_tiles,
+      &depthwise, /*dw_qtile=*/32};
   return k;
 }
 

@@ -488,11 +488,129 @@ DSCONV_AVX512 void float_tiles(const Slice& sl, const float* wf, int R, const Ep
     float_tiles_impl<kFloatOTile>(sl, wf, ep, o0, qt0, qt1);
 }
 
+// --- Depthwise path (see dsconv2d_cpu.h) ---------------------------------------------------
+
+// BFP value of 16 one-channel blocks: E = floor(log2|x|) - (m-2) makes x / 2^E the significand
+// times 2^(m-2), so the value is the significand rounded half to even to m - 2 fraction bits,
+// clamped below 2 (the clamp to 2^(m-1) - 1), times 2^floor(log2|x|). getmant / getexp see
+// subnormals as they are (the scale-back gives the subnormal value exactly), zero stays zero
+// (scaled by 2^-inf) and NaN stays NaN; Inf, whose significand reads as 1, is made NaN (the
+// reference's non-finite block) by adding x - x.
+DSCONV_AVX512 inline __m512 bfp_single(__m512 x, __m512 frac_scale, __m512 lim, __m512 shift) {
+  const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __m512 m = _mm512_roundscale_ps(_mm512_mul_ps(mant, frac_scale),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+  const __m512 v = _mm512_scalef_ps(c, _mm512_sub_ps(_mm512_getexp_ps(x), shift));
+  return _mm512_add_ps(v, _mm512_sub_ps(x, x));  // + 0, or NaN for Inf (and NaN)
+}
+
+// Quantises the band of one channel (input plane `xc`) into the phase planes of `buf`, whole
+// vectors (Lq has 16 floats of slack for the last row's overrun).
+DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits, int64_t oh0,
+                               int64_t yend, float* buf) {
+  const ConvGeometry& g = lay.g;
+  const __m512 frac_scale = _mm512_set1_ps(float(1 << (mant_bits - 2)));
+  const __m512 lim = _mm512_set1_ps(float(mantissa_limit(mant_bits)));
+  const __m512 shift = _mm512_set1_ps(float(mant_bits - 2));
+  for (int64_t ry = 0; ry < g.sh; ++ry) {
+    for (int64_t yl = 0; yl < lay.Hqb; ++yl) {
+      const int64_t yq = oh0 + yl, h = yq * g.sh + ry - g.ph;
+      const bool inside = yq < yend && yq < lay.Hq && in_range(h, g.H);
+      for (int64_t rx = 0; rx < g.sw; ++rx) {
+        float* dst = buf + (ry * g.sw + rx) * lay.Lq + yl * lay.Wq;
+        if (!inside) {
+          for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec)
+            _mm512_storeu_ps(dst + x0, _mm512_setzero_ps());
+          continue;
+        }
+        const float* row = xc + h * g.W;
+        for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+          const int64_t w0 = x0 * g.sw + rx - g.pw;
+          __m512 v;
+          if (g.sw == 1 && w0 >= 0 && w0 + kVec <= g.W) {
+            v = _mm512_loadu_ps(row + w0);
+          } else {
+            v = load_lanes(make_loader(row, 0, w0, g.sw, g.W, kVec), 0);
+          }
+          _mm512_storeu_ps(dst + x0, bfp_single(v, frac_scale, lim, shift));
+        }
+      }
+    }
+  }
+}
+
+// One output channel over a band: 4 pixel vectors per tile, the taps alternating between two
+// accumulator sets (8 FMA chains: 2 FMA pipes x 4 cycles of latency). kT > 0: the tap count,
+// weights held in registers; 0: any count, weights broadcast from memory.
+template <int kT>
+DSCONV_AVX512 void dw_tiles(const Layout& lay, const float* buf, const float* w, float cdsw,
+                            float cb, bool silu, float* out, int64_t oh0, int64_t oh1) {
+  constexpr int kV = 4;
+  const int64_t T = kT > 0 ? kT : lay.ntaps;
+  const int64_t* tapoff = lay.tapoff.data();
+  const int64_t qend = (oh1 - oh0) * lay.Wq;
+  __m512 wv[kT > 0 ? kT : 1];
+  if (kT > 0) {
+#pragma GCC unroll 16
+    for (int t = 0; t < kT; ++t) wv[t] = _mm512_set1_ps(w[t]);
+  }
+  for (int64_t q0 = 0; q0 < qend; q0 += kV * kVec) {
+    __m512 a[2][kV];
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; ++k)
+#pragma GCC unroll 4
+      for (int v = 0; v < kV; ++v) a[k][v] = _mm512_setzero_ps();
+    const float* base = buf + q0;
+#pragma GCC unroll 16
+    for (int64_t t = 0; t < T; ++t) {
+      const float* p = base + tapoff[t];
+      const __m512 wt = kT > 0 ? wv[kT > 0 ? t : 0] : _mm512_set1_ps(w[t]);
+      const int k = t & 1;
+#pragma GCC unroll 4
+      for (int v = 0; v < kV; ++v)
+        a[k][v] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p + v * kVec), a[k][v]);
+    }
+    int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
+    oh += oh0;
+#pragma GCC unroll 4
+    for (int v = 0; v < kV; ++v) {
+      if (oh >= oh1) break;
+      store_vec(lay, out, oh, ow, oh1, epilogue(_mm512_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
+      ow += kVec;
+      while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
+    }
+  }
+}
+
+DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
+  const Layout& lay = *d.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t band = t % lay.nbands, nc = t / lay.nbands;
+    const int64_t n = nc / g.C, c = nc % g.C;
+    const int64_t oh0 = band * lay.band_rows, oh1 = std::min(g.Ho, oh0 + lay.band_rows);
+    dw_quantise(lay, d.x + nc * g.H * g.W, d.mant_bits, oh0, oh1 + far_rows, buf);
+    for (int64_t r = 0; r < g.Og; ++r) {
+      const int64_t o = c * g.Og + r;
+      const float* w = d.wf + o * lay.ntaps;
+      const float cdsw = d.cdsw[c * d.epi_stride + r], cb = d.cb[c * d.epi_stride + r];
+      float* out = d.y + (n * g.O + o) * g.Ho * g.Wo;
+      if (lay.ntaps == 9)
+        dw_tiles<9>(lay, buf, w, cdsw, cb, d.silu, out, oh0, oh1);
+      else
+        dw_tiles<0>(lay, buf, w, cdsw, cb, d.silu, out, oh0, oh1);
+    }
+  }
+}
+
 }  // namespace
 
 const IsaKernels& kernels_avx512() {
   static const IsaKernels k{
-      kQTile, /*weight_elem_bytes=*/1, &pack_row, &pack_row_float, &conv_tiles, &float_tiles};
+      kQTile,     /*weight_elem_bytes=*/1, &pack_row, &pack_row_float, &conv_tiles, &float_tiles,
+      &depthwise, /*dw_qtile=*/64};
   return k;
 }
 

@@ -86,10 +86,10 @@ void pack_row_float(const PackRow& r) {
         amax = std::fmax(amax, std::fabs(v));
       }
       const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
-      const float scale = bfp_scale(e);  // NaN for a non-finite block: its values are NaN
+      // ldexpf rather than m * 2^E: exact also where 2^E itself is below the smallest subnormal.
       for (int64_t c = 0; c < r.nch; ++c) {
-        const int32_t m = finite ? bfp_mantissa(px[c * r.x_cstride], e, lim) : 0;
-        dst[c * cplane + xq] = float(m) * scale;
+        dst[c * cplane + xq] =
+            finite ? ldexpf(float(bfp_mantissa(px[c * r.x_cstride], e, lim)), e) : NAN;
       }
     });
   }
@@ -167,9 +167,11 @@ void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, in
 }  // namespace
 
 const IsaKernels& kernels_scalar() {
+  // No depthwise path: depthwise convs take the float family, which the tests compare with it.
   static const IsaKernels k{/*qtile=*/16, /*weight_elem_bytes=*/1,
                             &pack_row,    &pack_row_float,
-                            &conv_tiles,  &float_tiles};
+                            &conv_tiles,  &float_tiles,
+                            nullptr,      0};
   return k;
 }
 

@@ -1,0 +1,151 @@
+"""The CPU kernel's depthwise path (groups == channels; csrc/cpu/kernel_avx*.cpp `depthwise`)
+against the float64 reference, on each SIMD path.
+
+The path quantises each value on its own (a one-channel BFP block) straight from NCHW, in bands
+sized for L1, so the cases here vary what it depends on: plane sizes from 1 pixel to several
+bands, strides, padding, dilation, kernel sizes (3x3 has its own unrolled tile), channel
+multipliers, batch, thread count, every epilogue option, act_bits 2..8, and values across the
+float range: subnormal, huge, NaN and Inf. A failing case prints its seed: ``dw_case(seed)``.
+"""
+
+import math
+
+import pytest
+import torch
+from test_dsconv_cpu_kernel import ISAS, assert_close, describe, op
+
+import dsconv_ext
+from dsconv_ext import dsconv2d_reference
+from dsconv_ext.quant_primitives import quantize_weight
+
+pytestmark = pytest.mark.skipif(
+    dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
+)
+
+PATHS = ("int8", "float", "depthwise")  # order of torch.ops.dsconv_ext._cpu_path_calls()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", request.param)
+    if torch.ops.dsconv_ext.cpu_isa() != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    return request.param
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def dw_case(seed):
+    """A random depthwise conv: groups == C, 1..3 outputs per channel."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+
+    def ri(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    C, Og = ri(1, 12), [1, 1, 1, 2, 3][ri(0, 4)]
+    kh, kw = [(3, 3), (3, 3), (3, 3), (1, 1), (5, 5), (2, 3), (3, 1), (7, 7)][ri(0, 7)]
+    stride = [(1, 1), (1, 1), (2, 2), (1, 2), (2, 1), (3, 3)][ri(0, 5)]
+    dilation = [(1, 1), (1, 1), (1, 1), (2, 2), (1, 3)][ri(0, 4)]
+    padding = (ri(0, 2), ri(0, 2))
+    big = ri(0, 4) == 0  # several bands per channel
+    hmax = 130 if big else 30
+    H = ri(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), hmax)
+    W = ri(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), hmax)
+    N = ri(1, 3)
+    scale = [1.0, 1.0, 1.0, 1e-3, 1e3, 1e-39, 1e-42, 1e-30, 1e30][ri(0, 8)]
+    x = torch.randn(N, C, H, W, generator=g) * scale
+    if ri(0, 2) == 0:
+        x = torch.nn.functional.silu(x)
+    if ri(0, 5) == 0:  # exact zeros, values at the top of a binade and subnormals mixed in
+        x.view(-1)[:: ri(2, 7)] = 0.0
+        x.view(-1)[1 :: ri(3, 9)] = 2.0 ** ri(-140, 20) * (2 - 2.0 ** -ri(1, 9))
+        x.view(-1)[2 :: ri(3, 9)] = 2.0**-149 * ri(1, 2**20)
+    if ri(0, 5) == 0:  # NaN / Inf propagate to exactly the outputs that read them
+        for _ in range(ri(1, 3)):
+            x[ri(0, N - 1), ri(0, C - 1), ri(0, H - 1), ri(0, W - 1)] = [
+                math.nan,
+                math.inf,
+                -math.inf,
+            ][ri(0, 2)]
+    block = [1, 8, 32][ri(0, 2)]  # any block size: a depthwise block is one channel
+    q, alpha, kdsb = quantize_weight(
+        torch.randn(C * Og, 1, kh, kw, generator=g), ri(2, 8), block, kds_bias=ri(0, 2) == 0
+    )
+    case = dict(x=x, intweight=q, alpha=alpha, KDSb=kdsb, stride=stride, padding=padding,
+                dilation=dilation, groups=C, block_size=block, act_bits=ri(2, 8),
+                fuse_silu=bool(ri(0, 1)))  # fmt: skip
+    if ri(0, 1):
+        case["CDSw"] = torch.rand(C * Og, generator=g) + 0.5
+        case["CDSb"] = torch.randn(C * Og, generator=g)
+    if ri(0, 1):
+        case["bias"] = torch.randn(C * Og, generator=g)
+    return case
+
+
+def path_calls():
+    return dict(zip(PATHS, torch.ops.dsconv_ext._cpu_path_calls()))
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_depthwise_random_cases(isa, chunk, threads):
+    n = 60 if isa != "scalar" else 15
+    for i in range(chunk * n, (chunk + 1) * n):
+        torch.set_num_threads(1 + i % 2)
+        case = dw_case(i)
+        assert_close(op(case), dsconv2d_reference(**case), f"dw_case({i}) {describe(case)}")
+
+
+def test_depthwise_path_is_taken(isa):
+    """groups == C goes to the depthwise path on the SIMD ISAs (the float family on the portable
+    one); groups < C never does."""
+    before = path_calls()
+    for i in range(8):
+        op(dw_case(i))
+    after = path_calls()
+    want = "float" if isa == "scalar" else "depthwise"
+    assert after[want] - before[want] == 8, (isa, before, after)
+    q, alpha, _ = quantize_weight(torch.randn(8, 2, 3, 3), 8, 32)
+    case = dict(x=torch.randn(1, 8, 9, 9), intweight=q, alpha=alpha, stride=(1, 1),
+                padding=(1, 1), dilation=(1, 1), groups=4, block_size=32, act_bits=8,
+                fuse_silu=False)  # fmt: skip
+    before = path_calls()
+    assert_close(op(case), dsconv2d_reference(**case), "groups=4, 2 channels each")
+    assert path_calls()["depthwise"] == before["depthwise"]
+
+
+def test_depthwise_yolo_head_shapes(isa, threads):
+    """The Detect head's depthwise 3x3 convs (YOLO11n channel counts, smaller maps), BN folded
+    into CDS and SiLU fused as after dsconv_ext.quantize, batch 2, 1 and 2 threads."""
+    g = torch.Generator().manual_seed(31)
+    for C, H in ((64, 40), (80, 20), (128, 10), (256, 5)):
+        q, alpha, _ = quantize_weight(torch.randn(C, 1, 3, 3, generator=g), 8, 32)
+        x = torch.nn.functional.silu(torch.randn(2, C, H, H + 3, generator=g) * 2)
+        case = dict(x=x, intweight=q, alpha=alpha, CDSw=torch.rand(C, generator=g) + 0.5,
+                    CDSb=torch.randn(C, generator=g), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=C, block_size=32, act_bits=8,
+                    fuse_silu=True)  # fmt: skip
+        ref = dsconv2d_reference(**case)
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            assert_close(op(case), ref, f"C={C} H={H} threads={t}")
+
+
+def test_depthwise_subnormal_and_nonfinite(isa):
+    """Every value a subnormal, exactly representable as its own BFP value at 8 bits (so the
+    output is exact), with NaN, +Inf and -Inf at the borders and the centre."""
+    x = torch.arange(1, 1 + 2 * 3 * 17 * 19, dtype=torch.float32).view(2, 3, 17, 19)
+    x = x.remainder(100) * 2.0**-149 * torch.where(x.remainder(3) == 0, -1.0, 1.0)
+    x[0, 0, 0, 0], x[1, 2, 16, 18], x[0, 1, 8, 9] = math.nan, math.inf, -math.inf
+    q = torch.randint(-3, 4, (3, 1, 3, 3), dtype=torch.int8)
+    case = dict(x=x, intweight=q, alpha=torch.ones(3, 1, 3, 3), stride=(1, 1), padding=(1, 1),
+                dilation=(1, 1), groups=3, block_size=32, act_bits=8, fuse_silu=False)  # fmt: skip
+    y, ref = op(case), dsconv2d_reference(**case)
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    assert torch.equal(y[fin], ref[fin])
