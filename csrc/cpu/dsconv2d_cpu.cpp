@@ -303,7 +303,7 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
     d.epi_stride = Ogp;
     d.silu = fuse_silu;
     d.mant_bits = static_cast<int>(act_bits);
-    const size_t buf_b = align64(size_t(lay.P * lay.Lq) * 4);
+    const size_t buf_b = size_t(dw_buf_floats(lay)) * 4;
     parallel_for_tasks(N * groups * lay.nbands, [&](int64_t t0, int64_t t1) {
       static thread_local Scratch scratch;
       kern.depthwise(d, reinterpret_cast<float*>(scratch.get(buf_b)), t0, t1);

@@ -131,7 +131,8 @@ struct PackRow {
 };
 
 // One depthwise call (groups with one input channel). Task t is (image, channel, band) =
-// (t / (C * nbands), t / nbands % C, t % nbands); `buf` is the thread's P * Lq floats.
+// (t / (C * nbands), t / nbands % C, t % nbands); `buf` is the thread's dw_buf_floats(lay)
+// floats, 64-byte aligned.
 struct DwArgs {
   const Layout* lay;
   const float* x;     // [N, C, H, W]
@@ -143,6 +144,11 @@ struct DwArgs {
   bool silu;
   int mant_bits;
 };
+
+// A depthwise thread buffer: the band's phase planes, then from this float offset (a multiple of
+// 16) an output stage of one band in q-space.
+inline int64_t dw_stage_offset(const Layout& lay) { return (lay.P * lay.Lq + 15) / 16 * 16; }
+inline int64_t dw_buf_floats(const Layout& lay) { return dw_stage_offset(lay) + lay.Lq; }
 
 // Per-ISA entry points.
 struct IsaKernels {

@@ -513,6 +513,8 @@ DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits
   const __m512 frac_scale = _mm512_set1_ps(float(1 << (mant_bits - 2)));
   const __m512 lim = _mm512_set1_ps(float(mantissa_limit(mant_bits)));
   const __m512 shift = _mm512_set1_ps(float(mant_bits - 2));
+  // Stride-1 rows of at least a vector with at most a vector of padding per side.
+  const bool plain = g.sw == 1 && g.W >= kVec && g.pw <= kVec;
   for (int64_t ry = 0; ry < g.sh; ++ry) {
     for (int64_t yl = 0; yl < lay.Hqb; ++yl) {
       const int64_t yq = oh0 + yl, h = yq * g.sh + ry - g.ph;
@@ -525,14 +527,23 @@ DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits
           continue;
         }
         const float* row = xc + h * g.W;
+        if (plain) {
+          // Whole vectors only (masked loads and stores are slow on AMD cores): zeros over the
+          // left padding, the row in vectors the last of which overlaps the one before, then
+          // zeros over the right padding (and the next row's start, written after this one).
+          _mm512_storeu_ps(dst, _mm512_setzero_ps());
+          for (int64_t w = 0;; w += kVec) {
+            w = std::min(w, g.W - kVec);
+            _mm512_storeu_ps(dst + g.pw + w,
+                             bfp_single(_mm512_loadu_ps(row + w), frac_scale, lim, shift));
+            if (w == g.W - kVec) break;
+          }
+          _mm512_storeu_ps(dst + g.pw + g.W, _mm512_setzero_ps());
+          continue;
+        }
         for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
           const int64_t w0 = x0 * g.sw + rx - g.pw;
-          __m512 v;
-          if (g.sw == 1 && w0 >= 0 && w0 + kVec <= g.W) {
-            v = _mm512_loadu_ps(row + w0);
-          } else {
-            v = load_lanes(make_loader(row, 0, w0, g.sw, g.W, kVec), 0);
-          }
+          const __m512 v = load_lanes(make_loader(row, 0, w0, g.sw, g.W, kVec), 0);
           _mm512_storeu_ps(dst + x0, bfp_single(v, frac_scale, lim, shift));
         }
       }
@@ -540,12 +551,33 @@ DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits
   }
 }
 
+// Copies band-local q-space rows (`Wq` apart) to the output rows (`Wo` apart) with whole
+// vectors, the last one of a row overlapping the one before.
+DSCONV_AVX512 void dw_copy_rows(const float* src, int64_t Wq, float* dst, int64_t Wo,
+                                int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r, src += Wq, dst += Wo) {
+    if (Wo < kVec) {
+      _mm512_mask_storeu_ps(dst, lane_range(0, Wo), _mm512_loadu_ps(src));
+      continue;
+    }
+    for (int64_t w = 0;; w += kVec) {
+      w = std::min(w, Wo - kVec);
+      _mm512_storeu_ps(dst + w, _mm512_loadu_ps(src + w));
+      if (w == Wo - kVec) break;
+    }
+  }
+}
+
 // One output channel over a band: 4 pixel vectors per tile, the taps alternating between two
 // accumulator sets (8 FMA chains: 2 FMA pipes x 4 cycles of latency). kT > 0: the tap count,
-// weights held in registers; 0: any count, weights broadcast from memory.
+// weights held in registers; 0: any count, weights broadcast from memory. The tiles run over
+// q-space (across row ends) into the L1 `stage`, and whole rows go out at the end: storing
+// q-space vectors straight to the output would split most of them at row ends into masked
+// stores.
 template <int kT>
 DSCONV_AVX512 void dw_tiles(const Layout& lay, const float* buf, const float* w, float cdsw,
-                            float cb, bool silu, float* out, int64_t oh0, int64_t oh1) {
+                            float cb, bool silu, float* stage, float* out, int64_t oh0,
+                            int64_t oh1) {
   constexpr int kV = 4;
   const int64_t T = kT > 0 ? kT : lay.ntaps;
   const int64_t* tapoff = lay.tapoff.data();
@@ -571,22 +603,19 @@ DSCONV_AVX512 void dw_tiles(const Layout& lay, const float* buf, const float* w,
       for (int v = 0; v < kV; ++v)
         a[k][v] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p + v * kVec), a[k][v]);
     }
-    int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
-    oh += oh0;
 #pragma GCC unroll 4
-    for (int v = 0; v < kV; ++v) {
-      if (oh >= oh1) break;
-      store_vec(lay, out, oh, ow, oh1, epilogue(_mm512_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
-      ow += kVec;
-      while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
-    }
+    for (int v = 0; v < kV; ++v)
+      _mm512_store_ps(stage + q0 + v * kVec,
+                      epilogue(_mm512_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
   }
+  dw_copy_rows(stage, lay.Wq, out + oh0 * lay.g.Wo, lay.g.Wo, oh1 - oh0);
 }
 
 DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
   const Layout& lay = *d.lay;
   const ConvGeometry& g = lay.g;
   const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
+  float* stage = buf + dw_stage_offset(lay);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t band = t % lay.nbands, nc = t / lay.nbands;
     const int64_t n = nc / g.C, c = nc % g.C;
@@ -598,9 +627,9 @@ DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1
       const float cdsw = d.cdsw[c * d.epi_stride + r], cb = d.cb[c * d.epi_stride + r];
       float* out = d.y + (n * g.O + o) * g.Ho * g.Wo;
       if (lay.ntaps == 9)
-        dw_tiles<9>(lay, buf, w, cdsw, cb, d.silu, out, oh0, oh1);
+        dw_tiles<9>(lay, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
       else
-        dw_tiles<0>(lay, buf, w, cdsw, cb, d.silu, out, oh0, oh1);
+        dw_tiles<0>(lay, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
     }
   }
 }
