@@ -145,10 +145,28 @@ struct DwArgs {
   int mant_bits;
 };
 
-// A depthwise thread buffer: the band's phase planes, then from this float offset (a multiple of
-// 16) an output stage of one band in q-space.
-inline int64_t dw_stage_offset(const Layout& lay) { return (lay.P * lay.Lq + 15) / 16 * 16; }
-inline int64_t dw_buf_floats(const Layout& lay) { return dw_stage_offset(lay) + lay.Lq; }
+// The AVX-512 path's band for stride-1 3x3 convs: padded rows Wr (a whole number of vectors)
+// apart, `rows` of them, `floats` with slack (see kernel_avx512.cpp, dw_s1_tiles).
+struct DwS1 {
+  int64_t Wr, rows, floats;
+};
+inline DwS1 dw_s1_layout(const Layout& lay) {
+  const ConvGeometry& g = lay.g;
+  DwS1 s;
+  s.Wr = (lay.Wp + 15) / 16 * 16;
+  s.rows = lay.band_rows + (g.kh - 1) * g.dh;
+  s.floats = s.rows * s.Wr + 32;  // the row stores run up to a vector past the last row
+  return s;
+}
+
+// A depthwise thread buffer: the band (phase planes, or the layout above), then from this float
+// offset (a multiple of 16) an output stage of one band, in either layout.
+inline int64_t dw_stage_offset(const Layout& lay) {
+  return std::max((lay.P * lay.Lq + 15) / 16 * 16, dw_s1_layout(lay).floats);
+}
+inline int64_t dw_buf_floats(const Layout& lay) {
+  return dw_stage_offset(lay) + std::max(lay.Lq, lay.band_rows * dw_s1_layout(lay).Wr);
+}
 
 // Per-ISA entry points.
 struct IsaKernels {

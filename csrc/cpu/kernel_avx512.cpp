@@ -611,22 +611,112 @@ DSCONV_AVX512 void dw_tiles(const Layout& lay, const float* buf, const float* w,
   dw_copy_rows(stage, lay.Wq, out + oh0 * lay.g.Wo, lay.g.Wo, oh1 - oh0);
 }
 
+// Stride-1 3x3 convs (the Detect head's), with aligned loads only: in q-space (Wq = Wp apart)
+// nearly every tap load straddles two cache lines and costs two, a third of the tiles' time at
+// 80x80. Here rows are Wr = Wp rounded up to a vector apart, each computed vector starts on a
+// vector boundary, and a row of taps is two aligned loads, the taps at +1 and +2 columns cut
+// from them with valignd. Only the ceil(Wo / 16) vectors of a row that hold outputs are
+// computed.
+DSCONV_AVX512 void dw_s1_quantise(const Layout& lay, const DwS1& s, const float* xc, int mant_bits,
+                                  int64_t oh0, int64_t rows, float* buf) {
+  const ConvGeometry& g = lay.g;
+  const __m512 frac_scale = _mm512_set1_ps(float(1 << (mant_bits - 2)));
+  const __m512 lim = _mm512_set1_ps(float(mantissa_limit(mant_bits)));
+  const __m512 shift = _mm512_set1_ps(float(mant_bits - 2));
+  const bool plain = g.W >= kVec && g.pw <= kVec;
+  for (int64_t y = 0; y < rows; ++y) {
+    float* dst = buf + y * s.Wr;
+    const int64_t h = oh0 + y - g.ph;
+    if (!in_range(h, g.H)) {
+      for (int64_t x0 = 0; x0 < s.Wr; x0 += kVec) _mm512_store_ps(dst + x0, _mm512_setzero_ps());
+      continue;
+    }
+    const float* row = xc + h * g.W;
+    if (plain) {  // as in dw_quantise, then zeros to the row's end
+      _mm512_store_ps(dst, _mm512_setzero_ps());
+      for (int64_t w = 0;; w += kVec) {
+        w = std::min(w, g.W - kVec);
+        _mm512_storeu_ps(dst + g.pw + w,
+                         bfp_single(_mm512_loadu_ps(row + w), frac_scale, lim, shift));
+        if (w == g.W - kVec) break;
+      }
+      for (int64_t x0 = g.pw + g.W; x0 < s.Wr; x0 += kVec)
+        _mm512_storeu_ps(dst + x0, _mm512_setzero_ps());
+      continue;
+    }
+    for (int64_t x0 = 0; x0 < s.Wr; x0 += kVec) {
+      const __m512 v = load_lanes(make_loader(row, 0, x0 - g.pw, 1, g.W, kVec), 0);
+      _mm512_store_ps(dst + x0, bfp_single(v, frac_scale, lim, shift));
+    }
+  }
+}
+
+DSCONV_AVX512 void dw_s1_tiles(const Layout& lay, const DwS1& s, const float* buf, const float* w,
+                               float cdsw, float cb, bool silu, float* stage, float* out,
+                               int64_t oh0, int64_t oh1) {
+  constexpr int kV = 4;
+  const ConvGeometry& g = lay.g;
+  __m512 wv[9];
+  for (int t = 0; t < 9; ++t) wv[t] = _mm512_set1_ps(w[t]);
+  const int64_t rstep = g.dh * s.Wr;
+  const int64_t nv = (g.Wo + kVec - 1) / kVec, total = (oh1 - oh0) * nv;
+  int64_t row = 0, vec = 0;  // of the tile's next vector
+  for (int64_t k = 0; k < total; k += kV) {
+    int64_t pos[kV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kV; ++v) {
+      pos[v] = row * s.Wr + vec * kVec;
+      if (k + v + 1 < total && ++vec == nv) vec = 0, ++row;  // past the end: repeat the last
+    }
+    __m512 a[2][kV];
+#pragma GCC unroll 4
+    for (int v = 0; v < kV; ++v) a[0][v] = a[1][v] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+    for (int i = 0; i < 3; ++i) {
+      const float* p = buf + i * rstep;
+#pragma GCC unroll 4
+      for (int v = 0; v < kV; ++v) {
+        const __m512 lo = _mm512_load_ps(p + pos[v]), hi = _mm512_load_ps(p + pos[v] + kVec);
+        const __m512 x1 = _mm512_castsi512_ps(
+            _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 1));
+        const __m512 x2 = _mm512_castsi512_ps(
+            _mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), 2));
+        a[i & 1][v] = _mm512_fmadd_ps(wv[3 * i], lo, a[i & 1][v]);
+        a[(i + 1) & 1][v] = _mm512_fmadd_ps(wv[3 * i + 1], x1, a[(i + 1) & 1][v]);
+        a[i & 1][v] = _mm512_fmadd_ps(wv[3 * i + 2], x2, a[i & 1][v]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < kV; ++v)
+      _mm512_store_ps(stage + pos[v], epilogue(_mm512_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
+  }
+  dw_copy_rows(stage, s.Wr, out + oh0 * g.Wo, g.Wo, oh1 - oh0);
+}
+
 DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
   const Layout& lay = *d.lay;
   const ConvGeometry& g = lay.g;
   const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
+  const bool s1 = lay.P == 1 && g.kh == 3 && g.kw == 3 && g.dw == 1;
+  const DwS1 s = dw_s1_layout(lay);
   float* stage = buf + dw_stage_offset(lay);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t band = t % lay.nbands, nc = t / lay.nbands;
     const int64_t n = nc / g.C, c = nc % g.C;
     const int64_t oh0 = band * lay.band_rows, oh1 = std::min(g.Ho, oh0 + lay.band_rows);
-    dw_quantise(lay, d.x + nc * g.H * g.W, d.mant_bits, oh0, oh1 + far_rows, buf);
+    const float* xc = d.x + nc * g.H * g.W;
+    if (s1)
+      dw_s1_quantise(lay, s, xc, d.mant_bits, oh0, oh1 - oh0 + far_rows, buf);
+    else
+      dw_quantise(lay, xc, d.mant_bits, oh0, oh1 + far_rows, buf);
     for (int64_t r = 0; r < g.Og; ++r) {
       const int64_t o = c * g.Og + r;
       const float* w = d.wf + o * lay.ntaps;
       const float cdsw = d.cdsw[c * d.epi_stride + r], cb = d.cb[c * d.epi_stride + r];
       float* out = d.y + (n * g.O + o) * g.Ho * g.Wo;
-      if (lay.ntaps == 9)
+      if (s1)
+        dw_s1_tiles(lay, s, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
+      else if (lay.ntaps == 9)
         dw_tiles<9>(lay, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
       else
         dw_tiles<0>(lay, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
