@@ -490,29 +490,30 @@ DSCONV_AVX512 void float_tiles(const Slice& sl, const float* wf, int R, const Ep
 
 // --- Depthwise path (see dsconv2d_cpu.h) ---------------------------------------------------
 
-// BFP value of 16 one-channel blocks: E = floor(log2|x|) - (m-2) makes x / 2^E the significand
-// times 2^(m-2), so the value is the significand rounded half to even to m - 2 fraction bits,
-// clamped below 2 (the clamp to 2^(m-1) - 1), times 2^floor(log2|x|). getmant / getexp see
-// subnormals as they are (the scale-back gives the subnormal value exactly), zero stays zero
-// (scaled by 2^-inf) and NaN stays NaN; Inf, whose significand reads as 1, is made NaN (the
-// reference's non-finite block) by adding x - x.
-DSCONV_AVX512 inline __m512 bfp_single(__m512 x, __m512 frac_scale, __m512 lim, __m512 shift) {
+// BFP value of 16 one-channel blocks, m = kM bits: E = floor(log2|x|) - (m-2) makes x / 2^E the
+// significand times 2^(m-2), so the value is the significand rounded half to even to m - 2
+// fraction bits (roundscale's immediate, hence the template), clamped below 2 (the clamp to
+// 2^(m-1) - 1), times 2^floor(log2|x|). getmant / getexp see subnormals as they are (scalef
+// gives the subnormal value exactly), zero stays zero (scaled by 2^-inf) and NaN stays NaN;
+// fixupimm makes Inf, whose significand reads as 1, NaN as the reference's non-finite block.
+template <int kM>
+DSCONV_AVX512 inline __m512 bfp_single(__m512 x) {
   const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
-  const __m512 m = _mm512_roundscale_ps(_mm512_mul_ps(mant, frac_scale),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
-  const __m512 v = _mm512_scalef_ps(c, _mm512_sub_ps(_mm512_getexp_ps(x), shift));
-  return _mm512_add_ps(v, _mm512_sub_ps(x, x));  // + 0, or NaN for Inf (and NaN)
+  const __m512 r =
+      _mm512_roundscale_ps(mant, ((kM - 2) << 4) | _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const float top = 2.f - 1.f / float(1 << (kM - 2));
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-top)), _mm512_set1_ps(top));
+  const __m512 v = _mm512_scalef_ps(c, _mm512_getexp_ps(x));
+  // Table: tokens 4 (-Inf) and 5 (+Inf) answer 3 (QNaN); every other class keeps v.
+  return _mm512_fixupimm_ps(v, x, _mm512_set1_epi32(0x00330000), 0);
 }
 
 // Quantises the band of one channel (input plane `xc`) into the phase planes of `buf`, whole
 // vectors (Lq has 16 floats of slack for the last row's overrun).
-DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits, int64_t oh0,
-                               int64_t yend, float* buf) {
+template <int kM>
+DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int64_t oh0, int64_t yend,
+                               float* buf) {
   const ConvGeometry& g = lay.g;
-  const __m512 frac_scale = _mm512_set1_ps(float(1 << (mant_bits - 2)));
-  const __m512 lim = _mm512_set1_ps(float(mantissa_limit(mant_bits)));
-  const __m512 shift = _mm512_set1_ps(float(mant_bits - 2));
   // Stride-1 rows of at least a vector with at most a vector of padding per side.
   const bool plain = g.sw == 1 && g.W >= kVec && g.pw <= kVec;
   for (int64_t ry = 0; ry < g.sh; ++ry) {
@@ -534,8 +535,7 @@ DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits
           _mm512_storeu_ps(dst, _mm512_setzero_ps());
           for (int64_t w = 0;; w += kVec) {
             w = std::min(w, g.W - kVec);
-            _mm512_storeu_ps(dst + g.pw + w,
-                             bfp_single(_mm512_loadu_ps(row + w), frac_scale, lim, shift));
+            _mm512_storeu_ps(dst + g.pw + w, bfp_single<kM>(_mm512_loadu_ps(row + w)));
             if (w == g.W - kVec) break;
           }
           _mm512_storeu_ps(dst + g.pw + g.W, _mm512_setzero_ps());
@@ -544,7 +544,7 @@ DSCONV_AVX512 void dw_quantise(const Layout& lay, const float* xc, int mant_bits
         for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
           const int64_t w0 = x0 * g.sw + rx - g.pw;
           const __m512 v = load_lanes(make_loader(row, 0, w0, g.sw, g.W, kVec), 0);
-          _mm512_storeu_ps(dst + x0, bfp_single(v, frac_scale, lim, shift));
+          _mm512_storeu_ps(dst + x0, bfp_single<kM>(v));
         }
       }
     }
@@ -617,12 +617,10 @@ DSCONV_AVX512 void dw_tiles(const Layout& lay, const float* buf, const float* w,
 // vector boundary, and a row of taps is two aligned loads, the taps at +1 and +2 columns cut
 // from them with valignd. Only the ceil(Wo / 16) vectors of a row that hold outputs are
 // computed.
-DSCONV_AVX512 void dw_s1_quantise(const Layout& lay, const DwS1& s, const float* xc, int mant_bits,
-                                  int64_t oh0, int64_t rows, float* buf) {
+template <int kM>
+DSCONV_AVX512 void dw_s1_quantise(const Layout& lay, const DwS1& s, const float* xc, int64_t oh0,
+                                  int64_t rows, float* buf) {
   const ConvGeometry& g = lay.g;
-  const __m512 frac_scale = _mm512_set1_ps(float(1 << (mant_bits - 2)));
-  const __m512 lim = _mm512_set1_ps(float(mantissa_limit(mant_bits)));
-  const __m512 shift = _mm512_set1_ps(float(mant_bits - 2));
   const bool plain = g.W >= kVec && g.pw <= kVec;
   for (int64_t y = 0; y < rows; ++y) {
     float* dst = buf + y * s.Wr;
@@ -636,8 +634,7 @@ DSCONV_AVX512 void dw_s1_quantise(const Layout& lay, const DwS1& s, const float*
       _mm512_store_ps(dst, _mm512_setzero_ps());
       for (int64_t w = 0;; w += kVec) {
         w = std::min(w, g.W - kVec);
-        _mm512_storeu_ps(dst + g.pw + w,
-                         bfp_single(_mm512_loadu_ps(row + w), frac_scale, lim, shift));
+        _mm512_storeu_ps(dst + g.pw + w, bfp_single<kM>(_mm512_loadu_ps(row + w)));
         if (w == g.W - kVec) break;
       }
       for (int64_t x0 = g.pw + g.W; x0 < s.Wr; x0 += kVec)
@@ -646,7 +643,7 @@ DSCONV_AVX512 void dw_s1_quantise(const Layout& lay, const DwS1& s, const float*
     }
     for (int64_t x0 = 0; x0 < s.Wr; x0 += kVec) {
       const __m512 v = load_lanes(make_loader(row, 0, x0 - g.pw, 1, g.W, kVec), 0);
-      _mm512_store_ps(dst + x0, bfp_single(v, frac_scale, lim, shift));
+      _mm512_store_ps(dst + x0, bfp_single<kM>(v));
     }
   }
 }
@@ -693,7 +690,8 @@ DSCONV_AVX512 void dw_s1_tiles(const Layout& lay, const DwS1& s, const float* bu
   dw_copy_rows(stage, s.Wr, out + oh0 * g.Wo, g.Wo, oh1 - oh0);
 }
 
-DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
+template <int kM>
+DSCONV_AVX512 void depthwise_m(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
   const Layout& lay = *d.lay;
   const ConvGeometry& g = lay.g;
   const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
@@ -706,9 +704,9 @@ DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1
     const int64_t oh0 = band * lay.band_rows, oh1 = std::min(g.Ho, oh0 + lay.band_rows);
     const float* xc = d.x + nc * g.H * g.W;
     if (s1)
-      dw_s1_quantise(lay, s, xc, d.mant_bits, oh0, oh1 - oh0 + far_rows, buf);
+      dw_s1_quantise<kM>(lay, s, xc, oh0, oh1 - oh0 + far_rows, buf);
     else
-      dw_quantise(lay, xc, d.mant_bits, oh0, oh1 + far_rows, buf);
+      dw_quantise<kM>(lay, xc, oh0, oh1 + far_rows, buf);
     for (int64_t r = 0; r < g.Og; ++r) {
       const int64_t o = c * g.Og + r;
       const float* w = d.wf + o * lay.ntaps;
@@ -721,6 +719,25 @@ DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1
       else
         dw_tiles<0>(lay, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
     }
+  }
+}
+
+DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
+  switch (d.mant_bits) {
+    case 2:
+      return depthwise_m<2>(d, buf, t0, t1);
+    case 3:
+      return depthwise_m<3>(d, buf, t0, t1);
+    case 4:
+      return depthwise_m<4>(d, buf, t0, t1);
+    case 5:
+      return depthwise_m<5>(d, buf, t0, t1);
+    case 6:
+      return depthwise_m<6>(d, buf, t0, t1);
+    case 7:
+      return depthwise_m<7>(d, buf, t0, t1);
+    default:
+      return depthwise_m<8>(d, buf, t0, t1);
   }
 }
 
