@@ -50,8 +50,10 @@ def dw_case(seed):
     C, Og = ri(1, 12), [1, 1, 1, 2, 3][ri(0, 4)]
     kh, kw = [(3, 3), (3, 3), (3, 3), (1, 1), (5, 5), (2, 3), (3, 1), (7, 7)][ri(0, 7)]
     stride = [(1, 1), (1, 1), (2, 2), (1, 2), (2, 1), (3, 3)][ri(0, 5)]
-    dilation = [(1, 1), (1, 1), (1, 1), (2, 2), (1, 3)][ri(0, 4)]
-    padding = (ri(0, 2), ri(0, 2))
+    dilation = [(1, 1), (1, 1), (1, 1), (2, 2), (1, 3), (2, 1), (3, 1)][ri(0, 6)]
+    padding = (ri(0, 3), ri(0, 3))
+    if ri(0, 2) == 0:  # the Detect head's geometry, which AVX-512 runs in its own tile
+        kh, kw, stride, dilation = 3, 3, (1, 1), (ri(1, 2), 1)
     big = ri(0, 4) == 0  # several bands per channel
     hmax = 130 if big else 30
     H = ri(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), hmax)
