@@ -398,6 +398,7 @@ inline float bfp_single_scalar(float x, int mant_bits) {
 DSCONV_AVX2 void dw_quantise(const Layout& lay, const float* xc, int mant_bits, int64_t oh0,
                              int64_t yend, float* buf) {
   const ConvGeometry& g = lay.g;
+  const bool plain = g.sw == 1 && g.W >= kVec && g.pw <= kVec;
   for (int64_t ry = 0; ry < g.sh; ++ry) {
     for (int64_t yl = 0; yl < lay.Hqb; ++yl) {
       const int64_t yq = oh0 + yl, h = yq * g.sh + ry - g.ph;
@@ -410,6 +411,20 @@ DSCONV_AVX2 void dw_quantise(const Layout& lay, const float* xc, int mant_bits, 
           continue;
         }
         const float* row = xc + h * g.W;
+        if (plain) {  // see the AVX-512 dw_quantise
+          _mm256_storeu_ps(dst, _mm256_setzero_ps());
+          for (int64_t w = 0;; w += kVec) {
+            w = std::min(w, g.W - kVec);
+            __m256 q;
+            const int special = bfp_single(_mm256_loadu_ps(row + w), mant_bits, &q);
+            _mm256_storeu_ps(dst + g.pw + w, q);
+            for (int l = 0; special && l < kVec; ++l)
+              if (special >> l & 1) dst[g.pw + w + l] = bfp_single_scalar(row[w + l], mant_bits);
+            if (w == g.W - kVec) break;
+          }
+          _mm256_storeu_ps(dst + g.pw + g.W, _mm256_setzero_ps());
+          continue;
+        }
         for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
           const int64_t w0 = x0 * g.sw + rx - g.pw;
           const __m256 v = g.sw == 1 && w0 >= 0 && w0 + kVec <= g.W
@@ -428,10 +443,27 @@ DSCONV_AVX2 void dw_quantise(const Layout& lay, const float* xc, int mant_bits, 
   }
 }
 
+// Copies band-local q-space rows (`Wq` apart) to the output rows (`Wo` apart) with whole
+// vectors, the last one of a row overlapping the one before.
+DSCONV_AVX2 void dw_copy_rows(const float* src, int64_t Wq, float* dst, int64_t Wo, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r, src += Wq, dst += Wo) {
+    if (Wo < kVec) {
+      _mm256_maskstore_ps(dst, lane_mask(0, Wo), _mm256_loadu_ps(src));
+      continue;
+    }
+    for (int64_t w = 0;; w += kVec) {
+      w = std::min(w, Wo - kVec);
+      _mm256_storeu_ps(dst + w, _mm256_loadu_ps(src + w));
+      if (w == Wo - kVec) break;
+    }
+  }
+}
+
 // One output channel over a band: 4 pixel vectors per tile, taps alternating between two
-// accumulator sets (8 FMA chains), weights broadcast from memory (16 ymm registers).
+// accumulator sets (8 FMA chains), weights broadcast from memory (16 ymm registers), into the L1
+// output stage copied out by rows (see the AVX-512 dw_tiles).
 DSCONV_AVX2 void dw_tiles(const Layout& lay, const float* buf, const float* w, float cdsw, float cb,
-                          bool silu, float* out, int64_t oh0, int64_t oh1) {
+                          bool silu, float* stage, float* out, int64_t oh0, int64_t oh1) {
   constexpr int kV = 4;
   const int64_t T = lay.ntaps;
   const int64_t* tapoff = lay.tapoff.data();
@@ -456,21 +488,18 @@ DSCONV_AVX2 void dw_tiles(const Layout& lay, const float* buf, const float* w, f
       for (int v = 0; v < kV; ++v)
         a[0][v] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(p + v * kVec), a[0][v]);
     }
-    int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
-    oh += oh0;
-    for (int v = 0; v < kV; ++v) {
-      if (oh >= oh1) break;
-      store_vec(lay, out, oh, ow, oh1, epilogue(_mm256_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
-      ow += kVec;
-      while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
-    }
+    for (int v = 0; v < kV; ++v)
+      _mm256_store_ps(stage + q0 + v * kVec,
+                      epilogue(_mm256_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
   }
+  dw_copy_rows(stage, lay.Wq, out + oh0 * lay.g.Wo, lay.g.Wo, oh1 - oh0);
 }
 
 DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) {
   const Layout& lay = *d.lay;
   const ConvGeometry& g = lay.g;
   const int64_t far_rows = (g.kh - 1) * g.dh / g.sh;
+  float* stage = buf + dw_stage_offset(lay);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t band = t % lay.nbands, nc = t / lay.nbands;
     const int64_t n = nc / g.C, c = nc % g.C;
@@ -479,7 +508,8 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
     for (int64_t r = 0; r < g.Og; ++r) {
       const int64_t o = c * g.Og + r;
       dw_tiles(lay, buf, d.wf + o * lay.ntaps, d.cdsw[c * d.epi_stride + r],
-               d.cb[c * d.epi_stride + r], d.silu, d.y + (n * g.O + o) * g.Ho * g.Wo, oh0, oh1);
+               d.cb[c * d.epi_stride + r], d.silu, stage, d.y + (n * g.O + o) * g.Ho * g.Wo, oh0,
+               oh1);
     }
   }
 }
