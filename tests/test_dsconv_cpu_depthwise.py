@@ -124,9 +124,10 @@ def test_depthwise_yolo_head_shapes(isa, threads):
     """The Detect head's depthwise 3x3 convs (YOLO11n channel counts, smaller maps), BN folded
     into CDS and SiLU fused as after dsconv_ext.quantize, batch 2, 1 and 2 threads."""
     g = torch.Generator().manual_seed(31)
-    for C, H in ((64, 40), (80, 20), (128, 10), (256, 5)):
+    # Widths of whole vectors (the AVX-512 tile stores those rows straight out) and not.
+    for C, H, W in ((64, 40, 32), (80, 20, 16), (48, 23, 27), (128, 10, 13), (256, 5, 8)):
         q, alpha, _ = quantize_weight(torch.randn(C, 1, 3, 3, generator=g), 8, 32)
-        x = torch.nn.functional.silu(torch.randn(2, C, H, H + 3, generator=g) * 2)
+        x = torch.nn.functional.silu(torch.randn(2, C, H, W, generator=g) * 2)
         case = dict(x=x, intweight=q, alpha=alpha, CDSw=torch.rand(C, generator=g) + 0.5,
                     CDSb=torch.randn(C, generator=g), stride=(1, 1), padding=(1, 1),
                     dilation=(1, 1), groups=C, block_size=32, act_bits=8,
@@ -134,7 +135,7 @@ def test_depthwise_yolo_head_shapes(isa, threads):
         ref = dsconv2d_reference(**case)
         for t in (1, 2):
             torch.set_num_threads(t)
-            assert_close(op(case), ref, f"C={C} H={H} threads={t}")
+            assert_close(op(case), ref, f"C={C} H={H} W={W} threads={t}")
 
 
 def test_depthwise_subnormal_and_nonfinite(isa):

@@ -657,12 +657,18 @@ DSCONV_AVX512 void dw_s1_tiles(const Layout& lay, const DwS1& s, const float* bu
   for (int t = 0; t < 9; ++t) wv[t] = _mm512_set1_ps(w[t]);
   const int64_t rstep = g.dh * s.Wr;
   const int64_t nv = (g.Wo + kVec - 1) / kVec, total = (oh1 - oh0) * nv;
+  // Rows of whole vectors go straight to the output; others through the stage (a row's last
+  // vector would spill into the next row, which may be another thread's band).
+  const bool direct = g.Wo % kVec == 0;
+  float* const dst = direct ? out + oh0 * g.Wo : stage;
+  const int64_t dpitch = direct ? g.Wo : s.Wr;
   int64_t row = 0, vec = 0;  // of the tile's next vector
   for (int64_t k = 0; k < total; k += kV) {
-    int64_t pos[kV];
+    int64_t pos[kV], dpos[kV];
 #pragma GCC unroll 4
     for (int v = 0; v < kV; ++v) {
       pos[v] = row * s.Wr + vec * kVec;
+      dpos[v] = row * dpitch + vec * kVec;
       if (k + v + 1 < total && ++vec == nv) vec = 0, ++row;  // past the end: repeat the last
     }
     __m512 a[2][kV];
@@ -685,9 +691,9 @@ DSCONV_AVX512 void dw_s1_tiles(const Layout& lay, const DwS1& s, const float* bu
     }
 #pragma GCC unroll 4
     for (int v = 0; v < kV; ++v)
-      _mm512_store_ps(stage + pos[v], epilogue(_mm512_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
+      _mm512_storeu_ps(dst + dpos[v], epilogue(_mm512_add_ps(a[0][v], a[1][v]), cdsw, cb, silu));
   }
-  dw_copy_rows(stage, s.Wr, out + oh0 * g.Wo, g.Wo, oh1 - oh0);
+  if (!direct) dw_copy_rows(stage, s.Wr, out + oh0 * g.Wo, g.Wo, oh1 - oh0);
 }
 
 template <int kM>
