@@ -20,7 +20,8 @@
 //    (vscalefps), NaN for a block holding NaN/Inf; `usum`, 2^E * (sum of the block's
 //    mantissas), for KDSb. Each (block, tap) segment is an exact int32 dot product, then
 //    acc += alpha * 2^E * S (+ KDSb * usum).
-//  * float (blocks of <= 4 channels: depthwise convs, the 3-channel stem, tiny block sizes).
+//  * float (blocks of <= 4 channels: the 3-channel stem, tiny block sizes, and depthwise convs
+//    on the portable path).
 //    An int8 segment would hold <= 4 useful products and cost a whole float flush, so instead
 //    each channel is stored as its BFP value m * 2^E (one float per q) and convolved with
 //    weights alpha * q + KDSb in float: the same sum, rounded per product instead of per block.
@@ -32,7 +33,11 @@
 // function runs a range of (image, channel, band) tasks: it quantises the channel's band straight
 // from NCHW into the same q-space phase planes (a one-channel block's BFP value is the input
 // rounded to m - 1 significant bits, done on the float itself), sized to stay in L1, then
-// convolves it for each output channel of the group with the taps' weights held in registers.
+// convolves it for each output channel of the group with the taps' weights held in registers,
+// into an L1 output stage copied out a row at a time (only whole-vector stores: masked ones are
+// slow on AMD cores). AVX-512 stores stride-1 3x3 bands in its own layout, rows a whole number
+// of vectors apart, so that no load straddles two cache lines (kernel_avx512.cpp, dw_s1_tiles).
+// The portable path keeps the float family for these convs.
 #pragma once
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // AVX-512 VNNI path: packing with 16 pixels per vector, a 4 output channel x 48 pixel vpdpbusd
-// microkernel, and the float depthwise kernel. Compiled with function-level target attributes
-// and only entered after a run-time CPU check (dsconv2d_cpu.cpp).
+// microkernel, the float-family kernel and the depthwise path (dsconv2d_cpu.h). Compiled with
+// function-level target attributes and only entered after a run-time CPU check
+// (dsconv2d_cpu.cpp).
 //
 // Cost model of the microkernel (B = 32, so 8 vpdpbusd per (block, tap) segment and accumulator):
 // vpdpbusd and FMA share the two multiply pipes, while int->float conversion and vscalefps
