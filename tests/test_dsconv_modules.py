@@ -219,3 +219,166 @@ def test_module_bad_input():
         m(torch.randn(7, 5, 5))
     with pytest.raises(TypeError, match="nn.Conv2d"):
         DSConv2d.from_float(nn.Linear(3, 3))
+
+
+# ---------------------------------------------------------------- frozen CPU fast path
+def _kernel_on_cpu():
+    from dsconv_ext.ops import dsconv2d_backend
+
+    return dsconv2d_backend("cpu") == "kernel"
+
+
+needs_kernel = pytest.mark.skipif(not _kernel_on_cpu(), reason="no compiled CPU kernel")
+
+
+def _validated(m, x):
+    """The module's output through ops.dsconv2d, the fully validated entry point."""
+    from dsconv_ext.ops import dsconv2d
+
+    return dsconv2d(
+        x,
+        m.intweight,
+        m.alpha,
+        m.KDSb,
+        m.CDSw,
+        m.CDSb,
+        m.bias,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.block_size,
+        m.act_bits,
+        m.fuse_silu,
+    )
+
+
+def _reference(m, x):
+    y = dsconv2d_reference(
+        x,
+        m.intweight,
+        m.alpha,
+        m.KDSb,
+        m.CDSw,
+        m.CDSb,
+        m.bias,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.block_size,
+        m.act_bits,
+    )
+    return F.silu(y) if m.fuse_silu else y
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_path_equals_validated_path_and_reference(seed, monkeypatch):
+    torch.manual_seed(seed)
+    groups = [1, 2, 16][seed % 3]
+    m = DSConv2d(
+        16,
+        16,
+        [1, 3][seed % 2],
+        stride=1 + seed % 2,
+        padding=seed % 2,
+        dilation=1 + (seed % 4 == 3),
+        groups=groups,
+        bias=bool(seed % 2),
+        block_size=[4, 8, 32][seed % 3],
+        KDSBias=seed % 4 == 0,
+        CDS=seed % 3 == 1,
+    ).freeze()
+    m.fuse_silu = seed % 2 == 0
+    x = realistic_activations(1 + seed % 2, 16, 10, 13, seed)
+    with torch.no_grad():
+        y = m(x)
+    assert m._fast, "the frozen CPU fp32 call should take the fast path"
+    assert m._fast[1][-1] is m.fuse_silu
+    torch.testing.assert_close(y, _validated(m, x), rtol=0, atol=0)
+    ref = _reference(m, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_kernel
+def test_fast_path_really_skips_the_validated_entry_point(monkeypatch):
+    import dsconv_ext.modules.dsconv as mod
+
+    m = DSConv2d(8, 8, 3, padding=1).freeze()
+    x = torch.randn(1, 8, 6, 6)
+    expect = _validated(m, x)
+
+    def boom(*a, **k):
+        raise AssertionError("ops.dsconv2d called")
+
+    monkeypatch.setattr(mod, "dsconv2d", boom)
+    torch.testing.assert_close(m(x), expect, rtol=0, atol=0)
+    # Inputs the fast path does not take go through the validated entry point.
+    with pytest.raises(AssertionError, match="ops.dsconv2d called"):
+        m(x.double())
+    monkeypatch.setenv("DSCONV_EXT_DSCONV_BACKEND", "kernel")
+    with pytest.raises(AssertionError, match="ops.dsconv2d called"):
+        m(x)
+
+
+@needs_kernel
+def test_fast_path_follows_changes_to_the_module():
+    torch.manual_seed(0)
+    m = DSConv2d(16, 8, 3, padding=1, bias=True, block_size=8).freeze()
+    x = realistic_activations(1, 16, 7, 7)
+
+    def check():
+        with torch.no_grad():
+            y = m(x)
+        assert m._fast
+        torch.testing.assert_close(y, _validated(m, x), rtol=0, atol=0)
+        return y
+
+    y0 = check()
+    m.fuse_silu = True  # attribute
+    y1 = check()
+    torch.testing.assert_close(y1, F.silu(y0), rtol=1e-6, atol=1e-6)
+    bn = nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    m.fold_bn(bn)  # buffers re-registered, bias dropped
+    y2 = check()
+    assert not torch.equal(y1, y2)
+    with torch.no_grad():
+        m.alpha.mul_(2)  # in place: the cached call sees it
+    check()
+    m.alpha = m.alpha * 0.5  # replaced
+    check()
+    m2 = DSConv2d(16, 8, 3, padding=1, block_size=8)
+    m2.load_state_dict(m.state_dict())
+    assert m2.frozen
+    torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
+    m.half().float()  # _apply
+    check()
+    m3 = pickle.loads(pickle.dumps(m))
+    assert "_fast" not in m3.__dict__
+    torch.testing.assert_close(m3(x), m(x), rtol=0, atol=0)
+
+
+@needs_kernel
+def test_fast_path_bad_input_gives_the_clear_errors():
+    m = DSConv2d(8, 8, 3, padding=0).freeze()
+    m(torch.randn(1, 8, 5, 5))
+    assert m._fast
+    with pytest.raises(ValueError, match=r"\[N, 8, H, W\]"):
+        m(torch.randn(1, 7, 5, 5))
+    with pytest.raises(ValueError, match=r"\[N, 8, H, W\]"):
+        m(torch.randn(8, 5, 5))
+    with pytest.raises(TypeError, match="x must be float32"):
+        m(torch.randn(1, 8, 5, 5).to(torch.float64))
+    with pytest.raises(TypeError, match="x must be float32"):
+        m(torch.ones(1, 8, 5, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x spatial size"):
+        m(torch.randn(1, 8, 2, 5))
+    with pytest.raises(ValueError, match="intweight is on cpu but x is on meta"):
+        m(torch.randn(1, 8, 5, 5, device="meta"))
+    # fp16 / bf16 input: the validated path, output in x's dtype.
+    y = m(torch.randn(1, 8, 5, 5).bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 8, 3, 3)

@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dsconv.checks import pair
-from ..ops import dsconv2d
+from ..ops import dsconv2d, dsconv2d_backend
 from ..quant_primitives import (
     check_bits,
     check_block_size,
@@ -155,7 +156,83 @@ class DSConv2d(nn.Module):
         return s + (", frozen" if self.frozen else "") + (", silu" if self.fuse_silu else "")
 
     # ------------------------------------------------------------------ forward
+    # Frozen inference on CPU float32 skips ops.dsconv2d's full argument check on every call
+    # (~25 us of Python per layer, a few % of a batch-1 YOLO11n forward): the weights' side of it
+    # runs once, when the call's arguments are cached (_fast_call), and each call only checks x
+    # (type, rank, channels, dtype, device, spatial size) before calling the op. Any input that
+    # fails those checks takes the validated path, which raises the clear error. The cache drops
+    # whenever an attribute, buffer or device changes (__setattr__, register_buffer, _apply...).
+    _fast = None  # per instance, in __dict__: (op, tail args, min H, min W) or False
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_fast", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        self.__dict__.pop("_fast", None)
+        super().__delattr__(name)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        self.__dict__.pop("_fast", None)
+        super().register_buffer(name, tensor, persistent)
+
+    def _build_fast(self):
+        """The cached tail of the op call, or False when the fast path does not apply."""
+        fast = False
+        bufs = (self.intweight, self.alpha, self.KDSb, self.CDSw, self.CDSb, self.bias)
+        if (
+            self.frozen
+            and all(t is None or t.device.type == "cpu" for t in bufs)
+            and self.intweight.dtype == torch.int8
+            and all(t is None or t.dtype == torch.float32 for t in bufs[1:])
+            and dsconv2d_backend("cpu") == "kernel"
+        ):
+            # The full validation once, on a probe of the smallest valid spatial size.
+            kh, kw = self.kernel_size
+            min_h = max(1, self.dilation[0] * (kh - 1) + 1 - 2 * self.padding[0])
+            min_w = max(1, self.dilation[1] * (kw - 1) + 1 - 2 * self.padding[1])
+            probe = torch.empty(1, self.in_channels, min_h, min_w)
+            from ..dsconv.checks import check_dsconv2d_args
+
+            stride, padding, dilation = check_dsconv2d_args(
+                probe,
+                *bufs,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+                self.block_size,
+                self.act_bits,
+            )
+            tail = (
+                *bufs,
+                list(stride),
+                list(padding),
+                list(dilation),
+                self.groups,
+                self.block_size,
+                self.act_bits,
+                bool(self.fuse_silu),
+            )
+            fast = (torch.ops.dsconv_ext.dsconv2d.default, tail, min_h, min_w)
+        self.__dict__["_fast"] = fast
+        return fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast
+        if fast is None and self.frozen:
+            fast = self._build_fast()
+        if (
+            fast
+            and type(x) is torch.Tensor
+            and x.dim() == 4
+            and x.dtype is torch.float32
+            and x.is_cpu
+            and "DSCONV_EXT_DSCONV_BACKEND" not in os.environ
+        ):
+            _, c, h, w = x.shape
+            if c == self.in_channels and h >= fast[2] and w >= fast[3]:
+                return fast[0](x, *fast[1])
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects x of shape [N, {self.in_channels}, "
@@ -287,6 +364,7 @@ class DSConv2d(nn.Module):
 
     # ------------------------------------------------------------------ storage
     def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_fast", None)
         kept = {n: self._buffers.pop(n) for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
         try:
             super()._apply(fn, recurse)
@@ -386,6 +464,7 @@ class DSConv2d(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
+        state.pop("_fast", None)
         buffers = dict(state["_buffers"])
         if self.frozen and packed_bits(self.bits) < 8 and buffers.get("intweight") is not None:
             q = buffers.pop("intweight")
@@ -408,6 +487,7 @@ class DSConv2d(nn.Module):
                 f"version {FORMAT_VERSION}; convert the model again with this version"
             )
         packed = state.pop("_packed_intweight", None)
+        state.pop("_fast", None)
         super().__setstate__(state)
         if packed is not None:
             self._buffers["intweight"] = unpack_intweight(packed[0], self.bits, packed[1])
