@@ -16,6 +16,7 @@ Without them (no network here) each model is trained from scratch on a synthetic
     python benchmarks/bench_model.py                 # both models, table on stdout
     python benchmarks/bench_model.py --quick          # smoke run: yolo11n, few rounds/epochs
     python benchmarks/bench_model.py --json out.json
+    python benchmarks/bench_model.py --models yolo11n --variants int8 --no-accuracy  # speed only
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from _timing import dump_json, environment, print_table, time_interleaved  # noq
 os.environ.setdefault("YOLO_OFFLINE", "1")
 IMGSZ = 640
 CLASSES = ("box", "disc", "triangle")
+VARIANTS = ("int8", "int4", "onnxruntime")
 
 
 # ---------------------------------------------------------------- synthetic data and weights
@@ -170,13 +172,17 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
     work = Path(args.work)
     ckpts = {"float": best}
     for bits in (8, 4):
-        ckpts[f"int{bits}"] = work / f"{name}-ds{bits}.pt"
-        convert_checkpoint(str(best), str(ckpts[f"int{bits}"]), bits=bits)
+        if f"int{bits}" in args.variants:
+            ckpts[f"int{bits}"] = work / f"{name}-ds{bits}.pt"
+            convert_checkpoint(
+                str(best), str(ckpts[f"int{bits}"]), bits=bits, depthwise=args.depthwise
+            )
 
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     models = {"float": YOLO(str(best)).model.float().fuse(verbose=False).eval()}
     for k in ("int8", "int4"):
-        models[k] = YOLO(str(ckpts[k])).model.float().eval()
+        if k in ckpts:
+            models[k] = YOLO(str(ckpts[k])).model.float().eval()
     fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
     # ultralytics' select_device() sets torch to cpu_count - 1 threads (1 here) when it loads or
     # exports a model: time every variant with the same, requested thread count.
@@ -187,7 +193,7 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
         import onnxruntime as ort
     except ImportError:
         ort = None
-    if ort is not None:
+    if ort is not None and "onnxruntime" in args.variants:
         onnx_file = YOLO(str(best)).export(
             format="onnx", imgsz=IMGSZ, simplify=False, verbose=False
         )
@@ -200,6 +206,9 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
         feed = {sess.get_inputs()[0].name: x.numpy()}
         ms.update(time_interleaved({"onnxruntime float": lambda: sess.run(None, feed)},
                                    rounds=args.rounds, warmup=3))  # fmt: skip
+    if not args.accuracy:
+        return [{"model": name, "variant": k, "latency ms": v,
+                 "speed-up vs float eager": ms["float"] / v} for k, v in ms.items()]  # fmt: skip
 
     images = sorted(str(p) for p in (data.parent / "images" / "val").glob("*.jpg"))[: args.images]
     ref = predictions(YOLO(str(best)), images)
@@ -233,6 +242,25 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=30, help="synthetic training epochs")
     p.add_argument("--train-imgsz", type=int, default=320)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="for all variants")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        help="what to time besides the float eager baseline (always timed)",
+    )
+    p.add_argument(
+        "--no-accuracy",
+        dest="accuracy",
+        action="store_false",
+        help="latency only: skip checkpoint sizes, mAP and agreement",
+    )
+    p.add_argument(
+        "--no-depthwise",
+        dest="depthwise",
+        action="store_false",
+        help="convert with depthwise=False (depth-wise convs left in float)",
+    )
     p.add_argument("--quick", action="store_true", help="yolo11n only, few rounds (smoke test)")
     p.add_argument("--json", help="write results as JSON to this path ('-' for stdout)")
     args = p.parse_args(argv)

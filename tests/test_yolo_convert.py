@@ -55,23 +55,43 @@ def test_quantize_ultralytics_model():
     assert q is model
     converted = q.dsconv_ext["converted"]
     depthwise = {n for n, m in convs.items() if m.in_channels == m.groups}
-    assert depthwise and set(converted) == set(convs) - depthwise - {"model.23.dfl.conv"}
+    assert depthwise and set(converted) == set(convs) - {"model.23.dfl.conv"}
+    assert all(q.get_submodule(n).groups > 1 for n in depthwise)  # converted by default
     assert type(q.model[-1].dfl.conv) is nn.Conv2d  # the fixed DFL ramp stays exact
     for name, m in q.named_modules():
         if isinstance(m, DSConv2d):
             assert m.frozen and m.layer_name == name and m.bits == 8
     # BN folded first, SiLU run inside the kernel call of every ultralytics Conv
-    fused_silu = 0
+    fused_silu = dw_silu = 0
     for m in q.modules():
-        if isinstance(m, Conv) and m.conv.groups < m.conv.in_channels:  # depth-wise stay float
+        if isinstance(m, Conv):  # depth-wise ones (DWConv) included
             assert not hasattr(m, "bn") and isinstance(m.conv, DSConv2d)
             assert not isinstance(m.act, nn.SiLU)  # it moved into the kernel call
             fused_silu += m.conv.fuse_silu
-    assert fused_silu > 50
+            dw_silu += m.conv.fuse_silu and m.conv.groups == m.conv.in_channels
+    assert fused_silu > 50 and dw_silu == 6  # the Detect head's six DWConv
     got = _out(q, x)
     boxes, scores = slice(0, 4), slice(4, None)
     assert rel_err(got[:, boxes], want[:, boxes]) < 5e-3
     assert np.abs(got[:, scores] - want[:, scores]).max() < 5e-3
+
+
+def test_quantize_depthwise_false_keeps_depthwise_float():
+    from dsconv_ext import DSConv2d, quantize
+
+    model = trained_like()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    want = _out(copy.deepcopy(model).fuse(verbose=False), x)
+    convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
+    q = quantize(model, depthwise=False)
+    depthwise = {n for n, m in convs.items() if m.in_channels == m.groups}
+    assert set(q.dsconv_ext["converted"]) == set(convs) - depthwise - {"model.23.dfl.conv"}
+    assert q.dsconv_ext["depthwise"] is False
+    for n in depthwise:
+        assert type(q.get_submodule(n)) is nn.Conv2d
+    assert sum(isinstance(m, DSConv2d) for m in q.modules()) == len(q.dsconv_ext["converted"])
+    got = _out(q, x)
+    assert rel_err(got[:, :4], want[:, :4]) < 5e-3
 
 
 def test_quantize_selects_layers():
@@ -127,6 +147,7 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
     ultralytics in a fresh process (also with ULTRALYTICS_SAFE_LOAD=1), same outputs."""
     from ultralytics import YOLO
 
+    from dsconv_ext import DSConv2d
     from dsconv_ext.__main__ import main as cli
     from dsconv_ext.convert import main
 
@@ -136,7 +157,7 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
     yolo.save(str(src))
     ds8, ds4 = tmp_path / "best-ds8.pt", tmp_path / "best-ds4.pt"
     assert main([str(src), "-o", str(ds8)]) == 0
-    assert cli(["convert", str(src), "--bits", "4", "-o", str(ds4)]) == 0
+    assert cli(["convert", str(src), "--bits", "4", "--no-depthwise", "-o", str(ds4)]) == 0
     float_size, size8, size4 = _sizes(src, ds8, ds4)
     assert size4 < 0.75 * size8 < 0.75 * float_size  # fp16 weights -> int8 -> packed 4-bit
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
@@ -144,6 +165,9 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
     for path, bits in ((ds8, 8), (ds4, 4)):
         model = YOLO(str(path)).model.float().eval()
         assert model.dsconv_ext["bits"] == bits
+        assert model.dsconv_ext["depthwise"] == (bits == 8)
+        dw = [m for m in model.modules() if getattr(m, "groups", 1) > 1]
+        assert dw and all(isinstance(m, DSConv2d) == (bits == 8) for m in dw)
         want = _out(model, x)
         code = f"""
             import site, numpy as np, torch
