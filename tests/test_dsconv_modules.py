@@ -357,6 +357,9 @@ def test_fast_path_follows_changes_to_the_module():
     torch.testing.assert_close(m2(x), m(x), rtol=0, atol=0)
     m.half().float()  # _apply
     check()
+    fast = m._fast
+    m.train().eval()  # a mode switch keeps the cached call
+    assert m._fast is fast
     m3 = pickle.loads(pickle.dumps(m))
     assert "_fast" not in m3.__dict__
     torch.testing.assert_close(m3(x), m(x), rtol=0, atol=0)

@@ -165,7 +165,8 @@ class DSConv2d(nn.Module):
     _fast = None  # per instance, in __dict__: (op, tail args, min H, min W) or False
 
     def __setattr__(self, name, value):
-        self.__dict__.pop("_fast", None)
+        if name != "training":  # .eval() / .train() leave the frozen call unchanged
+            self.__dict__.pop("_fast", None)
         super().__setattr__(name, value)
 
     def __delattr__(self, name):
