@@ -1,6 +1,10 @@
 import os
 
 import pytest
+import torch
+
+# SIMD paths of the CPU kernel, best first (DSCONV_EXT_CPU_ISA lowers the choice).
+CPU_ISAS = ("avx512_vnni", "avx2", "scalar")
 
 # Tests make their own data and never reach the network.
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -21,3 +25,20 @@ def package_env(extra=None):
 @pytest.fixture
 def subprocess_env():
     return package_env
+
+
+@pytest.fixture(params=CPU_ISAS)
+def isa(request, monkeypatch):
+    """Runs a test once per CPU kernel SIMD path this CPU can take."""
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", request.param)
+    if torch.ops.dsconv_ext.cpu_isa() != request.param:
+        pytest.skip(f"this CPU cannot run the {request.param} path")
+    return request.param
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changes."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

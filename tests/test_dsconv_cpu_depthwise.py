@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from test_dsconv_cpu_kernel import ISAS, assert_close, describe, op
+from test_dsconv_cpu_kernel import assert_close, describe, op
 
 import dsconv_ext
 from dsconv_ext import dsconv2d_reference
@@ -23,21 +23,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 PATHS = ("int8", "float", "depthwise")  # order of torch.ops.dsconv_ext._cpu_path_calls()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", request.param)
-    if torch.ops.dsconv_ext.cpu_isa() != request.param:
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    return request.param
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def dw_case(seed):

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import CPU_ISAS
 from dsconv_cases import integer_exact_case, random_case
 
 import dsconv_ext
@@ -20,7 +21,6 @@ pytestmark = pytest.mark.skipif(
     dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
 )
 
-ISAS = ["avx512_vnni", "avx2", "scalar"]
 RTOL = 1e-5  # relative to max |y|
 # Plus a few hundred subnormal steps: outputs of tiny activations can be subnormal, where float32
 # has no relative precision left (the reference rounds once from float64, the kernel per step).
@@ -34,22 +34,6 @@ def op(case):
         c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"],
         c["block_size"], c["act_bits"], c["fuse_silu"],
     )  # fmt: skip
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", request.param)
-    if torch.ops.dsconv_ext.cpu_isa() != request.param:
-        pytest.skip(f"this CPU cannot run the {request.param} path")
-    return request.param
-
-
-@pytest.fixture
-def threads():
-    """Restores the thread count a test changes."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def describe(case):
@@ -338,7 +322,7 @@ def test_isa_variable(monkeypatch):
     monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "scalar")
     assert torch.ops.dsconv_ext.cpu_isa() == "scalar"
     monkeypatch.delenv("DSCONV_EXT_CPU_ISA")
-    assert torch.ops.dsconv_ext.cpu_isa() in ISAS
+    assert torch.ops.dsconv_ext.cpu_isa() in CPU_ISAS
 
 
 def test_block_count_helper_agrees():
