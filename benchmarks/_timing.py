@@ -75,25 +75,6 @@ def peak_cuda_memory_mb(fn: Callable[[], object]) -> float:
 
 
 def peak_cpu_memory_mb(fn: Callable[[], object]) -> float:
-    """Peak CPU memory of one call, from the torch profiler's allocator accounting."""
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Walk allocation events in order and track the running total.
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0) != 0),
-        key=lambda e: e.time_range.start,
-    )
-    cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2**20
-
-
-def peak_cpu_memory_self_mb(fn: Callable[[], object]) -> float:
     """Peak CPU memory of one call, each allocation counted once.
 
     The profiler reports an op's memory inclusive of the ops it calls (``conv2d`` ->

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _timing import (  # noqa: E402
     dump_json,
     environment,
-    peak_cpu_memory_self_mb,
+    peak_cpu_memory_mb,
     peak_cuda_memory_mb,
     print_table,
     time_interleaved,
@@ -115,7 +115,7 @@ def bench_row(scale, layer, c, h, w, batch, train, backends, device, args) -> Li
     peak = {}
     if not args.no_memory:
         for name, fn in fns.items():
-            peak[name] = peak_cuda_memory_mb(fn) if sync else peak_cpu_memory_self_mb(fn)
+            peak[name] = peak_cuda_memory_mb(fn) if sync else peak_cpu_memory_mb(fn)
     rows = []
     for name in backends:
         row = {
