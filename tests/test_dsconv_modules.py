@@ -24,6 +24,25 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _reference(m, x):
+    y = dsconv2d_reference(
+        x,
+        m.intweight,
+        m.alpha,
+        m.KDSb,
+        m.CDSw,
+        m.CDSb,
+        m.bias,
+        m.stride,
+        m.padding,
+        m.dilation,
+        m.groups,
+        m.block_size,
+        m.act_bits,
+    )
+    return F.silu(y) if m.fuse_silu else y
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_qat_forward_equals_frozen_integer_path(seed):
     torch.manual_seed(seed)
@@ -49,21 +68,7 @@ def test_qat_forward_equals_frozen_integer_path(seed):
     y_qat = m(x)
     m.freeze()
     y_int = m(x)
-    y_ref = dsconv2d_reference(
-        x,
-        m.intweight,
-        m.alpha,
-        m.KDSb,
-        m.CDSw,
-        m.CDSb,
-        m.bias,
-        m.stride,
-        m.padding,
-        m.dilation,
-        m.groups,
-        m.block_size,
-        m.act_bits,
-    )
+    y_ref = _reference(m, x)
     torch.testing.assert_close(y_int, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
     torch.testing.assert_close(y_qat, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
 
@@ -251,25 +256,6 @@ def _validated(m, x):
         m.act_bits,
         m.fuse_silu,
     )
-
-
-def _reference(m, x):
-    y = dsconv2d_reference(
-        x,
-        m.intweight,
-        m.alpha,
-        m.KDSb,
-        m.CDSw,
-        m.CDSb,
-        m.bias,
-        m.stride,
-        m.padding,
-        m.dilation,
-        m.groups,
-        m.block_size,
-        m.act_bits,
-    )
-    return F.silu(y) if m.fuse_silu else y
 
 
 @needs_kernel

@@ -177,10 +177,14 @@ class DSConv2d(nn.Module):
         self.__dict__.pop("_fast", None)
         super().register_buffer(name, tensor, persistent)
 
+    def _op_tensors(self):
+        """The frozen op's tensor arguments after x, in its schema's order."""
+        return (self.intweight, self.alpha, self.KDSb, self.CDSw, self.CDSb, self.bias)
+
     def _build_fast(self):
         """The cached tail of the op call, or False when the fast path does not apply."""
         fast = False
-        bufs = (self.intweight, self.alpha, self.KDSb, self.CDSw, self.CDSb, self.bias)
+        bufs = self._op_tensors()
         if (
             self.frozen
             and all(t is None or t.device.type == "cpu" for t in bufs)
@@ -242,12 +246,7 @@ class DSConv2d(nn.Module):
         if self.frozen:
             return dsconv2d(
                 x,
-                self.intweight,
-                self.alpha,
-                self.KDSb,
-                self.CDSw,
-                self.CDSb,
-                self.bias,
+                *self._op_tensors(),
                 self.stride,
                 self.padding,
                 self.dilation,
