@@ -7,6 +7,7 @@ PyTorch fallback otherwise. Choose with ``DSCONV_EXT_DSCONV_BACKEND=auto|kernel|
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Dict, Optional, Tuple
@@ -57,19 +58,10 @@ def _register_fake() -> None:
     _fake_registered = True
 
 
-_kernel_cache: Dict[str, Tuple[bool, str]] = {}
-
-
+@functools.cache
 def _kernel_for(device_type: str) -> Tuple[bool, str]:
     """Whether a compiled kernel serves this device type, and if not, why (memoised: the answer
     cannot change once the library is loaded, and the dispatcher query costs ~10 us a call)."""
-    hit = _kernel_cache.get(device_type)
-    if hit is None:
-        hit = _kernel_cache[device_type] = _query_kernel(device_type)
-    return hit
-
-
-def _query_kernel(device_type: str) -> Tuple[bool, str]:
     status = load_library()
     if not status.loaded:
         return False, status.reason
