@@ -160,9 +160,11 @@ def test_epilogue_options(isa, kdsb, cds, bias, silu):
         assert_close(op(case), dsconv2d_reference(**case), describe(case))
 
 
+@pytest.mark.parametrize("stride", [1, 2, 3])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_nonfinite_activations_propagate(isa, value):
-    """A NaN or Inf makes its block's scale NaN: exactly the outputs reading it are NaN."""
+def test_nonfinite_activations_propagate(isa, value, stride):
+    """A NaN or Inf makes its block's scale NaN: exactly the outputs reading it are NaN (each
+    stride: the packers read strided rows through a different path)."""
     g = torch.Generator().manual_seed(3)
     for C, groups, block in ((40, 1, 16), (8, 8, 32), (6, 1, 4)):
         q, alpha, kb = quantize_weight(torch.randn(16, C // groups, 3, 3, generator=g), 8, block,
@@ -170,8 +172,8 @@ def test_nonfinite_activations_propagate(isa, value):
         x = torch.randn(1, C, 12, 12, generator=g)
         x[0, 1, 3, 4] = value
         x[0, C - 1, 9, 0] = value
-        case = dict(x=x, intweight=q, alpha=alpha, KDSb=kb, stride=(1, 1), padding=(1, 1),
-                    dilation=(1, 1), groups=16 if groups > 1 else 1, block_size=block,
+        case = dict(x=x, intweight=q, alpha=alpha, KDSb=kb, stride=(stride, stride),
+                    padding=(1, 1), dilation=(1, 1), groups=1, block_size=block,
                     act_bits=8, fuse_silu=True)  # fmt: skip
         if groups > 1:  # depthwise with a channel multiplier of 2
             case["groups"] = C

@@ -75,23 +75,6 @@ static const IsaKernels& kernels_for(Isa isa) {
 
 namespace {
 
-// Grow-only per-thread buffer for the packed band: a fresh allocation per call would come back
-// as untouched pages that fault in on every call.
-struct Scratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~Scratch() { std::free(ptr); }
-  uint8_t* get(size_t want) {
-    if (want > bytes) {
-      std::free(ptr);
-      bytes = (want + 4095) & ~size_t(4095);
-      ptr = std::aligned_alloc(64, bytes);
-      TORCH_CHECK(ptr != nullptr, "dsconv2d: out of memory for ", bytes, " bytes of scratch");
-    }
-    return static_cast<uint8_t*>(ptr);
-  }
-};
-
 size_t align64(size_t n) { return (n + 63) & ~size_t(63); }
 
 void check_param(const c10::optional<at::Tensor>& t, const char* name, c10::IntArrayRef shape) {

@@ -40,14 +40,38 @@
 // The portable path keeps the float family for these convs.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "dsconv2d_geometry.h"
 
 namespace dsconv_ext {
 namespace cpu {
+
+// Grow-only, 64-byte aligned per-thread buffer: a fresh allocation per call would come back as
+// untouched pages that fault in on every call.
+struct Scratch {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(ptr); }
+  uint8_t* get(size_t want) {
+    if (want > bytes) {
+      std::free(ptr);
+      const size_t rounded = (want + 4095) & ~size_t(4095);
+      ptr = std::aligned_alloc(64, rounded);
+      bytes = ptr ? rounded : 0;
+      TORCH_CHECK(ptr != nullptr, "dsconv2d: out of memory for ", rounded, " bytes of scratch");
+    }
+    return static_cast<uint8_t*>(ptr);
+  }
+};
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
 

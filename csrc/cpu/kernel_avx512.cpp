@@ -22,6 +22,8 @@ namespace {
 constexpr int64_t kVec = 16;
 constexpr int64_t kPV = 3;  // pixel vectors per tile
 constexpr int64_t kQTile = kVec * kPV;
+// Stage of the strided int8 packer (pack_row).
+constexpr int64_t kStageBytes = 16 << 10;
 
 DSCONV_AVX512 inline __mmask16 lane_range(int64_t lo, int64_t hi) {
   lo = std::max<int64_t>(lo, 0);
@@ -162,56 +164,175 @@ DSCONV_AVX512 inline __m512i mantissa(__m512 v, __m512 neg_e, __m512i lim, __mma
   return _mm512_maskz_mov_epi32(finite, c);
 }
 
+// The int8 words of 4 channels' mantissas for 16 pixels of a block whose lanes are all finite:
+// the two saturating packs leave each 128-bit lane as [c0 p0..p3, c1 p0..p3, c2 .., c3 ..]
+// bytes, one shuffle per lane makes that pixel-major, and the clamp to +-lim and the +128 of
+// the u8 operand are then one byte op each for 64 mantissas (instead of per 32-bit lane).
+DSCONV_AVX512 inline __m512i mantissa_word(const float* c0, int64_t cstride, int64_t nc,
+                                           __mmask16 lanes, __m512 neg_e, __m512i lo8,
+                                           __m512i hi8) {
+  __m512i m[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    m[i] = i < nc ? _mm512_cvt_roundps_epi32(
+                        _mm512_scalef_ps(_mm512_maskz_loadu_ps(lanes, c0 + i * cstride), neg_e),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                  : _mm512_setzero_si512();
+  }
+  __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(m[0], m[1]), _mm512_packs_epi32(m[2], m[3]));
+  b = _mm512_min_epi8(_mm512_max_epi8(b, lo8), hi8);
+  // Destination byte 4j + i (pixel j, channel i) of each lane comes from byte 4i + j.
+  const __m512i pixel_major =
+      _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  b = _mm512_shuffle_epi8(b, pixel_major);
+  return _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x80)));
+}
+
+// Constants of one packer call.
+struct PackConsts {
+  __m512i lim, lo8, hi8;
+  int mant_bits;
+};
+
+// One block's 16 pixels at q-space column x0 of one phase row: exponent from the blocks' max |x|
+// bit patterns `amax`, mantissa words into every k4 plane, esc and usum. Channel c of the 16
+// pixels is at src + c * src_cstride, lanes outside `lanes` read as 0.
+DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, const float* src,
+                                      int64_t src_cstride, __mmask16 lanes, __m512i amax,
+                                      int64_t base, int64_t x0, __mmask16 st) {
+  const Layout& lay = *r.lay;
+  const int64_t kplane = lay.P * lay.Lq;
+  const __mmask16 finite = _mm512_cmplt_epi32_mask(amax, _mm512_set1_epi32(0x7F800000));
+  const __m512 e = _mm512_cvtepi32_ps(block_exponent(amax, k.mant_bits));
+  const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
+  uint32_t* act = r.act + base + x0;
+  __m512i msum = _mm512_setzero_si512();  // sum of the bytes (m + 128)
+  for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
+    const int64_t nc = std::min<int64_t>(4, r.nch - k4 * 4);
+    const float* c0 = src + k4 * 4 * src_cstride;
+    __m512i word;
+    if (finite == 0xFFFF) {
+      word = mantissa_word(c0, src_cstride, nc, lanes, neg_e, k.lo8, k.hi8);
+    } else {  // NaN or Inf in some block: its mantissas are 0 (and its esc NaN)
+      word = _mm512_setzero_si512();
+      for (int64_t lane = 0; lane < 4; ++lane) {
+        __m512i m = _mm512_setzero_si512();
+        if (lane < nc) {
+          m = mantissa(_mm512_maskz_loadu_ps(lanes, c0 + lane * src_cstride), neg_e, k.lim, finite);
+        }
+        const __m512i byte = _mm512_add_epi32(m, _mm512_set1_epi32(128));  // in [1, 255]
+        word = _mm512_or_si512(word, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * lane)));
+      }
+    }
+    if (r.usum) msum = _mm512_dpbusd_epi32(msum, word, _mm512_set1_epi8(1));
+    store_row(act + k4 * kplane, st, word);
+  }
+  const __m512 nan = _mm512_set1_ps(NAN);
+  store_row(r.esc + base + x0, st, _mm512_mask_mov_ps(nan, finite, e));
+  if (r.usum) {
+    msum = _mm512_sub_epi32(msum, _mm512_set1_epi32(static_cast<int32_t>(512 * lay.K4)));
+    const __m512 u = _mm512_scalef_ps(_mm512_cvtepi32_ps(msum), e);
+    store_row(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
+  }
+}
+
+// Stores 16 pixels of one channel's phase row into the stage and folds their |x| into the
+// per-pixel block maxima (the first channel of the block starts them).
+DSCONV_AVX512 inline void stage_vector(float* sc, int32_t* amax, int64_t rstride, bool first,
+                                       int64_t rx, int64_t v, __m512 x) {
+  _mm512_storeu_ps(sc + rx * rstride + v * kVec, x);
+  int32_t* am = amax + rx * rstride + v * kVec;
+  const __m512i bits = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i prev = first ? _mm512_setzero_si512() : _mm512_loadu_si512(am);
+  _mm512_storeu_si512(am, _mm512_max_epi32(prev, bits));
+}
+
+// The int8 packer, one phase row of one block. Stride 1 reads the input rows in place: per 16
+// pixels, a max |x| pass over the block's channels, then the words. Other strides first split
+// each channel's input row into its phases in a compact per-thread stage, channel after channel:
+// the channel rows of NCHW sit H*W*4 bytes apart, often a multiple of 4 KB, and reading across
+// the channels of a block at one column, twice per phase, made their loads fight over one L1 set.
 DSCONV_AVX512 void pack_row(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
   const int64_t hrow = pack_input_row(r);
-  const bool inside = hrow >= 0;
   prefetch_next_row(r, hrow);
   const int64_t kplane = lay.P * lay.Lq;
-  const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
-  const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
-  const __m512 nan = _mm512_set1_ps(NAN);
-  for (int64_t rx = 0; rx < g.sw; ++rx) {
-    const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
-    for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
-      const int64_t nl = std::min(kVec, lay.Wq - x0);
-      const __mmask16 st = lane_range(0, nl);
-      uint32_t* act = r.act + base + x0;
-      if (!inside) {
-        for (int64_t k4 = 0; k4 < lay.K4; ++k4) store_row(act + k4 * kplane, st, neutral);
+  if (hrow < 0) {
+    const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+    for (int64_t rx = 0; rx < g.sw; ++rx) {
+      const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
+      for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+        const __mmask16 st = lane_range(0, lay.Wq - x0);
+        for (int64_t k4 = 0; k4 < lay.K4; ++k4)
+          store_row(r.act + base + x0 + k4 * kplane, st, neutral);
         store_row(r.esc + base + x0, st, _mm512_setzero_ps());
         if (r.usum) store_row(r.usum + base + x0, st, _mm512_setzero_ps());
-        continue;
       }
-      const RowLoader L =
-          make_loader(r.x + hrow * g.W, r.x_cstride, x0 * g.sw + rx - g.pw, g.sw, g.W, nl);
+    }
+    return;
+  }
+  PackConsts k;
+  k.mant_bits = r.mant_bits;
+  k.lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
+  k.hi8 = _mm512_set1_epi8(static_cast<char>(mantissa_limit(r.mant_bits)));
+  k.lo8 = _mm512_sub_epi8(_mm512_setzero_si512(), k.hi8);
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
+  const float* xrow = r.x + hrow * g.W;
+
+  if (g.sw == 1) {
+    const int64_t base = r.ry * lay.Lq + r.yl * lay.Wq;
+    for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+      const RowLoader L = make_loader(xrow, r.x_cstride, x0 - g.pw, 1, g.W, lay.Wq - x0);
       __m512i amax = _mm512_setzero_si512();
       for (int64_t c = 0; c < r.nch; ++c) {
-        const __m512i bits =
-            _mm512_and_si512(_mm512_castps_si512(load_lanes(L, c)), _mm512_set1_epi32(0x7FFFFFFF));
+        const __m512i bits = _mm512_and_si512(_mm512_castps_si512(load_lanes(L, c)), absmask);
         amax = _mm512_max_epi32(amax, bits);
       }
-      const __mmask16 finite = _mm512_cmplt_epi32_mask(amax, _mm512_set1_epi32(0x7F800000));
-      const __m512 e = _mm512_cvtepi32_ps(block_exponent(amax, r.mant_bits));
-      const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
-      __m512i msum = _mm512_setzero_si512();
-      for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
-        __m512i word = _mm512_setzero_si512();
-        for (int64_t lane = 0; lane < 4; ++lane) {
-          const int64_t c = k4 * 4 + lane;
-          __m512i m = _mm512_setzero_si512();
-          if (c < r.nch) m = mantissa(load_lanes(L, c), neg_e, lim, finite);
-          msum = _mm512_add_epi32(msum, m);
-          const __m512i byte = _mm512_add_epi32(m, _mm512_set1_epi32(128));  // in [1, 255]
-          word = _mm512_or_si512(word, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * lane)));
+      pack_vector(r, k, L.row + L.w0, L.cstride, L.m16, amax, base, x0, lane_range(0, lay.Wq - x0));
+    }
+    return;
+  }
+
+  // The row in chunks of `qc` q-columns whose stage, [channel][phase rx][qc] floats, fits in
+  // about 16 KB of L1 beside the words going out; then [rx][qc] max |x| bit patterns.
+  const int64_t qc = std::max<int64_t>(kVec, (kStageBytes / (r.nch * g.sw * 4)) / kVec * kVec);
+  const int64_t cstride = g.sw * qc;
+  static thread_local Scratch scratch;
+  float* stage =
+      reinterpret_cast<float*>(scratch.get(size_t(r.nch * cstride + g.sw * qc) * sizeof(float)));
+  int32_t* amax = reinterpret_cast<int32_t*>(stage + r.nch * cstride);
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int64_t xc = 0; xc < lay.Wq; xc += qc) {
+    const int64_t nv = (std::min(qc, lay.Wq - xc) + kVec - 1) / kVec;
+    for (int64_t c = 0; c < r.nch; ++c) {
+      float* sc = stage + c * cstride;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t x0 = xc + v * kVec;
+        if (g.sw == 2) {  // one pair of loads gives both phases
+          const RowLoader L = make_loader(xrow, r.x_cstride, x0 * 2 - g.pw, 2, g.W, kVec);
+          const float* p = L.row + c * L.cstride + L.w0;
+          const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(L.m32), p);
+          const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(L.m32 >> 16), p + kVec);
+          stage_vector(sc, amax, qc, c == 0, 0, v, _mm512_permutex2var_ps(lo, even, hi));
+          stage_vector(sc, amax, qc, c == 0, 1, v, _mm512_permutex2var_ps(lo, odd, hi));
+          continue;
         }
-        store_row(act + k4 * kplane, st, word);
+        for (int64_t rx = 0; rx < g.sw; ++rx) {
+          const RowLoader L =
+              make_loader(xrow, r.x_cstride, x0 * g.sw + rx - g.pw, g.sw, g.W, kVec);
+          stage_vector(sc, amax, qc, c == 0, rx, v, load_lanes(L, c));
+        }
       }
-      store_row(r.esc + base + x0, st, _mm512_mask_mov_ps(nan, finite, e));
-      if (r.usum) {
-        const __m512 u = _mm512_scalef_ps(_mm512_cvtepi32_ps(msum), e);
-        store_row(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
+    }
+    for (int64_t rx = 0; rx < g.sw; ++rx) {
+      const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t x0 = xc + v * kVec;
+        pack_vector(r, k, stage + rx * qc + v * kVec, cstride, 0xFFFF,
+                    _mm512_loadu_si512(amax + rx * qc + v * kVec), base, x0,
+                    lane_range(0, lay.Wq - x0));
       }
     }
   }
