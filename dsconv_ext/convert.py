@@ -23,8 +23,16 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .modules.dsconv import FORMAT_VERSION, DSConv2d
+from .modules.pooling import NearestUpsample, SeparableMaxPool2d
 
-__all__ = ["ConversionError", "convertible", "eligible", "main", "quantize"]
+__all__ = [
+    "ConversionError",
+    "convertible",
+    "eligible",
+    "main",
+    "quantize",
+    "replace_pooling",
+]
 
 LayerSelector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -42,13 +50,19 @@ def convertible(conv: nn.Module) -> bool:
     )
 
 
-def eligible(name: str, conv: nn.Module, depthwise: bool = True) -> bool:
+def eligible(name: str, conv: nn.Module, depthwise: bool = True, stem: bool = False) -> bool:
     """Whether :func:`quantize` converts ``conv`` when no ``layers`` are named.
 
     Every convertible conv except:
 
     - ultralytics' DFL conv: its weight is the fixed ramp 0..15 that turns box distributions
       into distances (not learned; an error there shifts every box);
+    - unless ``stem=True``, dense convs reading 4 or fewer channels per group: the image stem
+      (RGB in). Blocks that small have no integer dot product to speed up (the kernel runs them
+      in float after BFP rounding), so in yolo11n/s at 2 threads the stem ran at 0.6-0.8x the
+      speed of fp32 oneDNN, and its error on real images was the largest of the network (1.5%
+      and 2.1% at 8 bits, benchmarks/bench_quality.py). Keeping the first layer in float is the
+      usual post-training-quantisation practice;
     - with ``depthwise=False``, depth-wise ones (one input channel per group). They are converted
       by default: the CPU kernel's dedicated depthwise path (AVX-512 / AVX2) with the SiLU fused
       runs the Detect head's and C2PSA's depth-wise convs ~2x faster than fp32 oneDNN + SiLU
@@ -58,11 +72,37 @@ def eligible(name: str, conv: nn.Module, depthwise: bool = True) -> bool:
     """
     if not convertible(conv) or name.endswith("dfl.conv"):
         return False
-    return depthwise or conv.in_channels // conv.groups > 1
+    per_group = conv.in_channels // conv.groups
+    if per_group == 1:
+        return depthwise
+    return stem or per_group > 4
+
+
+_ULTRALYTICS_LAYER_ATTRS = ("f", "i", "type", "np")
+
+
+def replace_pooling(model: nn.Module) -> List[str]:
+    """Swap ``nn.MaxPool2d`` (stride 1) and integer-scale nearest ``nn.Upsample`` layers for
+    their exact, faster stand-ins (:mod:`dsconv_ext.modules.pooling`), in place; returns the
+    names of the layers replaced. Outputs are bit-identical."""
+    replaced: List[str] = []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            for cls in (SeparableMaxPool2d, NearestUpsample):
+                if cls.replaces(child):
+                    new = cls.from_module(child)
+                    # ultralytics' graph bookkeeping on a top-level layer (inputs, index, ...)
+                    # (instance attributes only: nn.Module also has a method named `type`)
+                    for attr in _ULTRALYTICS_LAYER_ATTRS:
+                        if attr in vars(child):
+                            setattr(new, attr, vars(child)[attr])
+                    setattr(parent, child_name, new)
+                    replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return replaced
 
 
 def _selector(
-    layers: LayerSelector, exclude: LayerSelector, depthwise: bool = True
+    layers: LayerSelector, exclude: LayerSelector, depthwise: bool = True, stem: bool = False
 ) -> Callable[[str, nn.Module], bool]:
     def as_fn(sel):
         if callable(sel):
@@ -71,7 +111,7 @@ def _selector(
         return lambda name, m: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
     # Named layers replace the default policy (a depth-wise conv can be asked for by name).
-    inc = (lambda n, m: eligible(n, m, depthwise)) if layers is None else as_fn(layers)
+    inc = (lambda n, m: eligible(n, m, depthwise, stem)) if layers is None else as_fn(layers)
     exc = (lambda n, m: False) if exclude is None else as_fn(exclude)
     return lambda name, m: convertible(m) and inc(name, m) and not exc(name, m)
 
@@ -123,6 +163,8 @@ def quantize(
     kds_bias: bool = False,
     fuse_silu: bool = True,
     depthwise: bool = True,
+    stem: bool = False,
+    pooling: bool = True,
 ):
     """Convert a trained model's convolutions to inference DSConv, in place.
 
@@ -139,6 +181,10 @@ def quantize(
         kds_bias: also fit a KDS bias per block (a little more accurate, a little slower).
         fuse_silu: run a following SiLU inside the kernel call (ultralytics ``Conv``).
         depthwise: the default policy also converts depth-wise convs (see :func:`eligible`).
+        stem: the default policy also converts convs reading <= 4 channels per group (the RGB
+            stem; see :func:`eligible`).
+        pooling: also swap stride-1 max pools and nearest upsampling for their exact, faster
+            stand-ins (:func:`replace_pooling`).
 
     Returns:
         ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings.
@@ -151,7 +197,7 @@ def quantize(
         net.fuse(verbose=False)  # ultralytics: folds its own Conv/RepConv/... and our DSConvs
     _fold_batchnorms(net)  # anything ultralytics' fuse() leaves, and plain nn.Modules
 
-    select = _selector(layers, exclude, depthwise)
+    select = _selector(layers, exclude, depthwise, stem)
     converted: List[str] = []
     for parent_name, parent in list(net.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -179,6 +225,7 @@ def quantize(
     for name, m in net.named_modules():
         if isinstance(m, DSConv2d):
             m.layer_name = name
+    pools = replace_pooling(net) if pooling else []
     net.dsconv_ext = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -186,7 +233,9 @@ def quantize(
         "act_bits": act_bits,
         "kds_bias": kds_bias,
         "depthwise": depthwise,
+        "stem": stem,
         "converted": converted,
+        "pooling": pools,
     }
     return model
 
@@ -212,6 +261,8 @@ def convert_checkpoint(
     exclude: LayerSelector = None,
     kds_bias: bool = False,
     depthwise: bool = True,
+    stem: bool = False,
+    pooling: bool = True,
 ) -> Dict:
     """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record."""
     ckpt = _load(src)
@@ -219,7 +270,18 @@ def convert_checkpoint(
     if not isinstance(model, nn.Module):
         raise ConversionError(f"{src}: no model in the checkpoint (keys: {sorted(ckpt)})")
     model = model.float()
-    quantize(model, bits, block_size, act_bits, layers, exclude, kds_bias, depthwise=depthwise)
+    quantize(
+        model,
+        bits,
+        block_size,
+        act_bits,
+        layers,
+        exclude,
+        kds_bias,
+        depthwise=depthwise,
+        stem=stem,
+        pooling=pooling,
+    )
     for p in model.parameters():
         p.requires_grad_(False)
     out = {
@@ -259,6 +321,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_false",
         help="leave depth-wise convs in float (CPUs without AVX2 / AVX-512)",
     )
+    p.add_argument(
+        "--stem",
+        action="store_true",
+        help="also convert convs reading <= 4 channels per group (the RGB stem)",
+    )
+    p.add_argument(
+        "--no-pooling",
+        dest="pooling",
+        action="store_false",
+        help="keep nn.MaxPool2d / nn.Upsample (default: exact faster stand-ins)",
+    )
     a = p.parse_args(argv)
     dst = a.output or f"{os.path.splitext(a.checkpoint)[0]}-ds{a.bits}.pt"
     try:
@@ -272,6 +345,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             a.exclude,
             a.kds_bias,
             a.depthwise,
+            a.stem,
+            a.pooling,
         )
     except (ConversionError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -55,7 +55,11 @@ def test_quantize_ultralytics_model():
     assert q is model
     converted = q.dsconv_ext["converted"]
     depthwise = {n for n, m in convs.items() if m.in_channels == m.groups}
-    assert depthwise and set(converted) == set(convs) - {"model.23.dfl.conv"}
+    # the RGB stem stays float by default (eligible()), as does the fixed DFL ramp
+    assert depthwise and set(converted) == set(convs) - {"model.0.conv", "model.23.dfl.conv"}
+    assert type(q.model[0].conv) is nn.Conv2d
+    # SPPF's max pool (applied three times) and the two nearest upsamplings: exact stand-ins
+    assert sorted(q.dsconv_ext["pooling"]) == ["model.11", "model.14", "model.9.m"]
     assert all(q.get_submodule(n).groups > 1 for n in depthwise)  # converted by default
     assert type(q.model[-1].dfl.conv) is nn.Conv2d  # the fixed DFL ramp stays exact
     for name, m in q.named_modules():
@@ -64,7 +68,7 @@ def test_quantize_ultralytics_model():
     # BN folded first, SiLU run inside the kernel call of every ultralytics Conv
     fused_silu = dw_silu = 0
     for m in q.modules():
-        if isinstance(m, Conv):  # depth-wise ones (DWConv) included
+        if isinstance(m, Conv) and m is not q.model[0]:  # depth-wise ones (DWConv) included
             assert not hasattr(m, "bn") and isinstance(m.conv, DSConv2d)
             assert not isinstance(m.act, nn.SiLU)  # it moved into the kernel call
             fused_silu += m.conv.fuse_silu
@@ -85,7 +89,10 @@ def test_quantize_depthwise_false_keeps_depthwise_float():
     convs = {n: m for n, m in model.named_modules() if type(m) is nn.Conv2d}
     q = quantize(model, depthwise=False)
     depthwise = {n for n, m in convs.items() if m.in_channels == m.groups}
-    assert set(q.dsconv_ext["converted"]) == set(convs) - depthwise - {"model.23.dfl.conv"}
+    assert set(q.dsconv_ext["converted"]) == set(convs) - depthwise - {
+        "model.0.conv",
+        "model.23.dfl.conv",
+    }
     assert q.dsconv_ext["depthwise"] is False
     for n in depthwise:
         assert type(q.get_submodule(n)) is nn.Conv2d
@@ -120,7 +127,8 @@ def test_quantize_plain_module_and_qat_dsconv():
     want = _out(net, x)
     shadow = net[4].conv.weight.detach().clone()
     quantize(net)
-    assert isinstance(net[0], DSConv2d) and isinstance(net[1], nn.Identity)
+    # the 3-channel stem stays float (its BN folded in), unless asked for
+    assert type(net[0]) is nn.Conv2d and isinstance(net[1], nn.Identity)
     assert isinstance(net[3], DSConv2d)
     # the QAT DSConv keeps its own quantiser (no re-quantisation), BN folded into CDS
     assert net[4].fused and net[4].conv.frozen and not hasattr(net[4], "bn")
@@ -128,6 +136,16 @@ def test_quantize_plain_module_and_qat_dsconv():
 
     assert torch.equal(net[4].conv.intweight, quantize_weight(shadow, 8, 32)[0])
     assert rel_err(_out(net, x), want) < 2e-2
+    # <= 4 input channels per group (and not depth-wise): float by default, converted on request
+    make = lambda: nn.Sequential(  # noqa: E731
+        nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 10, 1)
+    ).eval()
+    assert make_types(quantize(make())) == [nn.Conv2d, nn.Conv2d, DSConv2d]
+    assert make_types(quantize(make(), stem=True)) == [DSConv2d, DSConv2d, DSConv2d]
+
+
+def make_types(net):
+    return [type(m) for m in net]
 
 
 def test_bad_conversion_names_the_layer():

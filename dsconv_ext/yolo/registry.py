@@ -105,6 +105,7 @@ def safe_globals() -> List[object]:
     found: Dict[str, object] = {}
     for mod_name in (
         "dsconv_ext.modules.dsconv",
+        "dsconv_ext.modules.pooling",
         "dsconv_ext.modules",
         "dsconv_ext.bra.module",
         "dsconv_ext.yolo.blocks",

@@ -1,0 +1,141 @@
+"""Exact, faster stand-ins for two pooling layers of YOLO11 on CPU.
+
+With the torch of ``requirements.txt`` on this project's CPU (2 threads), two layers that do
+almost no arithmetic cost more than a tenth of a converted yolo11n forward:
+
+- ``nn.MaxPool2d(5, 1, 2)`` of SPPF on a contiguous NCHW tensor (1 x 128 x 20 x 20): ~1.1 ms a
+  call, three calls a forward; the same pool as two separable passes of running maxima over
+  shifted views takes ~0.06 ms;
+- ``nn.Upsample(scale_factor=2, mode="nearest")`` (1 x 256 x 20 x 20): ~0.54 ms; a broadcast view
+  copied once takes ~0.17 ms.
+
+Both replacements give bit-identical outputs (a maximum and a copy round nothing; NaN propagates
+as in ``max_pool2d``). The max pool takes over only where no gradient is recorded (ties would route
+gradients differently from ``max_pool2d``), and both call the original functional op while
+exporting to ONNX, so that exported graphs keep their MaxPool / Resize nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["NearestUpsample", "SeparableMaxPool2d"]
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _running_max(x: torch.Tensor, k: int, pad: int, dim: int) -> torch.Tensor:
+    """Max over windows of ``k`` along ``dim`` (stride 1), the input padded by ``pad`` on each
+    side with -inf (``max_pool2d``'s implicit padding)."""
+    if pad:
+        shape = list(x.shape)
+        shape[dim] = pad
+        fill = x.new_full(shape, float("-inf"))
+        x = torch.cat([fill, x, fill], dim=dim)
+    n = x.shape[dim] - k + 1
+    out = x.narrow(dim, 0, n)
+    for i in range(1, k):
+        out = torch.maximum(out, x.narrow(dim, i, n))
+    return out
+
+
+class SeparableMaxPool2d(nn.Module):
+    """``nn.MaxPool2d(kernel_size, stride=1, padding)`` as a max over rows then over columns."""
+
+    def __init__(self, kernel_size, padding=0):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.padding = _pair(padding)
+        for k, p in zip(self.kernel_size, self.padding):
+            if k < 1 or not 0 <= p <= k // 2:
+                raise ValueError(
+                    f"SeparableMaxPool2d: kernel_size {self.kernel_size} and padding "
+                    f"{self.padding} must have kernel >= 1 and 0 <= padding <= kernel // 2"
+                )
+
+    @classmethod
+    def from_module(cls, pool: nn.MaxPool2d) -> SeparableMaxPool2d:
+        if not cls.replaces(pool):
+            raise ValueError(f"SeparableMaxPool2d cannot stand in for {pool}")
+        return cls(pool.kernel_size, pool.padding)
+
+    @staticmethod
+    def replaces(pool: nn.Module) -> bool:
+        """Whether ``pool`` is an ``nn.MaxPool2d`` this module computes exactly."""
+        if type(pool) is not nn.MaxPool2d:
+            return False
+        k, p = _pair(pool.kernel_size), _pair(pool.padding)
+        return (
+            _pair(pool.stride) == (1, 1)
+            and _pair(pool.dilation) == (1, 1)
+            and not pool.ceil_mode
+            and not pool.return_indices
+            and all(0 <= pi <= ki // 2 for ki, pi in zip(k, p))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            (x.requires_grad and torch.is_grad_enabled())
+            or not x.is_floating_point()
+            or x.dim() not in (3, 4)
+            or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_scripting()
+        ):
+            return F.max_pool2d(x, self.kernel_size, 1, self.padding)
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        return _running_max(_running_max(x, kw, pw, -1), kh, ph, -2)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, padding={self.padding}"
+
+
+class NearestUpsample(nn.Module):
+    """``nn.Upsample(scale_factor=s, mode="nearest")`` for integer ``s``: each pixel repeated
+    s x s times through a broadcast view."""
+
+    def __init__(self, scale_factor: int):
+        super().__init__()
+        if int(scale_factor) != scale_factor or scale_factor < 1:
+            raise ValueError(
+                f"NearestUpsample: scale_factor must be a positive integer, got {scale_factor}"
+            )
+        self.scale_factor = int(scale_factor)
+
+    @classmethod
+    def from_module(cls, up: nn.Upsample) -> NearestUpsample:
+        if not cls.replaces(up):
+            raise ValueError(f"NearestUpsample cannot stand in for {up}")
+        s = up.scale_factor
+        return cls(int(s[0] if isinstance(s, (tuple, list)) else s))
+
+    @staticmethod
+    def replaces(up: nn.Module) -> bool:
+        """Whether ``up`` is an ``nn.Upsample`` this module computes exactly."""
+        if type(up) is not nn.Upsample or up.mode != "nearest" or up.size is not None:
+            return False
+        s = up.scale_factor
+        ss = list(s) if isinstance(s, (tuple, list)) else [s, s]
+        return (
+            len(ss) == 2
+            and ss[0] == ss[1]
+            and ss[0] is not None
+            and float(ss[0]).is_integer()
+            and ss[0] >= 1
+            and not getattr(up, "recompute_scale_factor", None)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale_factor
+        if x.dim() != 4 or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
+            return F.interpolate(x, scale_factor=float(s), mode="nearest")
+        n, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(n, c, h, s, w, s).reshape(n, c, h * s, w * s)
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor}"
