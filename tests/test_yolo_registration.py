@@ -279,3 +279,27 @@ def test_info_report(registered):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert registered.register()
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    [
+        "from dsconv_ext.yolo.blocks import C3k2_DSConv",
+        "import dsconv_ext; from dsconv_ext.yolo.registry import safe_globals; safe_globals()",
+    ],
+)
+def test_registers_when_our_blocks_import_ultralytics_first(first_import):
+    """Importing our blocks before ultralytics makes ultralytics' import (and our import hook)
+    run while blocks.py is half executed: registration must wait for it, not fail and leave
+    stubs behind (it used to warn 'circular import' and break every DSConv YAML)."""
+    code = f"""
+        import warnings
+        warnings.simplefilter("error", RuntimeWarning)
+        {first_import}
+        from ultralytics.nn import tasks
+        import dsconv_ext.yolo as dy
+        from dsconv_ext.yolo.blocks import C3k2_DSConv
+        assert dy.is_registered(), "not registered"
+        assert tasks.C3k2_DSConv is C3k2_DSConv, tasks.__dict__.get("C3k2_DSConv")
+    """
+    run_python(code, timeout=120)

@@ -106,3 +106,10 @@ class C3k2_DSConv(C2f):
             else Bottleneck_DSConv(self.c, self.c, shortcut, g, **q)
             for _ in range(n)
         )
+
+
+# If this module's imports above were the first import of ultralytics, its import hook had to
+# wait for the classes here: register now (see registry.register).
+from .registry import register_pending as _register_pending  # noqa: E402
+
+_register_pending()

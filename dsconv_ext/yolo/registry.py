@@ -298,10 +298,16 @@ def register(strict: bool = True) -> bool:
     Returns:
         True when registered.
     """
-    global _busy
+    global _busy, _pending
     with _lock:
         if _state or _busy:  # _busy: re-entered from `import dsconv_ext` inside our own import
             return bool(_state) or _busy
+        if _blocks_initializing():
+            # ultralytics is being imported for the first time by blocks.py's own imports (user
+            # code imported our blocks, or safe_globals() did, before ultralytics): the classes
+            # to register do not exist yet. blocks.py calls register_pending() at its end.
+            _pending = True
+            return False
         _busy = True
         try:
             _register()
@@ -316,6 +322,29 @@ def register(strict: bool = True) -> bool:
             return False
         finally:
             _busy = False
+
+
+_pending = False
+_blocks_defined = False  # set by blocks.py's last line
+
+
+def _blocks_initializing() -> bool:
+    """Whether dsconv_ext.yolo.blocks is being executed and its classes are not all defined."""
+    module = sys.modules.get("dsconv_ext.yolo.blocks")
+    return (
+        not _blocks_defined
+        and module is not None
+        and bool(getattr(module.__spec__, "_initializing", False))
+    )
+
+
+def register_pending() -> None:
+    """Called at the end of blocks.py: run a registration :func:`register` had to defer."""
+    global _pending, _blocks_defined
+    _blocks_defined = True
+    if _pending:
+        _pending = False
+        register(strict=False)
 
 
 def _install_unavailable(reason: str) -> None:
