@@ -354,7 +354,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     size = lambda f: os.path.getsize(f) / 2**20  # noqa: E731
     print(
         f"converted {len(rec['converted'])} convolutions to DSConv (bits={a.bits}, "
-        f"block_size={a.block_size}, act_bits={a.act_bits}): {a.checkpoint} "
+        f"block_size={a.block_size}, act_bits={a.act_bits}) and swapped "
+        f"{len(rec['pooling'])} pooling layers for exact stand-ins: {a.checkpoint} "
         f"({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
     return 0

@@ -160,7 +160,7 @@ def _sizes(*paths):
     return [os.path.getsize(p) for p in paths]
 
 
-def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
+def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path, capsys):
     """`python -m dsconv_ext convert best.pt --bits 4 -o best-ds4.pt`: smaller files, loadable by
     ultralytics in a fresh process (also with ULTRALYTICS_SAFE_LOAD=1), same outputs."""
     from ultralytics import YOLO
@@ -175,6 +175,10 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path):
     yolo.save(str(src))
     ds8, ds4 = tmp_path / "best-ds8.pt", tmp_path / "best-ds4.pt"
     assert main([str(src), "-o", str(ds8)]) == 0
+    # every plain conv but the stem and the DFL ramp; SPPF's pool and the two upsamplings
+    n_convs = sum(type(m) is nn.Conv2d for m in yolo.model.modules()) - 2
+    printed = capsys.readouterr().out
+    assert f"converted {n_convs} convolutions" in printed and "swapped 3 pooling" in printed
     assert cli(["convert", str(src), "--bits", "4", "--no-depthwise", "-o", str(ds4)]) == 0
     float_size, size8, size4 = _sizes(src, ds8, ds4)
     assert size4 < 0.75 * size8 < 0.75 * float_size  # fp16 weights -> int8 -> packed 4-bit
