@@ -26,6 +26,7 @@ Without them (no network here) each model is trained from scratch on a synthetic
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -187,7 +188,7 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     models = {"float": YOLO(str(best)).model.float().fuse(verbose=False).eval()}
     if any(k in ckpts for k in ("int8", "int4")):
-        models["float+pools"] = YOLO(str(best)).model.float().fuse(verbose=False).eval()
+        models["float+pools"] = copy.deepcopy(models["float"])
         replace_pooling(models["float+pools"])
     for k in ("int8", "int4"):
         if k in ckpts:

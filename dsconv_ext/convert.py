@@ -98,6 +98,7 @@ def replace_pooling(model: nn.Module) -> List[str]:
                             setattr(new, attr, vars(child)[attr])
                     setattr(parent, child_name, new)
                     replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+                    break
     return replaced
 
 

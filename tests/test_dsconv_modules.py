@@ -24,22 +24,14 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _op_args(m):
+    """A frozen module's dsconv2d arguments after x, fused SiLU excluded."""
+    return (m.intweight, m.alpha, m.KDSb, m.CDSw, m.CDSb, m.bias, m.stride, m.padding,
+            m.dilation, m.groups, m.block_size, m.act_bits)  # fmt: skip
+
+
 def _reference(m, x):
-    y = dsconv2d_reference(
-        x,
-        m.intweight,
-        m.alpha,
-        m.KDSb,
-        m.CDSw,
-        m.CDSb,
-        m.bias,
-        m.stride,
-        m.padding,
-        m.dilation,
-        m.groups,
-        m.block_size,
-        m.act_bits,
-    )
+    y = dsconv2d_reference(x, *_op_args(m))
     return F.silu(y) if m.fuse_silu else y
 
 
@@ -240,22 +232,7 @@ def _validated(m, x):
     """The module's output through ops.dsconv2d, the fully validated entry point."""
     from dsconv_ext.ops import dsconv2d
 
-    return dsconv2d(
-        x,
-        m.intweight,
-        m.alpha,
-        m.KDSb,
-        m.CDSw,
-        m.CDSb,
-        m.bias,
-        m.stride,
-        m.padding,
-        m.dilation,
-        m.groups,
-        m.block_size,
-        m.act_bits,
-        m.fuse_silu,
-    )
+    return dsconv2d(x, *_op_args(m), m.fuse_silu)
 
 
 @needs_kernel

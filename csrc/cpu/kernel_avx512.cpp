@@ -105,6 +105,14 @@ struct RowLoader {
   __mmask32 m32;  // sw == 2: the 32 consecutive columns inside the input
 };
 
+// Of the 32 consecutive columns from w0, those inside a row of W.
+inline __mmask32 columns_inside32(int64_t w0, int64_t W) {
+  const int64_t clo = std::max<int64_t>(-w0, 0), chi = std::min<int64_t>(W - w0, 32);
+  if (clo >= chi) return 0;
+  return static_cast<__mmask32>(((chi >= 32 ? 0ull : (1ull << chi)) - 1ull) &
+                                ~((1ull << clo) - 1ull));
+}
+
 DSCONV_AVX512 inline RowLoader make_loader(const float* row, int64_t cstride, int64_t w0,
                                            int64_t sw, int64_t W, int64_t nlanes) {
   RowLoader L{row, cstride, w0, sw, W, 0, 0};
@@ -116,10 +124,7 @@ DSCONV_AVX512 inline RowLoader make_loader(const float* row, int64_t cstride, in
   }
   L.m16 = lane_range(lo, std::min(hi, nlanes));
   if (sw == 2) {
-    const int64_t clo = std::max<int64_t>(-w0, 0), chi = std::min<int64_t>(W - w0, 32);
-    L.m32 = clo >= chi ? 0
-                       : static_cast<__mmask32>(((chi >= 32 ? 0ull : (1ull << chi)) - 1ull) &
-                                                ~((1ull << clo) - 1ull));
+    L.m32 = columns_inside32(w0, W);
   }
   return L;
 }
@@ -311,10 +316,12 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
       for (int64_t v = 0; v < nv; ++v) {
         const int64_t x0 = xc + v * kVec;
         if (g.sw == 2) {  // one pair of loads gives both phases
-          const RowLoader L = make_loader(xrow, r.x_cstride, x0 * 2 - g.pw, 2, g.W, kVec);
-          const float* p = L.row + c * L.cstride + L.w0;
-          const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(L.m32), p);
-          const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(L.m32 >> 16), p + kVec);
+          // (the mask alone: make_loader's 16-lane bounds divide by the stride)
+          const int64_t w0 = x0 * 2 - g.pw;
+          const __mmask32 m32 = columns_inside32(w0, g.W);
+          const float* p = xrow + c * r.x_cstride + w0;  // may point before the row: masked
+          const __m512 lo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m32), p);
+          const __m512 hi = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m32 >> 16), p + kVec);
           stage_vector(sc, amax, qc, c == 0, 0, v, _mm512_permutex2var_ps(lo, even, hi));
           stage_vector(sc, amax, qc, c == 0, 1, v, _mm512_permutex2var_ps(lo, odd, hi));
           continue;

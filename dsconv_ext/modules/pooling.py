@@ -17,17 +17,13 @@ exporting to ONNX, so that exported graphs keep their MaxPool / Resize nodes.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..dsconv.checks import pair
+
 __all__ = ["NearestUpsample", "SeparableMaxPool2d"]
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 def _running_max(x: torch.Tensor, k: int, pad: int, dim: int) -> torch.Tensor:
@@ -50,8 +46,8 @@ class SeparableMaxPool2d(nn.Module):
 
     def __init__(self, kernel_size, padding=0):
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.padding = _pair(padding)
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.padding = pair(padding, "padding")
         for k, p in zip(self.kernel_size, self.padding):
             if k < 1 or not 0 <= p <= k // 2:
                 raise ValueError(
@@ -70,10 +66,10 @@ class SeparableMaxPool2d(nn.Module):
         """Whether ``pool`` is an ``nn.MaxPool2d`` this module computes exactly."""
         if type(pool) is not nn.MaxPool2d:
             return False
-        k, p = _pair(pool.kernel_size), _pair(pool.padding)
+        k, p = pair(pool.kernel_size, "kernel_size"), pair(pool.padding, "padding")
         return (
-            _pair(pool.stride) == (1, 1)
-            and _pair(pool.dilation) == (1, 1)
+            pair(pool.stride, "stride") == (1, 1)
+            and pair(pool.dilation, "dilation") == (1, 1)
             and not pool.ceil_mode
             and not pool.return_indices
             and all(0 <= pi <= ki // 2 for ki, pi in zip(k, p))
