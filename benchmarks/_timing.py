@@ -63,7 +63,8 @@ def time_interleaved(
 
     Args:
         fns: name -> zero-argument callable running one iteration.
-        rounds: number of interleaved rounds (each round calls every candidate once).
+        rounds: number of interleaved rounds (each round calls every candidate once, starting
+            from the next candidate each round).
         warmup: untimed calls of each candidate first.
         device: 'cuda...' to synchronise around each call.
         min_seconds: keep adding rounds until the total measured time reaches this.
@@ -76,8 +77,13 @@ def time_interleaved(
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     start = time.perf_counter()
     r = 0
+    names = list(fns)
     while r < rounds or (time.perf_counter() - start) < min_seconds:
-        for name, fn in fns.items():
+        # Rotate who goes first: a candidate that always follows the same one inherits its cache
+        # footprint (the first measured several % slower after a large fp32 conv).
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()
             fn()

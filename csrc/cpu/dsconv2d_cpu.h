@@ -225,18 +225,5 @@ inline int64_t pack_input_row(const PackRow& r) {
   return r.yq < r.yend && r.yq < r.lay->Hq && in_range(h, g.H) ? h : -1;
 }
 
-// Software prefetch of the input row the next phase row of this block will read. The packers
-// read several channel rows, each MBs apart in NCHW, and a high-resolution layer's input comes
-// from DRAM: the hardware prefetchers alone left the packers waiting on these loads.
-inline void prefetch_next_row(const PackRow& r, int64_t hrow) {
-  const ConvGeometry& g = r.lay->g;
-  const int64_t next = hrow + g.sh;
-  if (hrow < 0 || next >= g.H) return;
-  for (int64_t c = 0; c < r.nch; ++c) {
-    const char* p = reinterpret_cast<const char*>(r.x + c * r.x_cstride + next * g.W);
-    for (int64_t b = 0; b < g.W * 4; b += 64) __builtin_prefetch(p + b);
-  }
-}
-
 }  // namespace cpu
 }  // namespace dsconv_ext

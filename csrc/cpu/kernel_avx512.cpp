@@ -261,7 +261,6 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
   const int64_t hrow = pack_input_row(r);
-  prefetch_next_row(r, hrow);
   const int64_t kplane = lay.P * lay.Lq;
   if (hrow < 0) {
     const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
@@ -376,7 +375,6 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
   const int64_t hrow = pack_input_row(r);
-  prefetch_next_row(r, hrow);
   const int64_t cplane = lay.P * lay.Lq;
   const __m512i lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
   for (int64_t rx = 0; rx < g.sw; ++rx) {
@@ -421,14 +419,23 @@ DSCONV_AVX512 void pack_row_float(const PackRow& r) {
 
 // --- Microkernels ---
 
-// The K loop of one (block, tap) segment: acc[r][v] = sum over the K4 4-channel groups of
-// u8(activations of pixel vector v) . s8(weights of output channel r), 12 accumulators.
+// The K loop of one (block, tap) segment: acc[r][v] = corr[r] + sum over the K4 4-channel groups
+// of u8(activations of pixel vector v) . s8(weights of output channel r), 12 accumulators.
+// Starting them at the +128 correction (a broadcast load, no vector ALU op) instead of adding it
+// afterwards takes 12 of the 48 epilogue ops per segment off the vector pipes the vpdpbusd use
+// (3-4% over the YOLO11 3x3 layers, up to 10% on the wide stride-2 ones).
 // Inline asm because GCC 12, given the intrinsics, copies every accumulator once per iteration
 // (12 extra moves per 12 vpdpbusd) or spills them to the stack.
 DSCONV_AVX512 inline void k_loop(__m512i (&acc)[kOTile][kPV], const uint8_t* a, const int32_t* w,
-                                 int64_t K4, int64_t kplane_b) {
-  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
-  __m512i c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
+                                 int64_t K4, int64_t kplane_b, const int32_t* corr) {
+  __m512i c00 = _mm512_set1_epi32(corr[0]), c01 = _mm512_set1_epi32(corr[0]),
+          c02 = _mm512_set1_epi32(corr[0]);
+  __m512i c10 = _mm512_set1_epi32(corr[1]), c11 = _mm512_set1_epi32(corr[1]),
+          c12 = _mm512_set1_epi32(corr[1]);
+  __m512i c20 = _mm512_set1_epi32(corr[2]), c21 = _mm512_set1_epi32(corr[2]),
+          c22 = _mm512_set1_epi32(corr[2]);
+  __m512i c30 = _mm512_set1_epi32(corr[3]), c31 = _mm512_set1_epi32(corr[3]),
+          c32 = _mm512_set1_epi32(corr[3]);
   if (K4 > 0) {
     // 30 operands, GCC's limit: the loop ends on the weight pointer rather than a counter.
     asm volatile(
@@ -493,7 +500,7 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
         const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
         const uint8_t* a = act_b + tapoff[t] * 4;
         __m512i acc[kOTile][kPV];
-        k_loop(acc, a, w, K4, kplane_b);
+        k_loop(acc, a, w, K4, kplane_b, h->corr);
         const float* e = sl.esc + esc_b + tapoff[t];
         __m512 ev[kPV];
 #pragma GCC unroll 3
@@ -501,11 +508,9 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
 #pragma GCC unroll 4
         for (int r = 0; r < kOTile; ++r) {
           const __m512 al = _mm512_set1_ps(h->alpha[r]);
-          const __m512i corr = _mm512_set1_epi32(h->corr[r]);
 #pragma GCC unroll 3
           for (int v = 0; v < kPV; ++v) {
-            const __m512i S = _mm512_add_epi32(acc[r][v], corr);
-            const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(S), ev[v]);
+            const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(acc[r][v]), ev[v]);
             f[r][v] = _mm512_fmadd_ps(s, al, f[r][v]);
           }
         }
