@@ -22,4 +22,10 @@ TORCH_LIBRARY(dsconv_ext, m) {
       "dsconv2d(Tensor x, Tensor intweight, Tensor alpha, Tensor? KDSb, Tensor? CDSw, "
       "Tensor? CDSb, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "int block_size, int act_bits, bool fuse_silu) -> Tensor");
+  // The same, written into `out`: [N, O, Ho, Wo] with each image dense but any image stride, so
+  // that a block whose outputs are concatenated can write them into the concat's buffer in place.
+  m.def(
+      "dsconv2d_out(Tensor x, Tensor intweight, Tensor alpha, Tensor? KDSb, Tensor? CDSw, "
+      "Tensor? CDSb, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "int block_size, int act_bits, bool fuse_silu, Tensor(a!) out) -> ()");
 }

@@ -166,6 +166,7 @@ def quantize(
     depthwise: bool = True,
     stem: bool = False,
     pooling: bool = True,
+    in_place_concat: bool = True,
 ):
     """Convert a trained model's convolutions to inference DSConv, in place.
 
@@ -186,6 +187,9 @@ def quantize(
             stem; see :func:`eligible`).
         pooling: also swap stride-1 max pools and nearest upsampling for their exact, faster
             stand-ins (:func:`replace_pooling`).
+        in_place_concat: also let ultralytics' C2f / C3k2 blocks write their branches straight
+            into the concatenation ``cv2`` reads instead of copying them there (bit-identical;
+            :mod:`dsconv_ext.yolo.inplace_concat`). Needs ultralytics; skipped without it.
 
     Returns:
         ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings.
@@ -227,6 +231,14 @@ def quantize(
         if isinstance(m, DSConv2d):
             m.layer_name = name
     pools = replace_pooling(net) if pooling else []
+    concats: List[str] = []
+    if in_place_concat:
+        try:
+            from .yolo.inplace_concat import use_in_place_concat
+        except ImportError:  # no ultralytics: no C2f blocks either
+            pass
+        else:
+            concats = use_in_place_concat(net)
     net.dsconv_ext = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -237,6 +249,7 @@ def quantize(
         "stem": stem,
         "converted": converted,
         "pooling": pools,
+        "in_place_concat": concats,
     }
     return model
 
@@ -264,6 +277,7 @@ def convert_checkpoint(
     depthwise: bool = True,
     stem: bool = False,
     pooling: bool = True,
+    in_place_concat: bool = True,
 ) -> Dict:
     """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record."""
     ckpt = _load(src)
@@ -282,6 +296,7 @@ def convert_checkpoint(
         depthwise=depthwise,
         stem=stem,
         pooling=pooling,
+        in_place_concat=in_place_concat,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -333,6 +348,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_false",
         help="keep nn.MaxPool2d / nn.Upsample (default: exact faster stand-ins)",
     )
+    p.add_argument(
+        "--no-in-place-concat",
+        dest="in_place_concat",
+        action="store_false",
+        help="keep C2f / C3k2's torch.cat (default: branches written into the concat in place)",
+    )
     a = p.parse_args(argv)
     dst = a.output or f"{os.path.splitext(a.checkpoint)[0]}-ds{a.bits}.pt"
     try:
@@ -348,6 +369,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             a.depthwise,
             a.stem,
             a.pooling,
+            a.in_place_concat,
         )
     except (ConversionError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -356,7 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"converted {len(rec['converted'])} convolutions to DSConv (bits={a.bits}, "
         f"block_size={a.block_size}, act_bits={a.act_bits}) and swapped "
-        f"{len(rec['pooling'])} pooling layers for exact stand-ins: {a.checkpoint} "
+        f"{len(rec['pooling'])} pooling layers for exact stand-ins; "
+        f"{len(rec['in_place_concat'])} C2f blocks concatenate in place: {a.checkpoint} "
         f"({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
     return 0

@@ -22,6 +22,7 @@ __all__ = ["dsconv2d", "dsconv2d_backend", "dsconv_backend_report"]
 
 BACKENDS = ("auto", "kernel", "fallback")
 _OP = "dsconv_ext::dsconv2d"
+_OUT_OP = "dsconv_ext::dsconv2d_out"
 _fake_registered = False
 _warned: set = set()
 
@@ -54,6 +55,26 @@ def _register_fake() -> None:
         O, _, kh, kw = intweight.shape
         Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
         return x.new_empty((N, O, Ho, Wo))
+
+    @torch.library.register_fake(_OUT_OP)
+    def _(
+        x,
+        intweight,
+        alpha,
+        KDSb,
+        CDSw,
+        CDSb,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        block_size,
+        act_bits,
+        fuse_silu,
+        out,
+    ):
+        return None
 
     _fake_registered = True
 
@@ -125,6 +146,7 @@ def dsconv2d(
     block_size: int = 32,
     act_bits: int = 8,
     fuse_silu: bool = False,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DSConv forward with integer accumulation.
 
@@ -137,10 +159,14 @@ def dsconv2d(
         CDSw, CDSb, bias: optional [O] channel scale, channel shift and bias.
         stride, padding, dilation: int or pair. groups: conv groups.
         fuse_silu: apply SiLU to the output (a fused Conv+BN+SiLU).
+        out: optional [N, O, Ho, Wo] tensor of x's dtype and device, not overlapping x, to write
+            the result into (e.g. a channel slice of a concatenation buffer). On CPU with float32
+            and each image's [O, Ho, Wo] dense, the kernel stores into it directly; otherwise the
+            result is computed and copied in.
 
     Returns:
-        [N, O, Ho, Wo] in x's dtype. A NaN or Inf activation makes every output that reads its
-        block NaN.
+        [N, O, Ho, Wo] in x's dtype (``out`` when given). A NaN or Inf activation makes every
+        output that reads its block NaN.
     """
     stride, padding, dilation = check_dsconv2d_args(
         x,
@@ -157,6 +183,41 @@ def dsconv2d(
         block_size,
         act_bits,
     )
+    if out is not None:
+        _check_out(out, x, intweight, stride, padding, dilation)
+        if _writes_in_place(out, x):
+            torch.ops.dsconv_ext.dsconv2d_out(
+                x,
+                intweight,
+                alpha.float(),
+                *(None if t is None else t.float() for t in (KDSb, CDSw, CDSb, bias)),
+                list(stride),
+                list(padding),
+                list(dilation),
+                groups,
+                block_size,
+                act_bits,
+                fuse_silu,
+                out,
+            )
+            return out
+        y = dsconv2d(
+            x,
+            intweight,
+            alpha,
+            KDSb,
+            CDSw,
+            CDSb,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            block_size,
+            act_bits,
+            fuse_silu,
+        )
+        return out.copy_(y)
     if dsconv2d_backend(x.device) == "fallback":
         return dsconv2d_fallback(
             x,
@@ -197,6 +258,51 @@ def dsconv2d(
         fuse_silu,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _check_out(out, x, intweight, stride, padding, dilation) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"dsconv2d: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.device != x.device:
+        raise ValueError(f"dsconv2d: out must be on x's device {x.device}, got {out.device}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"dsconv2d: out must have x's dtype {x.dtype}, got {out.dtype}")
+    N, _, H, W = x.shape
+    O, _, kh, kw = intweight.shape
+    shape = (N, O, *output_size(H, W, kh, kw, stride, padding, dilation))
+    if tuple(out.shape) != shape:
+        raise ValueError(f"dsconv2d: out must have shape {list(shape)}, got {list(out.shape)}")
+    if _spans_overlap(out, x):
+        raise ValueError("dsconv2d: out must not overlap x")
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two non-empty tensors intersect (conservative)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + last)
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _writes_in_place(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the CPU kernel can store into ``out`` itself: float32, each image dense."""
+    if not (x.is_cpu and x.dtype == torch.float32) or dsconv2d_backend(x.device) != "kernel":
+        return False
+    N, O, Ho, Wo = out.shape
+    dense = (
+        (Wo == 1 or out.stride(3) == 1)
+        and (Ho == 1 or out.stride(2) == Wo)
+        and (O == 1 or out.stride(1) == Ho * Wo)
+        and (N == 1 or out.stride(0) >= O * Ho * Wo)
+    )
+    return dense
 
 
 def dsconv_backend_report() -> Dict[str, Dict[str, str]]:

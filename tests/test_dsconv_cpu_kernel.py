@@ -255,6 +255,99 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.dsconv_ext.dsconv2d.default, args)
 
 
+def _op_args(c):
+    return (c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),
+            c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]),
+            c["groups"], c["block_size"], c["act_bits"], c["fuse_silu"])  # fmt: skip
+
+
+def _concat_buffer(y, before=3, after=2, fill=7.0):
+    """A buffer with guard channels around a slot shaped like y: (buffer, slot view)."""
+    N, O, Ho, Wo = y.shape
+    buf = torch.full((N, before + O + after, Ho, Wo), fill)
+    return buf, buf[:, before : before + O]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_out_writes_into_a_channel_slice(isa, monkeypatch):
+    """dsconv2d_out stores exactly what dsconv2d returns into a channel slice of a larger buffer
+    (any image stride: batch > 1 slices are not contiguous), leaving the other channels alone;
+    dsconv2d(out=) does the same, and copies into layouts the kernel cannot store into."""
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", isa)
+    paths_seen = set()
+    for seed in range(60):
+        c = random_case(seed) if seed % 3 else wide_case(seed)
+        try:
+            want = op(c)
+            buf, slot = _concat_buffer(want)
+            torch.ops.dsconv_ext.dsconv2d_out(*_op_args(c), slot)
+            torch.testing.assert_close(slot, want, rtol=0, atol=0, equal_nan=True)
+            assert (buf[:, :3] == 7).all() and (buf[:, 3 + want.shape[1] :] == 7).all()
+            kw = {k: v for k, v in c.items() if k != "x"}
+            buf2, slot2 = _concat_buffer(want)
+            assert dsconv_ext.dsconv2d(c["x"], out=slot2, **kw) is slot2
+            assert torch.equal(buf2.nan_to_num(), buf.nan_to_num())
+            cl = torch.empty_like(want, memory_format=torch.channels_last)
+            dsconv_ext.dsconv2d(c["x"], out=cl, **kw)  # not per-image dense: computed, copied
+            torch.testing.assert_close(cl, want, rtol=0, atol=0, equal_nan=True)
+            paths_seen.add(c["groups"] == c["x"].shape[1])
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}: {describe(c)}") from e
+    assert paths_seen == {True, False}  # depth-wise and not
+
+
+def test_out_fallback_backend(monkeypatch):
+    monkeypatch.setenv("DSCONV_EXT_DSCONV_BACKEND", "fallback")
+    c = random_case(4)
+    want = dsconv2d_reference(**c)
+    buf, slot = _concat_buffer(want)
+    dsconv_ext.dsconv2d(c["x"], out=slot, **{k: v for k, v in c.items() if k != "x"})
+    assert_close(slot, want, "fallback out=")
+    assert (buf[:, :3] == 7).all() and (buf[:, 3 + want.shape[1] :] == 7).all()
+
+
+def test_out_opcheck():
+    for i in (0, 3, 4, 9):
+        c = random_case(i)
+        want = op(c)
+        _, slot = _concat_buffer(want)
+        torch.library.opcheck(torch.ops.dsconv_ext.dsconv2d_out.default, (*_op_args(c), slot))
+
+
+def test_out_bad_input():
+    c = random_case(3)
+    want = op(c)
+    N, O, Ho, Wo = want.shape
+    kw = {k: v for k, v in c.items() if k != "x"}
+    bad = [
+        (torch.empty(N, O + 1, Ho, Wo), "out must have shape", ValueError),
+        (torch.empty(N, O, Ho, Wo, dtype=torch.float64), "out must have x's dtype", TypeError),
+        (torch.empty(N, O, Ho, Wo, device="meta"), "out must be on x's device", ValueError),
+        ([0.0], "out must be a torch.Tensor", TypeError),
+    ]
+    for out, msg, exc in bad:
+        with pytest.raises(exc, match=msg):
+            dsconv_ext.dsconv2d(c["x"], out=out, **kw)
+    # the op's own checks (callers that skip the Python wrapper)
+    q, alpha, _ = quantize_weight(torch.randn(4, 4, 1, 1), 8, 32)
+    x = torch.randn(1, 8, 5, 6)
+    args = (q, alpha, None, None, None, None, [1, 1], [0, 0], [1, 1], 1, 32, 8, False)
+    raw = [
+        (torch.empty(1, 4, 5, 7), "out must have shape"),
+        (torch.empty(1, 4, 5, 6, dtype=torch.float64), "out must be float32"),
+        (torch.empty(1, 4, 6, 5).transpose(2, 3), "densely"),
+        (torch.empty(1, 6, 5, 4).permute(0, 3, 2, 1), "densely"),
+        (x[:, 2:6], "out must not overlap x"),  # writing over the input
+    ]
+    for out, msg in raw:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.dsconv_ext.dsconv2d_out(x[:, :4], *args, out)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        dsconv_ext.dsconv2d(x[:, :4], q, alpha, out=x[:, 2:6])
+    torch.ops.dsconv_ext.dsconv2d_out(x[:, :4], *args, x[:, 4:])  # disjoint slices are fine
+    assert torch.equal(x[:, 4:], dsconv_ext.dsconv2d(x[:, :4], q, alpha))
+
+
 def _good_args():
     q, alpha, kb = quantize_weight(torch.randn(8, 4, 3, 3), 8, 3, kds_bias=True)
     return dict(x=torch.randn(1, 8, 6, 6), intweight=q, alpha=alpha, KDSb=kb, CDSw=torch.ones(8),

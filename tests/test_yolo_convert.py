@@ -80,6 +80,38 @@ def test_quantize_ultralytics_model():
     assert np.abs(got[:, scores] - want[:, scores]).max() < 5e-3
 
 
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo11m.yaml", "yolo11n-C3k2-DSConv.yaml"])
+def test_in_place_concat_is_bit_identical(cfg):
+    """C2f / C3k2 blocks that write their branches into the concatenation in place (the default)
+    give exactly the outputs of the torch.cat forward, batch 1 and 2; with autograd on they run the
+    inherited forward. yolo11m: C3k2 with C3k inside (c3k=True) and shortcut bottlenecks."""
+    from ultralytics.nn.modules.block import C2f
+
+    from dsconv_ext import quantize
+
+    path = str(CONFIGS / cfg) if "DSConv" in cfg else cfg
+    model = trained_like(path)
+    plain = quantize(copy.deepcopy(model), in_place_concat=False)
+    fast = quantize(model)
+    blocks = [n for n, m in plain.named_modules() if isinstance(m, C2f)]
+    assert blocks and fast.dsconv_ext["in_place_concat"] == blocks
+    assert plain.dsconv_ext["in_place_concat"] == []
+    kinds = set()
+    for n in blocks:
+        was, now = type(plain.get_submodule(n)), type(fast.get_submodule(n))
+        assert issubclass(now, was) and now.__name__ == f"InPlace{was.__name__}"
+        kinds.add(was.__name__)
+    assert kinds == ({"C3k2_DSConv"} if "DSConv" in cfg else {"C3k2"})
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    for n in (1, 2):
+        x = torch.rand(n, 3, IMGSZ, IMGSZ)
+        with torch.no_grad():
+            want, got = plain(x), fast(x)
+        assert torch.equal(got[0], want[0]), f"batch {n}"
+    with torch.enable_grad():  # the inherited forward: same values again
+        assert torch.equal(fast(x)[0], plain(x)[0])
+
+
 def test_quantize_depthwise_false_keeps_depthwise_float():
     from dsconv_ext import DSConv2d, quantize
 

@@ -1,6 +1,7 @@
 // CPU implementation of dsconv_ext::dsconv2d: argument checks, the band split, the parallel loop
 // over (image, group, band, output-channel chunk) tasks and the ISA dispatch. The maths lives in
 // the per-ISA files; see dsconv2d_cpu.h for the layouts.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -179,13 +180,15 @@ std::vector<float> float_weights(const at::Tensor& intweight, const at::Tensor& 
 
 }  // namespace
 
-at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
-                        const at::Tensor& alpha, const c10::optional<at::Tensor>& KDSb,
-                        const c10::optional<at::Tensor>& CDSw,
-                        const c10::optional<at::Tensor>& CDSb,
-                        const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
-                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                        int64_t block_size, int64_t act_bits, bool fuse_silu) {
+// Both ops: `out` null allocates the result, else it is written into `*out` (checked here).
+static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& intweight_in,
+                                    const at::Tensor& alpha, const c10::optional<at::Tensor>& KDSb,
+                                    const c10::optional<at::Tensor>& CDSw,
+                                    const c10::optional<at::Tensor>& CDSb,
+                                    const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                                    c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                    int64_t groups, int64_t block_size, int64_t act_bits,
+                                    bool fuse_silu, const at::Tensor* out) {
   TORCH_CHECK(x_in.device().is_cpu(), "dsconv2d: x must be a CPU tensor, got ", x_in.device());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat,
               "dsconv2d: the CPU kernel takes float32 x (dsconv_ext.dsconv2d casts float16 / "
@@ -243,8 +246,29 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
   const Isa isa = select_isa();
   const IsaKernels& kern = kernels_for(isa);
   const int64_t N = x_in.size(0);
-  at::Tensor y = at::empty({N, O, Ho, Wo}, x_in.options());
+  at::Tensor y;
+  if (out == nullptr) {
+    y = at::empty({N, O, Ho, Wo}, x_in.options());
+  } else {
+    // Any image stride (a channel slice of a larger buffer: the concat that a C2f block builds),
+    // but each image's [O, Ho, Wo] dense: the kernels store whole rows of whole planes.
+    y = *out;
+    TORCH_CHECK(y.device().is_cpu(), "dsconv2d_out: out must be a CPU tensor, got ", y.device());
+    TORCH_CHECK(y.scalar_type() == at::kFloat, "dsconv2d_out: out must be float32, got ",
+                y.scalar_type());
+    TORCH_CHECK(y.sizes() == c10::IntArrayRef({N, O, Ho, Wo}),
+                "dsconv2d_out: out must have shape [", N, ", ", O, ", ", Ho, ", ", Wo, "], got ",
+                y.sizes());
+    TORCH_CHECK((Wo == 1 || y.stride(3) == 1) && (Ho == 1 || y.stride(2) == Wo) &&
+                    (O == 1 || y.stride(1) == Ho * Wo) && (N == 1 || y.stride(0) >= O * Ho * Wo),
+                "dsconv2d_out: out must hold each image's [O, Ho, Wo] densely (strides [>= ",
+                O * Ho * Wo, ", ", Ho * Wo, ", ", Wo, ", 1]), got strides ", y.strides());
+    const at::MemOverlapStatus overlap = at::get_overlap_status(y, x_in);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+                "dsconv2d_out: out must not overlap x");
+  }
   if (y.numel() == 0) return y;
+  const int64_t y_nstride = N == 1 ? 0 : y.stride(0);
 
   const at::Tensor x = x_in.contiguous();
   const bool with_kdsb = KDSb.has_value();
@@ -281,6 +305,7 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
     d.lay = &lay;
     d.x = x.data_ptr<float>();
     d.y = y.data_ptr<float>();
+    d.y_nstride = y_nstride;
     d.wf = wf.data();
     d.cdsw = epi.data();
     d.cb = epi.data() + groups * Ogp;
@@ -362,7 +387,7 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
       sl.esc = esc;
       sl.usum = usum;
       sl.out_cstride = Ho * Wo;
-      sl.out = yp + (n * O + grp * g.Og) * sl.out_cstride;
+      sl.out = yp + n * y_nstride + grp * g.Og * sl.out_cstride;
       sl.nout = g.Og;
       sl.oh0 = oh0, sl.oh1 = oh1;
       sl.nqt = ((oh1 - oh0) * lay.Wq + lay.qtile - 1) / lay.qtile;
@@ -393,6 +418,27 @@ at::Tensor dsconv2d_cpu(const at::Tensor& x_in, const at::Tensor& intweight_in,
   return y;
 }
 
+at::Tensor dsconv2d_cpu(const at::Tensor& x, const at::Tensor& intweight, const at::Tensor& alpha,
+                        const c10::optional<at::Tensor>& KDSb,
+                        const c10::optional<at::Tensor>& CDSw,
+                        const c10::optional<at::Tensor>& CDSb,
+                        const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                        c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                        int64_t block_size, int64_t act_bits, bool fuse_silu) {
+  return dsconv2d_cpu_impl(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation,
+                           groups, block_size, act_bits, fuse_silu, nullptr);
+}
+
+void dsconv2d_out_cpu(const at::Tensor& x, const at::Tensor& intweight, const at::Tensor& alpha,
+                      const c10::optional<at::Tensor>& KDSb, const c10::optional<at::Tensor>& CDSw,
+                      const c10::optional<at::Tensor>& CDSb, const c10::optional<at::Tensor>& bias,
+                      c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                      int64_t groups, int64_t block_size, int64_t act_bits, bool fuse_silu,
+                      at::Tensor out) {
+  dsconv2d_cpu_impl(x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
+                    block_size, act_bits, fuse_silu, &out);
+}
+
 int parallel_probe(int64_t n) {
   std::vector<std::thread::id> ids(size_t(std::max<int64_t>(n, 0)));
   parallel_for_tasks(n, [&](int64_t b, int64_t e) {
@@ -405,7 +451,10 @@ int parallel_probe(int64_t n) {
 }  // namespace cpu
 }  // namespace dsconv_ext
 
-TORCH_LIBRARY_IMPL(dsconv_ext, CPU, m) { m.impl("dsconv2d", &dsconv_ext::cpu::dsconv2d_cpu); }
+TORCH_LIBRARY_IMPL(dsconv_ext, CPU, m) {
+  m.impl("dsconv2d", &dsconv_ext::cpu::dsconv2d_cpu);
+  m.impl("dsconv2d_out", &dsconv_ext::cpu::dsconv2d_out_cpu);
+}
 
 TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
   // Which SIMD path the CPU kernel takes on this machine (after DSCONV_EXT_CPU_ISA).

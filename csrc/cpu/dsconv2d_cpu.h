@@ -164,8 +164,9 @@ struct PackRow {
 // floats, 64-byte aligned.
 struct DwArgs {
   const Layout* lay;
-  const float* x;     // [N, C, H, W]
-  float* y;           // [N, O, Ho, Wo]
+  const float* x;  // [N, C, H, W]
+  float* y;        // [N, O, Ho, Wo], image n at y + n * y_nstride
+  int64_t y_nstride;
   const float* wf;    // [O][taps]: alpha * q + KDSb
   const float* cdsw;  // per group g: cdsw[g * epi_stride + r] for output channel g * Og + r
   const float* cb;

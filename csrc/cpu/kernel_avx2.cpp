@@ -508,8 +508,8 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
     for (int64_t r = 0; r < g.Og; ++r) {
       const int64_t o = c * g.Og + r;
       dw_tiles(lay, buf, d.wf + o * lay.ntaps, d.cdsw[c * d.epi_stride + r],
-               d.cb[c * d.epi_stride + r], d.silu, stage, d.y + (n * g.O + o) * g.Ho * g.Wo, oh0,
-               oh1);
+               d.cb[c * d.epi_stride + r], d.silu, stage, d.y + n * d.y_nstride + o * g.Ho * g.Wo,
+               oh0, oh1);
     }
   }
 }

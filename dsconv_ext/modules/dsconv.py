@@ -273,6 +273,53 @@ class DSConv2d(nn.Module):
             y = y + self.bias.view(shape).to(y.dtype)
         return F.silu(y) if self.fuse_silu else y
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``self(x)`` written into ``out`` (a channel slice of a concatenation, say) and
+        returned. A frozen layer with no hooks, outside autograd, stores there directly (see
+        :func:`dsconv_ext.dsconv2d`'s ``out``); anything else computes ``self(x)`` and copies."""
+        if (
+            not self.frozen
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or self._forward_hooks
+            or self._forward_pre_hooks
+        ):
+            return out.copy_(self(x))
+        fast = self._fast if self._fast is not None else self._build_fast()
+        if (
+            fast
+            and type(x) is torch.Tensor
+            and type(out) is torch.Tensor
+            and x.dim() == 4
+            and x.dtype is torch.float32
+            and out.dtype is torch.float32
+            and x.is_cpu
+            and out.is_cpu
+            and "DSCONV_EXT_DSCONV_BACKEND" not in os.environ
+            and x.shape[1] == self.in_channels
+            and x.shape[2] >= fast[2]
+            and x.shape[3] >= fast[3]
+            and out.dim() == 4
+            and out.stride(3) == 1
+            and out.stride(2) == out.shape[3]
+            and out.stride(1) == out.shape[2] * out.shape[3]
+        ):
+            # The per-call Python checks of dsconv2d() cost as much as the copy saved here; the
+            # op checks shapes and overlap itself.
+            torch.ops.dsconv_ext.dsconv2d_out.default(x, *fast[1], out)
+            return out
+        return dsconv2d(
+            x,
+            *self._op_tensors(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.block_size,
+            self.act_bits,
+            self.fuse_silu,
+            out=out,
+        )
+
     # ------------------------------------------------------------------ conversion
     @torch.no_grad()
     def freeze(self, refine_steps: int = 0) -> DSConv2d:

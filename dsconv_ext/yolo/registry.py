@@ -109,6 +109,7 @@ def safe_globals() -> List[object]:
         "dsconv_ext.modules",
         "dsconv_ext.bra.module",
         "dsconv_ext.yolo.blocks",
+        "dsconv_ext.yolo.inplace_concat",
     ):
         try:
             mod = importlib.import_module(mod_name)
