@@ -57,23 +57,7 @@ def _register_fake() -> None:
         return x.new_empty((N, O, Ho, Wo))
 
     @torch.library.register_fake(_OUT_OP)
-    def _(
-        x,
-        intweight,
-        alpha,
-        KDSb,
-        CDSw,
-        CDSb,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        block_size,
-        act_bits,
-        fuse_silu,
-        out,
-    ):
+    def _(*args):  # writes its last argument, returns nothing
         return None
 
     _fake_registered = True

@@ -244,17 +244,7 @@ class DSConv2d(nn.Module):
                 f"H, W], got {tuple(x.shape)}"
             )
         if self.frozen:
-            return dsconv2d(
-                x,
-                *self._op_tensors(),
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                self.block_size,
-                self.act_bits,
-                self.fuse_silu,
-            )
+            return self._kernel_call(x)
         w = fake_quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
         xq = fake_quantize_bfp(x, self.block_size, self.act_bits, self.groups)
         y = F.conv2d(
@@ -307,6 +297,10 @@ class DSConv2d(nn.Module):
             # op checks shapes and overlap itself.
             torch.ops.dsconv_ext.dsconv2d_out.default(x, *fast[1], out)
             return out
+        return self._kernel_call(x, out)
+
+    def _kernel_call(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen layer through :func:`dsconv_ext.dsconv2d` (checked, any device)."""
         return dsconv2d(
             x,
             *self._op_tensors(),
