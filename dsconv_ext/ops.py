@@ -169,41 +169,8 @@ def dsconv2d(
     )
     if out is not None:
         _check_out(out, x, intweight, stride, padding, dilation)
-        if _writes_in_place(out, x):
-            torch.ops.dsconv_ext.dsconv2d_out(
-                x,
-                intweight,
-                alpha.float(),
-                *(None if t is None else t.float() for t in (KDSb, CDSw, CDSb, bias)),
-                list(stride),
-                list(padding),
-                list(dilation),
-                groups,
-                block_size,
-                act_bits,
-                fuse_silu,
-                out,
-            )
-            return out
-        y = dsconv2d(
-            x,
-            intweight,
-            alpha,
-            KDSb,
-            CDSw,
-            CDSb,
-            bias,
-            stride,
-            padding,
-            dilation,
-            groups,
-            block_size,
-            act_bits,
-            fuse_silu,
-        )
-        return out.copy_(y)
     if dsconv2d_backend(x.device) == "fallback":
-        return dsconv2d_fallback(
+        y = dsconv2d_fallback(
             x,
             intweight,
             alpha,
@@ -219,20 +186,13 @@ def dsconv2d(
             act_bits,
             fuse_silu,
         )
+        return y if out is None else out.copy_(y)
     native = x.dtype == torch.float32 or x.is_cuda  # the CUDA kernel takes fp16 / bf16 too
     xk = x if native else x.float()
-
-    def f32(t):
-        return None if t is None else t.float()
-
-    y = torch.ops.dsconv_ext.dsconv2d(
-        xk,
+    params = (
         intweight,
         alpha.float(),
-        f32(KDSb),
-        f32(CDSw),
-        f32(CDSb),
-        f32(bias),
+        *(None if t is None else t.float() for t in (KDSb, CDSw, CDSb, bias)),
         list(stride),
         list(padding),
         list(dilation),
@@ -241,7 +201,12 @@ def dsconv2d(
         act_bits,
         fuse_silu,
     )
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    if out is not None and x.is_cpu and x.dtype == torch.float32 and per_image_dense(out):
+        torch.ops.dsconv_ext.dsconv2d_out(x, *params, out)
+        return out
+    y = torch.ops.dsconv_ext.dsconv2d(xk, *params)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def _check_out(out, x, intweight, stride, padding, dilation) -> None:
@@ -275,18 +240,16 @@ def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _writes_in_place(out: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the CPU kernel can store into ``out`` itself: float32, each image dense."""
-    if not (x.is_cpu and x.dtype == torch.float32) or dsconv2d_backend(x.device) != "kernel":
-        return False
+def per_image_dense(out: torch.Tensor) -> bool:
+    """Whether each image's [O, Ho, Wo] of a 4-D ``out`` is dense (any image stride): the
+    layouts the CPU kernel stores into directly."""
     N, O, Ho, Wo = out.shape
-    dense = (
+    return (
         (Wo == 1 or out.stride(3) == 1)
         and (Ho == 1 or out.stride(2) == Wo)
         and (O == 1 or out.stride(1) == Ho * Wo)
         and (N == 1 or out.stride(0) >= O * Ho * Wo)
     )
-    return dense
 
 
 def dsconv_backend_report() -> Dict[str, Dict[str, str]]:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dsconv.checks import pair
-from ..ops import dsconv2d, dsconv2d_backend
+from ..ops import dsconv2d, dsconv2d_backend, per_image_dense
 from ..quant_primitives import (
     check_bits,
     check_block_size,
@@ -223,7 +223,9 @@ class DSConv2d(nn.Module):
         self.__dict__["_fast"] = fast
         return fast
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fast_for(self, x: torch.Tensor):
+        """The cached kernel call if ``x`` may skip the Python checks (frozen layer, float32 CPU
+        tensor of the right channels and at least the probed size), else None."""
         fast = self._fast
         if fast is None and self.frozen:
             fast = self._build_fast()
@@ -237,7 +239,13 @@ class DSConv2d(nn.Module):
         ):
             _, c, h, w = x.shape
             if c == self.in_channels and h >= fast[2] and w >= fast[3]:
-                return fast[0](x, *fast[1])
+                return fast
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast_for(x)
+        if fast:
+            return fast[0](x, *fast[1])
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects x of shape [N, {self.in_channels}, "
@@ -274,24 +282,14 @@ class DSConv2d(nn.Module):
             or self._forward_pre_hooks
         ):
             return out.copy_(self(x))
-        fast = self._fast if self._fast is not None else self._build_fast()
+        fast = self._fast_for(x)
         if (
             fast
-            and type(x) is torch.Tensor
             and type(out) is torch.Tensor
-            and x.dim() == 4
-            and x.dtype is torch.float32
             and out.dtype is torch.float32
-            and x.is_cpu
             and out.is_cpu
-            and "DSCONV_EXT_DSCONV_BACKEND" not in os.environ
-            and x.shape[1] == self.in_channels
-            and x.shape[2] >= fast[2]
-            and x.shape[3] >= fast[3]
             and out.dim() == 4
-            and out.stride(3) == 1
-            and out.stride(2) == out.shape[3]
-            and out.stride(1) == out.shape[2] * out.shape[3]
+            and per_image_dense(out)
         ):
             # The per-call Python checks of dsconv2d() cost as much as the copy saved here; the
             # op checks shapes and overlap itself.
