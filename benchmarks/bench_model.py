@@ -6,9 +6,10 @@ For each model (yolo11n, yolo11s) at 640 px, batch 1, on this CPU:
   ``dsconv_ext.quantize`` (8 and 4 bits, the int8 kernel), and of the float model exported to
   ONNX and run by onnxruntime (when installed); interleaved rounds, medians (``_timing``, whose
   allocator warm-up puts every variant in a model's steady state). ``quantize`` also swaps the
-  max pools and upsamplings for exact faster stand-ins (``replace_pooling``): the row
-  ``float+pools`` is the float model with only that swap, so that the DSConv kernel's own share
-  of the speed-up can be read off as float+pools / int8;
+  max pools and upsamplings for exact faster stand-ins (``replace_pooling``) and the box
+  decoder for a faster one (``FastDFL``): the row ``float+stand-ins`` is the float model with
+  only those swaps, so that the share of the speed-up owed to DSConv (the kernel and the
+  in-place concatenations it allows) can be read off as float+stand-ins / int8;
 - checkpoint sizes: ultralytics' float ``best.pt`` (fp16) and the converted ``-ds8`` / ``-ds4``;
 - accuracy: mAP50 against the labels for each model, and the agreement of the converted model's
   detections with the float model's (mAP50 and mean box IoU, float predictions taken as truth).
@@ -184,12 +185,14 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
             )
 
     from dsconv_ext.convert import replace_pooling
+    from dsconv_ext.yolo.fast_dfl import use_fast_dfl
 
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     models = {"float": YOLO(str(best)).model.float().fuse(verbose=False).eval()}
     if any(k in ckpts for k in ("int8", "int4")):
-        models["float+pools"] = copy.deepcopy(models["float"])
-        replace_pooling(models["float+pools"])
+        models["float+stand-ins"] = copy.deepcopy(models["float"])
+        replace_pooling(models["float+stand-ins"])
+        use_fast_dfl(models["float+stand-ins"])
     for k in ("int8", "int4"):
         if k in ckpts:
             models[k] = YOLO(str(ckpts[k])).model.float().eval()

@@ -167,6 +167,7 @@ def quantize(
     stem: bool = False,
     pooling: bool = True,
     in_place_concat: bool = True,
+    fast_dfl: bool = True,
 ):
     """Convert a trained model's convolutions to inference DSConv, in place.
 
@@ -188,8 +189,12 @@ def quantize(
         pooling: also swap stride-1 max pools and nearest upsampling for their exact, faster
             stand-ins (:func:`replace_pooling`).
         in_place_concat: also let ultralytics' C2f / C3k2 blocks write their branches straight
-            into the concatenation ``cv2`` reads instead of copying them there (bit-identical;
-            :mod:`dsconv_ext.yolo.inplace_concat`). Needs ultralytics; skipped without it.
+            into the concatenation ``cv2`` reads instead of copying them there, and let the
+            layers feeding the model's ``Concat`` layers (C2f blocks, upsampling) write into its
+            output (bit-identical; :mod:`dsconv_ext.yolo.inplace_concat`). Needs ultralytics;
+            skipped without it.
+        fast_dfl: also give ultralytics' box decoders (``DFL``) a faster forward that agrees
+            to float rounding (:mod:`dsconv_ext.yolo.fast_dfl`).
 
     Returns:
         ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings.
@@ -232,13 +237,23 @@ def quantize(
             m.layer_name = name
     pools = replace_pooling(net) if pooling else []
     concats: List[str] = []
+    graph_concats: List[str] = []
     if in_place_concat:
         try:
-            from .yolo.inplace_concat import use_in_place_concat
+            from .yolo.inplace_concat import plan_concatenations, use_in_place_concat
         except ImportError:  # no ultralytics: no C2f blocks either
             pass
         else:
             concats = use_in_place_concat(net)
+            graph_concats = plan_concatenations(net)
+    dfl: List[str] = []
+    if fast_dfl:
+        try:
+            from .yolo.fast_dfl import use_fast_dfl
+        except ImportError:  # no ultralytics
+            pass
+        else:
+            dfl = use_fast_dfl(net)
     net.dsconv_ext = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -250,6 +265,8 @@ def quantize(
         "converted": converted,
         "pooling": pools,
         "in_place_concat": concats,
+        "in_place_concat_layers": graph_concats,
+        "fast_dfl": dfl,
     }
     return model
 
@@ -278,6 +295,7 @@ def convert_checkpoint(
     stem: bool = False,
     pooling: bool = True,
     in_place_concat: bool = True,
+    fast_dfl: bool = True,
 ) -> Dict:
     """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record."""
     ckpt = _load(src)
@@ -297,6 +315,7 @@ def convert_checkpoint(
         stem=stem,
         pooling=pooling,
         in_place_concat=in_place_concat,
+        fast_dfl=fast_dfl,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -352,7 +371,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--no-in-place-concat",
         dest="in_place_concat",
         action="store_false",
-        help="keep C2f / C3k2's torch.cat (default: branches written into the concat in place)",
+        help="keep C2f / C3k2's and the Concat layers' torch.cat (default: inputs written into "
+        "the concatenation in place)",
+    )
+    p.add_argument(
+        "--no-fast-dfl",
+        dest="fast_dfl",
+        action="store_false",
+        help="keep ultralytics' DFL forward (default: a faster one, equal to float rounding)",
     )
     a = p.parse_args(argv)
     dst = a.output or f"{os.path.splitext(a.checkpoint)[0]}-ds{a.bits}.pt"
@@ -370,6 +396,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             a.stem,
             a.pooling,
             a.in_place_concat,
+            a.fast_dfl,
         )
     except (ConversionError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -379,7 +406,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"converted {len(rec['converted'])} convolutions to DSConv (bits={a.bits}, "
         f"block_size={a.block_size}, act_bits={a.act_bits}) and swapped "
         f"{len(rec['pooling'])} pooling layers for exact stand-ins; "
-        f"{len(rec['in_place_concat'])} C2f blocks concatenate in place: {a.checkpoint} "
-        f"({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
+        f"{len(rec['in_place_concat'])} C2f blocks and "
+        f"{len(rec.get('in_place_concat_layers', ()))} Concat layers concatenate in place; "
+        f"{len(rec.get('fast_dfl', ()))} faster DFL decoders: "
+        f"{a.checkpoint} ({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
     return 0

@@ -62,6 +62,10 @@ def test_quantize_ultralytics_model():
     assert sorted(q.dsconv_ext["pooling"]) == ["model.11", "model.14", "model.9.m"]
     assert all(q.get_submodule(n).groups > 1 for n in depthwise)  # converted by default
     assert type(q.model[-1].dfl.conv) is nn.Conv2d  # the fixed DFL ramp stays exact
+    assert q.dsconv_ext["fast_dfl"] == ["model.23.dfl"]
+    # the head's Concat layers fed by an upsampling or a C3k2 block (layer 21 reads a Conv and
+    # C2PSA only)
+    assert q.dsconv_ext["in_place_concat_layers"] == ["model.12", "model.15", "model.18"]
     for name, m in q.named_modules():
         if isinstance(m, DSConv2d):
             assert m.frozen and m.layer_name == name and m.bits == 8
@@ -103,13 +107,100 @@ def test_in_place_concat_is_bit_identical(cfg):
         kinds.add(was.__name__)
     assert kinds == ({"C3k2_DSConv"} if "DSConv" in cfg else {"C3k2"})
     assert fast.state_dict().keys() == plain.state_dict().keys()
-    for n in (1, 2):
-        x = torch.rand(n, 3, IMGSZ, IMGSZ)
+    layers = fast.dsconv_ext["in_place_concat_layers"]
+    assert layers and plain.dsconv_ext["in_place_concat_layers"] == []
+    for n in layers:
+        assert type(fast.get_submodule(n)).__name__ == "InPlaceConcat"
+    # the first forward learns the channel counts; then batch and size changes reallocate
+    for n, size in ((1, IMGSZ), (1, IMGSZ), (2, IMGSZ), (1, IMGSZ + 32)):
+        x = torch.rand(n, 3, size, size)
         with torch.no_grad():
             want, got = plain(x), fast(x)
-        assert torch.equal(got[0], want[0]), f"batch {n}"
+        assert torch.equal(got[0], want[0]), f"batch {n}, size {size}"
     with torch.enable_grad():  # the inherited forward: same values again
         assert torch.equal(fast(x)[0], plain(x)[0])
+
+
+def test_in_place_concat_threads_do_not_share_buffers():
+    """Two threads running one converted model at once (each forward's Concat buffers are per
+    thread) get the single-threaded outputs."""
+    import threading
+
+    from dsconv_ext import quantize
+
+    model = quantize(trained_like())
+    xs = [
+        torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(s)) for s in (1, 2)
+    ]
+    with torch.no_grad():
+        model(xs[0])  # learn the channel counts
+        want = [model(x)[0] for x in xs]
+    got = [[], []]
+
+    def run(i):
+        with torch.no_grad():
+            for _ in range(4):
+                got[i].append(model(xs[i])[0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert len(got[i]) == 4 and all(torch.equal(g, want[i]) for g in got[i]), f"thread {i}"
+
+
+def test_in_place_concat_layer_falls_back_to_cat():
+    """An InPlaceConcat whose inputs are not (all) in its buffer, or do not match the channel
+    counts it learned, concatenates them as torch.cat does."""
+    from ultralytics.nn.modules import Concat
+
+    from dsconv_ext.yolo.inplace_concat import ConcatPlan, InPlaceConcat
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 6, 4, 5, generator=g)
+    layer = Concat(1)
+    layer.__class__ = InPlaceConcat
+    layer.concat_plan = plan = ConcatPlan()
+    with torch.no_grad():
+        assert torch.equal(layer([a, b]), torch.cat([a, b], 1))  # learns [3, 6]
+        assert plan.channels == [3, 6]
+        slot = plan.slot(1, a, 6, 4, 5)  # a writer stores input 1 in place
+        slot.copy_(b)
+        out = layer([a, slot])  # input 0 is copied in
+        assert torch.equal(out, torch.cat([a, b], 1)) and out[:, 3:].data_ptr() == slot.data_ptr()
+        assert plan.slot(0, a, 4, 4, 5) is None  # a writer of another width allocates its own
+        plan.slot(1, a, 6, 4, 5).fill_(7.0)
+        c = torch.randn(2, 6, 4, 5, generator=g)  # not the slot: copied over the stale values
+        assert torch.equal(layer([a, c]), torch.cat([a, c], 1))
+        plan.slot(1, a, 6, 4, 5)
+        wide = torch.randn(2, 5, 4, 5, generator=g)  # other channel counts: torch.cat
+        assert torch.equal(layer([wide, c]), torch.cat([wide, c], 1))
+    with torch.enable_grad():
+        a.requires_grad_(True)
+        assert torch.equal(layer([a, b]), torch.cat([a, b], 1))
+
+
+def test_fast_dfl_matches_dfl():
+    """FastDFL (the converted models' box decoder) against ultralytics' DFL: float rounding."""
+    from ultralytics.nn.modules.block import DFL
+
+    from dsconv_ext.yolo.fast_dfl import FastDFL
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        c1 = (16, 8, 1)[seed % 3]
+        x = torch.randn(1 + seed % 2, 4 * c1, 37 + seed, generator=g) * (1 + 3 * seed)
+        ref = DFL(c1)
+        fast = copy.deepcopy(ref)
+        fast.__class__ = FastDFL
+        with torch.no_grad():
+            want, got = ref(x), fast(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=4e-6 * c1, msg=f"seed {seed}")
+    x.requires_grad_(True)
+    assert torch.equal(fast(x), ref(x))  # autograd: the inherited forward
 
 
 def test_quantize_depthwise_false_keeps_depthwise_float():

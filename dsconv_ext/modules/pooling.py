@@ -6,8 +6,8 @@ almost no arithmetic cost more than a tenth of a converted yolo11n forward:
 - ``nn.MaxPool2d(5, 1, 2)`` of SPPF on a contiguous NCHW tensor (1 x 128 x 20 x 20): ~1.1 ms a
   call, three calls a forward; the same pool as two separable passes of running maxima over
   shifted views takes ~0.06 ms;
-- ``nn.Upsample(scale_factor=2, mode="nearest")`` (1 x 256 x 20 x 20): ~0.54 ms; a broadcast view
-  copied once takes ~0.17 ms.
+- ``nn.Upsample(scale_factor=2, mode="nearest")`` (1 x 256 x 20 x 20): ~0.54 ms; repeating
+  columns, then rows, takes ~0.09 ms.
 
 Both replacements give bit-identical outputs (a maximum and a copy round nothing; NaN propagates
 as in ``max_pool2d``). The max pool takes over only where no gradient is recorded (ties would route
@@ -93,7 +93,13 @@ class SeparableMaxPool2d(nn.Module):
 
 class NearestUpsample(nn.Module):
     """``nn.Upsample(scale_factor=s, mode="nearest")`` for integer ``s``: each pixel repeated
-    s x s times through a broadcast view."""
+    s times along the row, then each row s times."""
+
+    # Set by dsconv_ext.yolo.inplace_concat.plan_concatenations: the output is then written
+    # straight into its slice of the Concat that reads it. (Class defaults: modules pickled
+    # before these existed still load.)
+    concat_plan = None
+    concat_slot = 0
 
     def __init__(self, scale_factor: int):
         super().__init__()
@@ -131,7 +137,17 @@ class NearestUpsample(nn.Module):
         if x.dim() != 4 or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
             return F.interpolate(x, scale_factor=float(s), mode="nearest")
         n, c, h, w = x.shape
-        return x[:, :, :, None, :, None].expand(n, c, h, s, w, s).reshape(n, c, h * s, w * s)
+        out = None
+        plan = self.concat_plan
+        if plan is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            out = plan.slot(self.concat_slot, x, c, h * s, w * s)
+        if out is None:
+            out = x.new_empty(n, c, h * s, w * s)
+        # Columns first, then whole rows: copying one 6-d broadcast view at once took twice as
+        # long (0.30 vs 0.14 ms for 1 x 128 x 40 x 40 at 2 threads).
+        wide = x.repeat_interleave(s, dim=3) if s > 1 else x
+        out.view(n, c, h, s, w * s).copy_(wide.unsqueeze(3).expand(n, c, h, s, w * s))
+        return out
 
     def extra_repr(self) -> str:
         return f"scale_factor={self.scale_factor}"

@@ -17,17 +17,27 @@ bottleneck types it does not know, it is the inherited forward.
 
 from __future__ import annotations
 
-from typing import List
+import threading
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from ultralytics.nn.modules import Conv
+from ultralytics.nn.modules import Concat, Conv
 from ultralytics.nn.modules.block import C3, Bottleneck, C2f, C3k2
 
 from ..modules.dsconv import DSConv, DSConv2d
+from ..modules.pooling import NearestUpsample
 from .blocks import C3k2_DSConv
 
-__all__ = ["InPlaceC2f", "InPlaceC3k2", "InPlaceC3k2_DSConv", "use_in_place_concat"]
+__all__ = [
+    "ConcatPlan",
+    "InPlaceC2f",
+    "InPlaceC3k2",
+    "InPlaceC3k2_DSConv",
+    "InPlaceConcat",
+    "plan_concatenations",
+    "use_in_place_concat",
+]
 
 
 def _active(x: torch.Tensor) -> bool:
@@ -78,7 +88,20 @@ class _InPlaceConcatForward:
         _into(self.cv1, x, buf[:, : 2 * c])
         for i, m in enumerate(self.m):
             _into(m, buf[:, (1 + i) * c : (2 + i) * c], buf[:, (2 + i) * c : (3 + i) * c])
-        return self.cv2(buf)
+        plan = self.concat_plan
+        out = (
+            None
+            if plan is None
+            else plan.slot(self.concat_slot, x, self.cv2.conv.out_channels, x.shape[2], x.shape[3])
+        )
+        if out is None:
+            return self.cv2(buf)
+        _into(self.cv2, buf, out)
+        return out
+
+    # See plan_concatenations. (Class defaults: blocks pickled before these existed still load.)
+    concat_plan = None
+    concat_slot = 0
 
 
 class InPlaceC2f(_InPlaceConcatForward, C2f):
@@ -111,3 +134,134 @@ def use_in_place_concat(model: nn.Module) -> List[str]:
         m.__class__ = cls
         changed.append(name)
     return changed
+
+
+# --- Concat layers of the model graph --------------------------------------------------------
+
+
+class ConcatPlan:
+    """The buffer of one ``InPlaceConcat`` layer, shared with the layers that write into it.
+
+    The channel count of each input is learned from the first concatenation the layer runs
+    (until then, and whenever anything does not match, the layer simply concatenates). The
+    buffer of a forward in progress is kept per thread and never pickled."""
+
+    def __init__(self) -> None:
+        self.channels: Optional[List[int]] = None
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {"channels": self.channels}
+
+    def __setstate__(self, state) -> None:
+        self.channels = state["channels"]
+        self._local = threading.local()
+
+    def slot(
+        self, i: int, like: torch.Tensor, channels: int, height: int, width: int
+    ) -> Optional[torch.Tensor]:
+        """Input ``i``'s channel slice of this forward's buffer (allocated by the first writer),
+        or None where the producer must allocate its own output."""
+        ch = self.channels
+        if ch is None or ch[i] != channels:
+            return None
+        n = like.shape[0]
+        buf = getattr(self._local, "buf", None)
+        if (
+            buf is None
+            or buf.shape[0] != n
+            or buf.shape[2] != height
+            or buf.shape[3] != width
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = like.new_empty(n, sum(ch), height, width)
+            self._local.buf = buf
+        off = sum(ch[:i])
+        return buf[:, off : off + ch[i]]
+
+    def take(self) -> Optional[torch.Tensor]:
+        buf = getattr(self._local, "buf", None)
+        self._local.buf = None
+        return buf
+
+
+class InPlaceConcat(Concat):
+    """``Concat`` along channels whose output buffer the layers feeding it have already written
+    into (:func:`plan_concatenations`): inputs found in their slice cost nothing, any other
+    input is copied into its slice, and anything unexpected falls back to ``torch.cat``."""
+
+    concat_plan: Optional[ConcatPlan] = None
+
+    def forward(self, x: List[torch.Tensor]) -> torch.Tensor:
+        plan = self.concat_plan
+        if plan is None or self.d != 1 or not _active(x[0]):
+            return super().forward(x)
+        buf = plan.take()
+        if plan.channels is None:
+            plan.channels = [t.shape[1] for t in x]
+            return super().forward(x)
+        if buf is None or len(x) != len(plan.channels):
+            return super().forward(x)
+        n, _, h, w = buf.shape
+        for t, c in zip(x, plan.channels):
+            if t.shape != (n, c, h, w) or t.dtype != buf.dtype or t.device != buf.device:
+                return super().forward(x)
+        off = 0
+        for t, c in zip(x, plan.channels):
+            dst = buf[:, off : off + c]
+            if t.data_ptr() != dst.data_ptr() or t.stride() != dst.stride():
+                dst.copy_(t)
+            off += c
+        return buf
+
+
+# Layer types known not to need their input contiguous (a channel slice of a batch is not).
+_SLICE_SAFE_CONSUMERS = (Conv, C2f, Concat, NearestUpsample)
+
+
+def plan_concatenations(model: nn.Module) -> List[str]:
+    """Let the ``NearestUpsample`` and in-place C2f-family layers of an ultralytics model
+    (``model.model``, layers with ``f`` / ``i``) write their outputs straight into the channel
+    concatenation that reads them, in place; returns the names of the Concat layers changed.
+
+    Applies where every reader of such a layer's output takes a channel slice as it takes a
+    tensor (the slice of a batch is not contiguous) and each layer feeds at most one Concat.
+    Bit-identical: only where the values are stored changes."""
+    layers = getattr(model, "model", None)
+    if not isinstance(layers, nn.Sequential) or not all(hasattr(m, "f") for m in layers):
+        return []
+
+    def sources(j: int, m: nn.Module) -> List[int]:
+        f = m.f if isinstance(m.f, (list, tuple)) else [m.f]
+        return [j - 1 if k == -1 else (k if k >= 0 else j + k) for k in f]
+
+    readers: Dict[int, List[nn.Module]] = {}
+    for j, m in enumerate(layers):
+        for k in sources(j, m):
+            readers.setdefault(k, []).append(m)
+    changed: List[str] = []
+    for j, m in enumerate(layers):
+        if type(m) is not Concat or m.d != 1 or not isinstance(m.f, (list, tuple)):
+            continue
+        plan = ConcatPlan()
+        writers = []
+        for slot, k in enumerate(sources(j, m)):
+            src = layers[k]
+            if (
+                isinstance(src, (NearestUpsample, _InPlaceConcatForward))
+                and src.concat_plan is None
+                and all(isinstance(r, _SLICE_SAFE_CONSUMERS) for r in readers.get(k, ()))
+            ):
+                writers.append((src, slot))
+        if not writers:
+            continue
+        for src, slot in writers:
+            src.concat_plan, src.concat_slot = plan, slot
+        m.__class__ = InPlaceConcat
+        m.concat_plan = plan
+        changed.append(f"model.{j}")
+    return changed
+
+
+SAFE_GLOBALS = (ConcatPlan,)

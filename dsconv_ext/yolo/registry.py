@@ -110,6 +110,7 @@ def safe_globals() -> List[object]:
         "dsconv_ext.bra.module",
         "dsconv_ext.yolo.blocks",
         "dsconv_ext.yolo.inplace_concat",
+        "dsconv_ext.yolo.fast_dfl",
     ):
         try:
             mod = importlib.import_module(mod_name)
