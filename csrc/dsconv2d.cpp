@@ -28,4 +28,8 @@ TORCH_LIBRARY(dsconv_ext, m) {
       "dsconv2d_out(Tensor x, Tensor intweight, Tensor alpha, Tensor? KDSb, Tensor? CDSw, "
       "Tensor? CDSb, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
       "int block_size, int act_bits, bool fuse_silu, Tensor(a!) out) -> ()");
+  // The box decoder (DFL) of YOLO heads: x [B, 4 * c1, A], weight [c1] ->
+  // y[b, s, a] = sum_i softmax_i(x[b, s * c1 + i, a]) * weight[i]; see
+  // dsconv_ext/yolo/fast_dfl.py for the reference.
+  m.def("dfl_expectation(Tensor x, Tensor weight) -> Tensor");
 }

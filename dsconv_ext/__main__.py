@@ -39,6 +39,15 @@ def _info(as_json: bool) -> int:
     except Exception as e:  # report, don't crash: info is what users run when things are broken
         report["bilevel_routing_attention"] = {"error": f"{type(e).__name__}: {e}"}
     try:
+        fast_dfl = importlib.import_module("dsconv_ext.yolo.fast_dfl")
+        on_kernel = fast_dfl._kernel_available()
+        report["dfl_expectation"] = {
+            "cpu float32": "kernel" if on_kernel else "torch (no compiled op)",
+            "other": "torch",
+        }
+    except ImportError as e:  # needs ultralytics
+        report["dfl_expectation"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         yolo = importlib.import_module("dsconv_ext.yolo")
         report["ultralytics"] = yolo.integration_report()
     except Exception as e:
@@ -64,6 +73,9 @@ def _info(as_json: bool) -> int:
     bra = report["bilevel_routing_attention"]
     for k, v in bra.items():
         print(f"  {k:5s} -> {v}")
+    print("dfl_expectation (FastDFL, converted YOLO heads):")
+    for k, v in report["dfl_expectation"].items():
+        print(f"  {k} -> {v}")
     print("ultralytics integration:")
     for k, v in report["ultralytics"].items():
         print(f"  {k}: {v}")

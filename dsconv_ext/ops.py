@@ -1,4 +1,5 @@
-"""Python entry points of the compiled DSConv op, its fake kernel, and the dispatch to it.
+"""Python entry points of the compiled DSConv op, the fake kernels of the library's ops, and the
+dispatch to them.
 
 ``dsconv2d`` validates its arguments (clear Python errors), then runs
 ``torch.ops.dsconv_ext.dsconv2d`` when a compiled kernel exists for the tensors' device, and the
@@ -23,6 +24,7 @@ __all__ = ["dsconv2d", "dsconv2d_backend", "dsconv_backend_report"]
 BACKENDS = ("auto", "kernel", "fallback")
 _OP = "dsconv_ext::dsconv2d"
 _OUT_OP = "dsconv_ext::dsconv2d_out"
+_DFL_OP = "dsconv_ext::dfl_expectation"
 _fake_registered = False
 _warned: set = set()
 
@@ -59,6 +61,13 @@ def _register_fake() -> None:
     @torch.library.register_fake(_OUT_OP)
     def _(*args):  # writes its last argument, returns nothing
         return None
+
+    if hasattr(torch.ops.dsconv_ext, "dfl_expectation"):  # (libraries built before it lack it)
+
+        @torch.library.register_fake(_DFL_OP)
+        def _(x, weight):  # dsconv_ext/yolo/fast_dfl.py
+            torch._check(x.dim() == 3, lambda: "x must be 3-D")
+            return x.new_empty((x.shape[0], 4, x.shape[2]))
 
     _fake_registered = True
 

@@ -32,6 +32,8 @@ def test_info_reports_each_op_backend():
     if report["dsconv2d"]["cpu"]["backend"] == "fallback":
         assert report["dsconv2d"]["cpu"]["why"]  # never a silent fallback
     assert "bilevel_routing_attention" in report
+    dfl = report["dfl_expectation"]
+    assert dfl.get("cpu float32") in ("kernel", "torch (no compiled op)") or "error" in dfl
     text = _run(["info"])
     assert text.returncode == 0 and "dsconv2d:" in text.stdout
 

@@ -63,7 +63,7 @@ Isa select_isa() {
   return static_cast<int>(isa) < static_cast<int>(best) ? isa : best;
 }
 
-static const IsaKernels& kernels_for(Isa isa) {
+const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kAvx512Vnni:
       return kernels_avx512();

@@ -213,11 +213,19 @@ struct IsaKernels {
   // Depthwise tasks [t0, t1) (see DwArgs), or null: the ISA takes the float family instead.
   void (*depthwise)(const DwArgs&, float* buf, int64_t t0, int64_t t1);
   int64_t dw_qtile;  // pixels per depthwise tile
+  // DFL expectation of one box side, anchors [a0, a1): y[a] = sum_i softmax_i(x[i * A + a]) w[i]
+  // over c1 bins (dfl_cpu.cpp).
+  void (*dfl_side)(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
+                   int64_t a1);
 };
 
 const IsaKernels& kernels_scalar();
 const IsaKernels& kernels_avx2();
 const IsaKernels& kernels_avx512();
+const IsaKernels& kernels_for(Isa isa);
+// The portable dfl_side (the AVX2 table uses it too).
+void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
+                     int64_t a1);
 
 // Input row of band-local phase row: -1 for padding and slack.
 inline int64_t pack_input_row(const PackRow& r) {

@@ -881,12 +881,41 @@ DSCONV_AVX512 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1
   }
 }
 
+// --- DFL box decoder ---
+
+// One box side, 16 anchors per vector: a max pass, then exp(x - max) summed plain and weighted.
+// Lanes with a NaN or +inf bin, or with every bin -inf, give NaN as softmax does (exp_ps clamps
+// its argument, so those are flagged instead of computed).
+DSCONV_AVX512 void dfl_side(const float* x, int64_t A, int64_t c1, const float* w, float* y,
+                            int64_t a0, int64_t a1) {
+  const __m512 inf = _mm512_set1_ps(INFINITY);
+  for (int64_t a = a0; a < a1; a += kVec) {
+    const __mmask16 lanes = lane_range(0, a1 - a);
+    __m512 mx = _mm512_sub_ps(_mm512_setzero_ps(), inf);
+    __mmask16 bad = 0;
+    for (int64_t i = 0; i < c1; ++i) {
+      const __m512 v = _mm512_maskz_loadu_ps(lanes, x + i * A + a);
+      bad |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v, inf, _CMP_EQ_OQ);
+      mx = _mm512_max_ps(mx, v);
+    }
+    bad |= _mm512_cmp_ps_mask(mx, _mm512_sub_ps(_mm512_setzero_ps(), inf), _CMP_EQ_OQ);
+    __m512 sum = _mm512_setzero_ps(), wsum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < c1; ++i) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i * A + a), mx));
+      sum = _mm512_add_ps(sum, e);
+      wsum = _mm512_fmadd_ps(e, _mm512_set1_ps(w[i]), wsum);
+    }
+    const __m512 r = _mm512_div_ps(wsum, sum);
+    _mm512_mask_storeu_ps(y + a, lanes, _mm512_mask_mov_ps(r, bad, _mm512_set1_ps(NAN)));
+  }
+}
+
 }  // namespace
 
 const IsaKernels& kernels_avx512() {
   static const IsaKernels k{
       kQTile,     /*weight_elem_bytes=*/1, &pack_row, &pack_row_float, &conv_tiles, &float_tiles,
-      &depthwise, /*dw_qtile=*/64};
+      &depthwise, /*dw_qtile=*/64,         &dfl_side};
   return k;
 }
 

@@ -1,6 +1,8 @@
 // Portable path: plain C++ on the same packed layouts as the SIMD paths, written with the shared
 // geometry header's per-element functions. It is the path of CPUs without AVX2, and the one the
 // tests compare the SIMD paths' packing conventions against.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/dsconv2d_cpu.h"
@@ -166,12 +168,37 @@ void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, in
 
 }  // namespace
 
+void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
+                     int64_t a1) {
+  for (int64_t a = a0; a < a1; ++a) {
+    float mx = -INFINITY;
+    bool bad = false;
+    for (int64_t i = 0; i < c1; ++i) {
+      const float v = x[i * A + a];
+      bad |= std::isnan(v) || v == INFINITY;
+      mx = std::max(mx, v);
+    }
+    if (bad || mx == -INFINITY) {  // softmax gives NaN there
+      y[a] = NAN;
+      continue;
+    }
+    float sum = 0.f, wsum = 0.f;
+    for (int64_t i = 0; i < c1; ++i) {
+      const float e = std::exp(x[i * A + a] - mx);
+      sum += e;
+      wsum += e * w[i];
+    }
+    y[a] = wsum / sum;
+  }
+}
+
 const IsaKernels& kernels_scalar() {
   // No depthwise path: depthwise convs take the float family, which the tests compare with it.
-  static const IsaKernels k{/*qtile=*/16, /*weight_elem_bytes=*/1,
-                            &pack_row,    &pack_row_float,
-                            &conv_tiles,  &float_tiles,
-                            nullptr,      0};
+  static const IsaKernels k{/*qtile=*/16,    /*weight_elem_bytes=*/1,
+                            &pack_row,       &pack_row_float,
+                            &conv_tiles,     &float_tiles,
+                            nullptr,         0,
+                            &dfl_side_scalar};
   return k;
 }
 

@@ -3,27 +3,81 @@
 Ultralytics' ``DFL.forward`` takes the softmax over the 16 bins of a transposed view and then a
 1x1 convolution with the weights 0..15 for the expected distance. On a 640 px image that is
 (1, 64, 8400) -> (1, 4, 8400): a strided softmax and a oneDNN call on a 16 x 1 x 1 kernel, ~0.43 ms
-of a ~19 ms converted yolo11n forward at 2 threads. The softmax over the contiguous bins and a
-matmul with the same weights take ~0.23 ms.
+of a ~19 ms converted yolo11n forward at 2 threads. The compiled op ``dfl_expectation``
+(csrc/cpu/dfl_cpu.cpp) reads each bin once per pass; without it, a softmax over the contiguous
+bins and a matmul with the same weights (~0.23 ms).
 
-Same maths, not the same rounding order: outputs agree to float rounding (|diff| <= 4e-6 on
-distances in [0, 15] in the tests). Autograd, ONNX export and TorchScript get the inherited
+Same maths, not the same rounding order: outputs agree to float rounding (the tests bound the
+difference from a float64 reference). Autograd, ONNX export and TorchScript get the inherited
 forward.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
 import torch.nn as nn
 from ultralytics.nn.modules.block import DFL
 
-__all__ = ["FastDFL", "use_fast_dfl"]
+from ..ops import _kernel_for
+
+__all__ = ["FastDFL", "dfl_expectation", "dfl_expectation_reference", "use_fast_dfl"]
+
+_OP = "dsconv_ext::dfl_expectation"
+
+
+def dfl_expectation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``y[b, s, a] = sum_i softmax_i(x[b, s * c1 + i, a]) * weight[i]`` for ``x`` of shape
+    [B, 4 * c1, A]: the expected box distance of each side (the definition the op is tested
+    against)."""
+    b, _, a = x.shape
+    c1 = weight.numel()
+    p = x.view(b, 4, c1, a).softmax(2)
+    return torch.matmul(weight.reshape(1, 1, 1, c1).to(p.dtype), p).view(b, 4, a)
+
+
+@functools.cache
+def _kernel_available() -> bool:
+    # _kernel_for loads the library and registers the op's fake kernel (dsconv_ext/ops.py).
+    return _kernel_for("cpu")[0] and torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+
+
+def dfl_expectation(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`dfl_expectation_reference`, on the compiled CPU op for float32 CPU tensors (NaN
+    where a side has a NaN or +inf bin, as softmax gives) and in PyTorch otherwise."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("dfl_expectation: x and weight must be tensors")
+    if x.dim() != 3:
+        raise ValueError(f"dfl_expectation: x must be 3-D [B, 4 * c1, A], got {tuple(x.shape)}")
+    c1 = weight.numel()
+    if c1 < 1 or x.shape[1] != 4 * c1:
+        raise ValueError(
+            f"dfl_expectation: x must have 4 * c1 channels for a weight of c1 = {c1} bins, "
+            f"got {x.shape[1]}"
+        )
+    if not x.is_floating_point() or not weight.is_floating_point():
+        raise TypeError(
+            f"dfl_expectation: x and weight must be floating point, got {x.dtype} and "
+            f"{weight.dtype}"
+        )
+    if weight.device != x.device:
+        raise ValueError(
+            f"dfl_expectation: weight must be on x's device {x.device}, got {weight.device}"
+        )
+    if (
+        x.is_cpu
+        and x.dtype is torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and _kernel_available()
+    ):
+        return torch.ops.dsconv_ext.dfl_expectation(x, weight.reshape(c1).float())
+    return dfl_expectation_reference(x, weight)
 
 
 class FastDFL(DFL):
-    """``DFL`` with the softmax taken over contiguous bins and the expectation as a matmul."""
+    """``DFL`` whose forward is :func:`dfl_expectation` outside autograd and export."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -34,10 +88,7 @@ class FastDFL(DFL):
             or self.conv.bias is not None
         ):
             return super().forward(x)
-        b, _, a = x.shape
-        p = x.view(b, 4, self.c1, a).softmax(2)
-        w = self.conv.weight.view(1, 1, 1, self.c1).to(p.dtype)
-        return torch.matmul(w, p).view(b, 4, a)
+        return dfl_expectation(x, self.conv.weight.reshape(self.c1))
 
 
 def use_fast_dfl(model: nn.Module) -> List[str]:

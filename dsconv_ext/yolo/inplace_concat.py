@@ -51,10 +51,12 @@ def _active(x: torch.Tensor) -> bool:
 
 def _into(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
     """``out[:] = m(x)``, storing in place where ``m``'s last op allows it."""
-    # ultralytics Conv after fuse() and our DSConv after fuse_bn(): act(conv(x))
-    fused = (isinstance(m, Conv) and vars(m).get("forward") == m.forward_fuse) or (
-        isinstance(m, DSConv) and m.fused and type(m).forward is DSConv.forward
-    )
+    # ultralytics Conv after fuse() (and quantize(), whose forward may be the conv itself) and
+    # our DSConv after fuse_bn(): act(conv(x))
+    fused = (
+        isinstance(m, Conv)
+        and (vars(m).get("forward") == m.forward_fuse or vars(m).get("forward") is m.conv)
+    ) or (isinstance(m, DSConv) and m.fused and type(m).forward is DSConv.forward)
     if fused:
         if isinstance(m.act, nn.Identity) and isinstance(m.conv, DSConv2d):
             m.conv.forward_into(x, out)
