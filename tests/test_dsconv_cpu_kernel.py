@@ -182,6 +182,53 @@ def test_nonfinite_activations_propagate(isa, value, stride):
         assert_close(y, ref, f"{value} {describe(case)}")
 
 
+def _scalef_bands():
+    return torch.ops.dsconv_ext._cpu_path_calls()[3]
+
+
+@pytest.mark.parametrize(
+    "what", ["plain", "zero alphas", "tiny alphas", "subnormal alpha", "huge alphas", "nan"]
+)
+def test_fold_by_exponent_addition_or_scalef(what):
+    """The AVX-512 int8 fold adds E to alpha's exponent bits when every alpha * 2^E of a band is a
+    normal float, and scales with vscalefps otherwise (out-of-range products, subnormal alphas,
+    NaN / Inf blocks). Both agree with the reference; zero alphas (stored as zero weights)
+    keep the fast fold."""
+    if torch.ops.dsconv_ext.cpu_isa() != "avx512_vnni":
+        pytest.skip("the exponent-add fold is the AVX-512 kernel's")
+    g = torch.Generator().manual_seed(11)
+    q, alpha, _ = quantize_weight(torch.randn(24, 40, 3, 3, generator=g), 8, 16)
+    x = torch.randn(2, 40, 14, 14, generator=g)
+    if what == "zero alphas":  # whole (o, block, tap) segments with nonzero integers
+        alpha = alpha.clone()
+        alpha[::3, 1, 1, :] = 0.0
+        alpha[5] = 0.0
+        assert (q[5] != 0).any()
+    elif what == "tiny alphas":  # alpha ~ 2^-120 times 2^E ~ 2^-40: below the normal range
+        alpha, x = alpha * 2.0**-118, x * 2.0**-34
+    elif what == "subnormal alpha":
+        alpha = alpha.clone()
+        alpha[3, 0, 2, 2] = 1e-40
+    elif what == "huge alphas":  # alpha * 2^E past float32's range: the outputs overflow
+        alpha, x = alpha * 2.0**110, x * 2.0**40
+    elif what == "nan":
+        x[1, 7, 3, 3] = math.nan
+    case = dict(x=x, intweight=q, alpha=alpha, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                groups=1, block_size=16, act_bits=8, fuse_silu=False)  # fmt: skip
+    before = _scalef_bands()
+    y = op(case)
+    scalef = _scalef_bands() - before
+    assert (scalef == 0) == (what in ("plain", "zero alphas")), f"{what}: {scalef} scalef bands"
+    ref = dsconv2d_reference(**case)
+    if what == "huge alphas":  # no wrapped exponent bits: infinite exactly where the reference is
+        assert not torch.isfinite(ref).all()
+        assert torch.equal(torch.isfinite(y), torch.isfinite(ref))
+        fin = torch.isfinite(ref)
+        assert_close(y[fin], ref[fin], what)
+    else:
+        assert_close(y, ref, what)
+
+
 def test_threads_give_identical_results(threads):
     """The split into bands / channel chunks changes with the thread count; the arithmetic of
     each output does not."""

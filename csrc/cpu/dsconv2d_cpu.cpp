@@ -94,8 +94,10 @@ constexpr int64_t kBandBytes = 384 << 10;
 // (12 KB measured a little faster than 20 KB).
 constexpr int64_t kDwBandBytes = 12 << 10;
 
-// Calls per kernel path since load: a test hook that shows which path a shape takes.
-enum Path : int { kPathInt8 = 0, kPathFloat = 1, kPathDepthwise = 2, kPaths = 3 };
+// Calls per kernel path since load, and (kScalefBands) int8 bands of esc_shift ISAs folded with
+// vscalefps rather than by exponent addition (Slice::exponent_add): a test hook that shows which
+// path a shape takes.
+enum Path : int { kPathInt8 = 0, kPathFloat = 1, kPathDepthwise = 2, kScalefBands = 3, kPaths = 4 };
 std::atomic<int64_t> path_calls[kPaths];
 
 // Geometry, band split and q-space sizes. With few tasks the split aims at a task count that is
@@ -349,6 +351,8 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     float* esc = reinterpret_cast<float*>(buf + act_b);
     float* usum = us_b ? reinterpret_cast<float*>(buf + act_b + esc_b) : nullptr;
     int64_t packed = -1;  // (n, g, band) currently in the buffer
+    ExponentRange erange;
+    bool exponent_add = false;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t oc = t % ochunks, slice_band = t / ochunks;
       const int64_t band = slice_band % lay.nbands, ng = slice_band / lay.nbands;
@@ -360,6 +364,9 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
         pr.x_cstride = g.H * g.W;
         pr.mant_bits = static_cast<int>(act_bits);
         pr.yend = oh1 + far_rows;  // rows past the band's taps are only read by unstored q
+        const bool track = kern.esc_shift && !lay.kfloat;
+        if (track) erange.reset();
+        pr.erange = track ? &erange : nullptr;
         const float* xg = xp + (n * g.C + grp * g.Cg) * pr.x_cstride;
         for (int64_t b = 0; b < g.nblk; ++b) {
           const int64_t c0 = block_begin(b, g.block);
@@ -380,6 +387,9 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
           }
         }
         packed = slice_band;
+        exponent_add = track && erange.exponent_add_exact(*pw);
+        if (track && !exponent_add)
+          path_calls[kScalefBands].fetch_add(1, std::memory_order_relaxed);
       }
       Slice sl{};
       sl.lay = &lay;
@@ -391,6 +401,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
       sl.nout = g.Og;
       sl.oh0 = oh0, sl.oh1 = oh1;
       sl.nqt = ((oh1 - oh0) * lay.Wq + lay.qtile - 1) / lay.qtile;
+      sl.exponent_add = exponent_add;
       const Epilogue ep{epi.data() + grp * Ogp, epi.data() + (groups + grp) * Ogp, fuse_silu};
       const int64_t ot0 = oc * oc_len, ot1 = std::min(otiles, ot0 + oc_len);
       if (ot1 - ot0 == 1) {  // one o-tile (depthwise, narrow layers): one call for the band
@@ -463,7 +474,8 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",
         [](int64_t tasks) -> int64_t { return dsconv_ext::cpu::parallel_probe(tasks); });
-  // Test hook: calls so far that took the int8, float-family and depthwise paths.
+  // Test hook: calls so far that took the int8, float-family and depthwise paths, and int8 bands
+  // folded with vscalefps (see Path).
   m.def("_cpu_path_calls() -> int[]", []() -> std::vector<int64_t> {
     std::vector<int64_t> n;
     for (const auto& c : dsconv_ext::cpu::path_calls) n.push_back(c.load());

@@ -117,6 +117,11 @@ struct SegHeader {
 struct PackedWeights {
   int64_t otiles = 0;        // per group
   int64_t stream_bytes = 0;  // per (group, o-tile)
+  // Biased float exponents of the SegHeader alphas (a zero alpha is stored as 1 with its
+  // segment's weights zeroed), and whether all of them are normal: what the exponent-add fold of
+  // the AVX-512 kernel needs to know (ExponentRange).
+  int32_t alpha_exp_min = 255, alpha_exp_max = 0;
+  bool alpha_normal = true;
   std::vector<uint8_t> data;
   const uint8_t* stream(int64_t g, int64_t ot) const {
     return data.data() + (g * otiles + ot) * stream_bytes;
@@ -141,7 +146,32 @@ struct Slice {
   int64_t nout;         // output channels of the group (Og)
   int64_t oh0, oh1;     // the band's output rows
   int64_t nqt;          // q tiles of this band
+  // AVX-512 int8: every alpha * 2^E of the band is a normal float, so the fold may add E to
+  // alpha's exponent bits instead of scaling by 2^E (ExponentRange::exponent_add_exact).
+  bool exponent_add;
 };
+
+// Block exponents E packed for one band by an ISA whose esc holds E << 23 (IsaKernels::esc_shift):
+// per-lane running minimum and maximum over finite blocks, and whether a block was NaN / Inf
+// (its esc is then kEscNonFinite).
+struct ExponentRange {
+  int32_t lo[16], hi[16];
+  int32_t nonfinite;
+  void reset() {
+    for (int i = 0; i < 16; ++i) lo[i] = INT32_MAX, hi[i] = INT32_MIN;
+    nonfinite = 0;
+  }
+  // alpha * 2^E, for every alpha of `pw` and E of the band, is a normal float and equals
+  // alpha's bit pattern plus E << 23.
+  bool exponent_add_exact(const PackedWeights& pw) const {
+    if (nonfinite || !pw.alpha_normal) return false;
+    int32_t mn = INT32_MAX, mx = INT32_MIN;
+    for (int i = 0; i < 16; ++i) mn = std::min(mn, lo[i]), mx = std::max(mx, hi[i]);
+    if (mn > mx) return true;  // nothing finite packed: no fold reads an exponent
+    return pw.alpha_exp_min + mn >= 1 && pw.alpha_exp_max + mx <= 254;
+  }
+};
+constexpr int32_t kEscNonFinite = INT32_MIN;
 
 // Phase row (ry, yq) of the padded input, written as row yl of the band's planes, for the block
 // at `x` (x[n, first channel of the block, 0, 0], `nch` channels). int8: every k4 plane, esc and
@@ -153,10 +183,11 @@ struct PackRow {
   int64_t x_cstride;  // H * W
   int mant_bits;
   int64_t ry, yq, yl;
-  int64_t yend;   // phase rows >= yend are only read for outputs never stored: left neutral
-  uint32_t* act;  // (block) base
-  float* esc;     // (block or channel) base
-  float* usum;    // (block) base or null
+  int64_t yend;           // phase rows >= yend are only read for outputs never stored: left neutral
+  uint32_t* act;          // (block) base
+  float* esc;             // (block or channel) base
+  float* usum;            // (block) base or null
+  ExponentRange* erange;  // esc_shift ISAs, int8: updated with the exponents packed
 };
 
 // One depthwise call (groups with one input channel). Task t is (image, channel, band) =
@@ -217,6 +248,9 @@ struct IsaKernels {
   // over c1 bins (dfl_cpu.cpp).
   void (*dfl_side)(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
                    int64_t a1);
+  // The int8 packer stores each block exponent E as the integer E << 23 (kEscNonFinite for NaN /
+  // Inf blocks) rather than as a float, and fills PackRow::erange.
+  bool esc_shift;
 };
 
 const IsaKernels& kernels_scalar();

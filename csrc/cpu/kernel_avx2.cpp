@@ -517,11 +517,11 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
 }  // namespace
 
 const IsaKernels& kernels_avx2() {
-  static const IsaKernels k{kQTile,          /*weight_elem_bytes=*/2,
-                            &pack_row,       &pack_row_float,
-                            &conv_tiles,     &float_tiles,
-                            &depthwise,      /*dw_qtile=*/32,
-                            &dfl_side_scalar};
+  static const IsaKernels k{kQTile,           /*weight_elem_bytes=*/2,
+                            &pack_row,        &pack_row_float,
+                            &conv_tiles,      &float_tiles,
+                            &depthwise,       /*dw_qtile=*/32,
+                            &dfl_side_scalar, /*esc_shift=*/false};
   return k;
 }
 

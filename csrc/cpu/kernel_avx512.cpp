@@ -3,10 +3,12 @@
 // function-level target attributes and only entered after a run-time CPU check
 // (dsconv2d_cpu.cpp).
 //
-// Cost model of the microkernel (B = 32, so 8 vpdpbusd per (block, tap) segment and accumulator):
-// vpdpbusd and FMA share the two multiply pipes, while int->float conversion and vscalefps
-// (scaling by 2^E, exact, NaN-propagating) issue on the other pipes. The segment flush
-// fma(scalef(cvt(S), E), alpha, acc) thus costs 1 multiply-pipe slot per 8 vpdpbusd.
+// Cost of the microkernel's segment fold (B = 32: 8 vpdpbusd per (block, tap) segment and
+// accumulator, then acc += alpha * 2^E * float(S)): folding with fma(scalef(cvt(S), E), alpha)
+// ran the YOLO11 3x3 layers ~11% slower (same-process A/B) than fma(cvt(S), alpha + (E << 23)),
+// the integer add on alpha's exponent bits that replaces vscalefps where every alpha * 2^E of a
+// band is a normal float (conv_tiles_impl, ExponentRange): vscalefps competes with vpdpbusd and
+// FMA for the multiply pipes, the integer add does not.
 #include <immintrin.h>
 
 #include <cstring>
@@ -55,6 +57,12 @@ DSCONV_AVX512 inline __m512 epilogue(__m512 acc, float cdsw, float cb, bool silu
   if (!silu) return y;
   const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), y));
   return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+inline int32_t bit_pattern(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
 }
 
 // Stores 16 q-space values, the first of which is output (oh, ow), into the output plane `out`,
@@ -208,8 +216,17 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
   const Layout& lay = *r.lay;
   const int64_t kplane = lay.P * lay.Lq;
   const __mmask16 finite = _mm512_cmplt_epi32_mask(amax, _mm512_set1_epi32(0x7F800000));
-  const __m512 e = _mm512_cvtepi32_ps(block_exponent(amax, k.mant_bits));
+  const __m512i ei = block_exponent(amax, k.mant_bits);
+  const __m512 e = _mm512_cvtepi32_ps(ei);
   const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
+  if (r.erange) {
+    ExponentRange& er = *r.erange;
+    const __mmask16 ok = finite & st;
+    const __m512i lo = _mm512_loadu_si512(er.lo), hi = _mm512_loadu_si512(er.hi);
+    _mm512_storeu_si512(er.lo, _mm512_mask_min_epi32(lo, ok, lo, ei));
+    _mm512_storeu_si512(er.hi, _mm512_mask_max_epi32(hi, ok, hi, ei));
+    if (ok != st) er.nonfinite = 1;
+  }
   uint32_t* act = r.act + base + x0;
   __m512i msum = _mm512_setzero_si512();  // sum of the bytes (m + 128)
   for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
@@ -218,7 +235,7 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
     __m512i word;
     if (finite == 0xFFFF) {
       word = mantissa_word(c0, src_cstride, nc, lanes, neg_e, k.lo8, k.hi8);
-    } else {  // NaN or Inf in some block: its mantissas are 0 (and its esc NaN)
+    } else {  // NaN or Inf in some block: its mantissas are 0 (its esc kEscNonFinite)
       word = _mm512_setzero_si512();
       for (int64_t lane = 0; lane < 4; ++lane) {
         __m512i m = _mm512_setzero_si512();
@@ -232,9 +249,12 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
     if (r.usum) msum = _mm512_dpbusd_epi32(msum, word, _mm512_set1_epi8(1));
     store_row(act + k4 * kplane, st, word);
   }
-  const __m512 nan = _mm512_set1_ps(NAN);
-  store_row(r.esc + base + x0, st, _mm512_mask_mov_ps(nan, finite, e));
+  // esc: E << 23, the amount conv_tiles adds to alpha's bit pattern (esc_shift).
+  store_row(
+      reinterpret_cast<uint32_t*>(r.esc) + base + x0, st,
+      _mm512_mask_mov_epi32(_mm512_set1_epi32(kEscNonFinite), finite, _mm512_slli_epi32(ei, 23)));
   if (r.usum) {
+    const __m512 nan = _mm512_set1_ps(NAN);
     msum = _mm512_sub_epi32(msum, _mm512_set1_epi32(static_cast<int32_t>(512 * lay.K4)));
     const __m512 u = _mm512_scalef_ps(_mm512_cvtepi32_ps(msum), e);
     store_row(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
@@ -474,7 +494,12 @@ DSCONV_AVX512 inline void k_loop(__m512i (&acc)[kOTile][kPV], const uint8_t* a, 
   acc[3][1] = c31, acc[3][2] = c32;
 }
 
-template <bool kKdsb>
+// kExponentAdd (Slice::exponent_add): alpha * 2^E as alpha's bit pattern plus esc (E << 23),
+// so that the segment fold is cvt + integer add + FMA, of which only the FMA takes a multiply
+// pipe from the vpdpbusd (with vscalefps, two did). Same value, same rounding: alpha * 2^E is
+// exact either way. Otherwise E is rebuilt from esc and applied with vscalefps, NaN for
+// non-finite blocks.
+template <bool kKdsb, bool kExponentAdd>
 DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
                                    int64_t ot, int64_t qt0, int64_t qt1) {
   const Layout& lay = *sl.lay;
@@ -502,16 +527,35 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
         __m512i acc[kOTile][kPV];
         k_loop(acc, a, w, K4, kplane_b, h->corr);
         const float* e = sl.esc + esc_b + tapoff[t];
-        __m512 ev[kPV];
+        __m512i es[kPV];
 #pragma GCC unroll 3
-        for (int v = 0; v < kPV; ++v) ev[v] = _mm512_loadu_ps(e + v * kVec);
+        for (int v = 0; v < kPV; ++v) es[v] = _mm512_loadu_si512(e + v * kVec);
+        if (kExponentAdd) {
 #pragma GCC unroll 4
-        for (int r = 0; r < kOTile; ++r) {
-          const __m512 al = _mm512_set1_ps(h->alpha[r]);
+          for (int r = 0; r < kOTile; ++r) {
+            const __m512i al = _mm512_set1_epi32(bit_pattern(h->alpha[r]));
+#pragma GCC unroll 3
+            for (int v = 0; v < kPV; ++v) {
+              const __m512 a2e = _mm512_castsi512_ps(_mm512_add_epi32(al, es[v]));
+              f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), a2e, f[r][v]);
+            }
+          }
+        } else {
+          __m512 ev[kPV];
 #pragma GCC unroll 3
           for (int v = 0; v < kPV; ++v) {
-            const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(acc[r][v]), ev[v]);
-            f[r][v] = _mm512_fmadd_ps(s, al, f[r][v]);
+            const __mmask16 bad = _mm512_cmpeq_epi32_mask(es[v], _mm512_set1_epi32(kEscNonFinite));
+            ev[v] = _mm512_mask_mov_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(es[v], 23)), bad,
+                                       _mm512_set1_ps(NAN));
+          }
+#pragma GCC unroll 4
+          for (int r = 0; r < kOTile; ++r) {
+            const __m512 al = _mm512_set1_ps(h->alpha[r]);
+#pragma GCC unroll 3
+            for (int v = 0; v < kPV; ++v) {
+              const __m512 s = _mm512_scalef_ps(_mm512_cvtepi32_ps(acc[r][v]), ev[v]);
+              f[r][v] = _mm512_fmadd_ps(s, al, f[r][v]);
+            }
           }
         }
         if (kKdsb) {
@@ -543,10 +587,17 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
 
 DSCONV_AVX512 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
                               int64_t ot, int64_t qt0, int64_t qt1) {
-  if (sl.usum)
-    conv_tiles_impl<true>(sl, wstream, ep, ot, qt0, qt1);
-  else
-    conv_tiles_impl<false>(sl, wstream, ep, ot, qt0, qt1);
+  if (sl.usum) {
+    if (sl.exponent_add)
+      conv_tiles_impl<true, true>(sl, wstream, ep, ot, qt0, qt1);
+    else
+      conv_tiles_impl<true, false>(sl, wstream, ep, ot, qt0, qt1);
+  } else {
+    if (sl.exponent_add)
+      conv_tiles_impl<false, true>(sl, wstream, ep, ot, qt0, qt1);
+    else
+      conv_tiles_impl<false, false>(sl, wstream, ep, ot, qt0, qt1);
+  }
 }
 
 // Float family: R output channels x 48 pixels, one FMA per (channel, tap, channel r, vector).
@@ -914,8 +965,8 @@ DSCONV_AVX512 void dfl_side(const float* x, int64_t A, int64_t c1, const float* 
 
 const IsaKernels& kernels_avx512() {
   static const IsaKernels k{
-      kQTile,     /*weight_elem_bytes=*/1, &pack_row, &pack_row_float, &conv_tiles, &float_tiles,
-      &depthwise, /*dw_qtile=*/64,         &dfl_side};
+      kQTile,     /*weight_elem_bytes=*/1, &pack_row, &pack_row_float,   &conv_tiles, &float_tiles,
+      &depthwise, /*dw_qtile=*/64,         &dfl_side, /*esc_shift=*/true};
   return k;
 }
 

@@ -194,11 +194,11 @@ void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, floa
 
 const IsaKernels& kernels_scalar() {
   // No depthwise path: depthwise convs take the float family, which the tests compare with it.
-  static const IsaKernels k{/*qtile=*/16,    /*weight_elem_bytes=*/1,
-                            &pack_row,       &pack_row_float,
-                            &conv_tiles,     &float_tiles,
-                            nullptr,         0,
-                            &dfl_side_scalar};
+  static const IsaKernels k{/*qtile=*/16,     /*weight_elem_bytes=*/1,
+                            &pack_row,        &pack_row_float,
+                            &conv_tiles,      &float_tiles,
+                            nullptr,          0,
+                            &dfl_side_scalar, /*esc_shift=*/false};
   return k;
 }
 

@@ -99,12 +99,18 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
           uint8_t* wdst = s + sizeof(SegHeader);
           for (int64_t r = 0; r < kOTile; ++r) {
             const int64_t o = ot * kOTile + r;
-            if (o >= g.Og) continue;  // padding channels: all zero, never stored
+            h.alpha[r] = 1.f;  // padding channels: zero weights, never stored
+            if (o >= g.Og) continue;
             const int64_t oo = grp * g.Og + o;
             const int8_t* qo = qp + oo * g.Cg * ntaps;
+            const int64_t at_idx = (oo * g.nblk + b) * ntaps + t;
+            // A zero alpha zeroes the segment whatever its integers: stored as zero weights and
+            // alpha 1, so that every alpha the kernels see is nonzero (the AVX-512 fold adds E
+            // to alpha's exponent bits).
+            const bool zero = ap[at_idx] == 0.f;
             int32_t sum = 0;
             for (int64_t c = c0; c < c1; ++c) {
-              const int8_t v = qo[c * ntaps + t];
+              const int8_t v = zero ? int8_t(0) : qo[c * ntaps + t];
               sum += v;
               const int64_t k = c - c0;  // (k4, lane) = (k / 4, k % 4)
               const int64_t idx = ((k / 4) * kOTile + r) * 4 + k % 4;
@@ -116,9 +122,16 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
               }
             }
             h.corr[r] = -128 * sum;
-            const int64_t at_idx = (oo * g.nblk + b) * ntaps + t;
-            h.alpha[r] = ap[at_idx];
+            if (!zero) h.alpha[r] = ap[at_idx];
             h.kdsb[r] = kp ? kp[at_idx] : 0.f;
+          }
+          for (int64_t r = 0; r < kOTile; ++r) {
+            uint32_t bits;
+            std::memcpy(&bits, &h.alpha[r], 4);
+            const int32_t e = static_cast<int32_t>((bits >> 23) & 0xFF);
+            pw->alpha_normal &= e != 0 && e != 255;
+            pw->alpha_exp_min = std::min(pw->alpha_exp_min, e);
+            pw->alpha_exp_max = std::max(pw->alpha_exp_max, e);
           }
           std::memcpy(s, &h, sizeof(SegHeader));
           s += sizeof(SegHeader) + wbytes;

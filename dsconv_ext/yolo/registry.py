@@ -385,7 +385,12 @@ def _register() -> None:
     saved["parse_model"] = original
     tasks.parse_model = wrapper
     nn_pkg = sys.modules.get("ultralytics.nn")
-    if nn_pkg is not None and getattr(nn_pkg, "parse_model", None) is original:
+    # The package re-export is the original, or (when registration ran while ultralytics.nn was
+    # still importing, which then re-exported our wrapper) a wrapper of an earlier registration.
+    reexport = getattr(nn_pkg, "parse_model", None)
+    if nn_pkg is not None and (
+        reexport is original or getattr(reexport, "__dsconv_ext_original__", None) is original
+    ):
         nn_pkg.parse_model = wrapper
         saved["nn.parse_model"] = original
 
@@ -441,8 +446,11 @@ def unregister() -> None:
             else:
                 tasks.__dict__[name] = old
         tasks.parse_model = _state["parse_model"]
+        nn_pkg = sys.modules.get("ultralytics.nn")
         if "nn.parse_model" in _state:
-            sys.modules["ultralytics.nn"].parse_model = _state["nn.parse_model"]
+            nn_pkg.parse_model = _state["nn.parse_model"]
+        elif getattr(getattr(nn_pkg, "parse_model", None), "__dsconv_ext_original__", None):
+            nn_pkg.parse_model = nn_pkg.parse_model.__dsconv_ext_original__
         for owner, attr, fn in _state["wrapped"]:
             setattr(owner, attr, fn)
         if "exporter" in _state:
