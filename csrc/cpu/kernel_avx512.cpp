@@ -277,6 +277,20 @@ DSCONV_AVX512 inline void stage_vector(float* sc, int32_t* amax, int64_t rstride
   _mm512_storeu_si512(am, _mm512_max_epi32(prev, bits));
 }
 
+// Prefetches the input row that the block's next phase row will read, every channel: a strided
+// layer reads rows of several channels, each H * W * 4 bytes apart (yolo11n ~2% faster, yolo11s
+// unchanged, same-process A/B; always_inline: see prefetch_next_outputs).
+DSCONV_AVX512 __attribute__((always_inline)) inline void prefetch_next_input_row(const PackRow& r,
+                                                                                 int64_t hrow) {
+  const ConvGeometry& g = r.lay->g;
+  const int64_t next = hrow + g.sh;
+  if (next >= g.H) return;
+  for (int64_t c = 0; c < r.nch; ++c) {
+    const char* p = reinterpret_cast<const char*>(r.x + c * r.x_cstride + next * g.W);
+    for (int64_t b = 0; b < g.W * 4; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  }
+}
+
 // The int8 packer, one phase row of one block. Stride 1 reads the input rows in place: per 16
 // pixels, a max |x| pass over the block's channels, then the words. Other strides first split
 // each channel's input row into its phases in a compact per-thread stage, channel after channel:
@@ -327,6 +341,7 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
     return;
   }
 
+  prefetch_next_input_row(r, hrow);
   // The row in chunks of `qc` q-columns whose stage, [channel][phase rx][qc] floats, fits in
   // about 16 KB of L1 beside the words going out; then [rx][qc] max |x| bit patterns.
   const int64_t qc = std::max<int64_t>(kVec, (kStageBytes / (r.nch * g.sw * 4)) / kVec * kVec);
