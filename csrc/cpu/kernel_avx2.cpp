@@ -18,6 +18,9 @@ namespace {
 constexpr int64_t kVec = 8;
 constexpr int64_t kQTile = kVec;
 constexpr int64_t kHalf = 4;  // output channels per pass over a weight stream
+// Software prefetch distance of output stores and packer loads (both together: converted yolo11n
+// ~2% faster on the AVX2 path, same-process A/B on the Zen 5 test machine).
+constexpr int64_t kPrefetchFloats = 64;
 static_assert(kOTile % kHalf == 0, "whole passes");
 
 DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
@@ -59,6 +62,9 @@ DSCONV_AVX2 inline void store_vec(const Layout& lay, float* out, int64_t oh, int
                                   int64_t oh1, __m256 y) {
   const int64_t Wo = lay.g.Wo;
   if (ow + kVec <= Wo && oh < oh1) {
+    // 8 tiles ahead in this channel's row: see the AVX-512 prefetch_next_outputs (prefetcht0:
+    // not every AVX2 CPU has PREFETCHW).
+    _mm_prefetch(reinterpret_cast<const char*>(out + oh * Wo + ow + kPrefetchFloats), _MM_HINT_T0);
     _mm256_storeu_ps(out + oh * Wo + ow, y);
     return;
   }
@@ -171,6 +177,9 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
       __m256i amax = _mm256_setzero_si256(), e;
       if (row) {
         for (int64_t c = 0; c < r.nch; ++c) {
+          _mm_prefetch(
+              reinterpret_cast<const char*>(row + c * r.x_cstride + w0 + kPrefetchFloats * g.sw),
+              _MM_HINT_T0);
           const __m256 v = load_lanes(row + c * r.x_cstride, w0, g.sw, g.W);
           amax = _mm256_max_epi32(
               amax, _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF)));
