@@ -523,8 +523,8 @@ DSCONV_AVX512 inline void k_loop(__m512i (&acc)[kOTile][kPV], const uint8_t* a, 
 
 // Fetches, for writing, the output lines of o-tile `ot` at q-space pixel `q` (the next tile):
 // without it the stores of a layer whose output is not in cache waited on each line's read for
-// ownership, and converted yolo11n / yolo11s ran ~20% slower (same-process A/B; prefetcht0
-// instead of prefetchw recovered about two thirds of that).
+// ownership: converted yolo11n ran ~10% slower (alternating cross-process runs; 15-20% in a
+// same-process A/B, where prefetcht0 instead of prefetchw recovered about two thirds of that).
 // (always_inline: as a call, GCC took a function of prefetches alone for one without effects and
 // dropped it)
 DSCONV_AVX512 __attribute__((always_inline)) inline void prefetch_next_outputs(const Slice& sl,

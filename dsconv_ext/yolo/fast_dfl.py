@@ -21,11 +21,9 @@ import torch
 import torch.nn as nn
 from ultralytics.nn.modules.block import DFL
 
-from ..ops import _kernel_for
+from ..ops import _DFL_OP, _kernel_for
 
 __all__ = ["FastDFL", "dfl_expectation", "dfl_expectation_reference", "use_fast_dfl"]
-
-_OP = "dsconv_ext::dfl_expectation"
 
 
 def dfl_expectation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -41,7 +39,7 @@ def dfl_expectation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 @functools.cache
 def _kernel_available() -> bool:
     # _kernel_for loads the library and registers the op's fake kernel (dsconv_ext/ops.py).
-    return _kernel_for("cpu")[0] and torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+    return _kernel_for("cpu")[0] and torch._C._dispatch_has_kernel_for_dispatch_key(_DFL_OP, "CPU")
 
 
 def dfl_expectation(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
