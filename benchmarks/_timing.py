@@ -22,12 +22,13 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 try:  # run from a checkout without installing: use the checkout's package
-    import dsconv_ext  # noqa: F401
+    import dsconv_ext
 except ImportError:
     import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import dsconv_ext
 
 
 def _sync(device: Optional[str]) -> None:
@@ -157,14 +158,81 @@ def dump_json(path_or_dash: str, payload: object) -> None:
             f.write(text + "\n")
 
 
-def environment() -> Dict[str, object]:
+# CPU features that decide which int8 path runs (ours, oneDNN's, OpenVINO's).
+ISA_FLAGS = (
+    "avx2",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_int8",
+    "amx_bf16",
+)
+
+
+def _cpu_model_and_flags():
     import platform
 
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:  # not Linux: the model from platform, no flags
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:  # hypervisors often shorten the name ("AMD EPYC"): say which
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return model, set(fields.get("flags", "").split())
+
+
+def environment() -> Dict[str, object]:
+    """The machine and software a benchmark ran on: CPU model, cores, the threads used, the
+    ISA features and the path dsconv_ext's CPU kernel takes, versions, GPU, date."""
+    import datetime
+    import os
+    import platform
+
+    model, flags = _cpu_model_and_flags()
     info: Dict[str, object] = {
-        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "cpu": model,
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "isa_features": [f for f in ISA_FLAGS if f in flags],
+        "dsconv_cpu_path": _cpu_path(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dsconv_ext": getattr(dsconv_ext, "__version__", "?"),
     }
+    try:
+        import ultralytics
+
+        info["ultralytics"] = ultralytics.__version__
+    except ImportError:
+        info["ultralytics"] = "not installed"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _cpu_path() -> str:
+    try:
+        return dsconv_ext.dsconv2d_backend("cpu") == "kernel" and torch.ops.dsconv_ext.cpu_isa()
+    except Exception as e:  # report, the benchmark still runs on the fallback
+        return f"fallback ({type(e).__name__})"
+
+
+def print_header(name: str, env: Dict[str, object]) -> None:
+    """Two comment lines naming the machine: where a table was measured travels with it."""
+    features = ", ".join(env["isa_features"]) or "none of " + "/".join(ISA_FLAGS)
+    gpu = f"; GPU {env['gpu']}" if "gpu" in env else ""
+    print(
+        f"# {name} {env['date']}: {env['cpu']}, {env['cores']} cores, {env['threads']} threads; "
+        f"ISA {features}; dsconv_ext CPU path {env['dsconv_cpu_path']}{gpu}"
+    )
+    print(
+        f"# python {env['python']}, torch {env['torch']}, ultralytics {env['ultralytics']}, "
+        f"dsconv_ext {env['dsconv_ext']}"
+    )

@@ -38,6 +38,7 @@ from _timing import (  # noqa: E402
     environment,
     peak_cpu_memory_mb,
     peak_cuda_memory_mb,
+    print_header,
     print_table,
     time_interleaved,
 )
@@ -191,7 +192,10 @@ def main() -> int:
     load1 = os.getloadavg()
     env = dict(environment(), device=device, loadavg_before=load0, loadavg_after=load1,
                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"))  # fmt: skip
-    print(f"\nBiLevelRoutingAttention, {env}")
+    print()
+    print_header("bench_bra", env)
+    wait = env["omp_wait_policy"]
+    print(f"# device {device}, load average {load0} -> {load1}, OMP_WAIT_POLICY {wait}")
     cols = ["scale", "layer", "C", "HxW", "batch", "pass", "backend", "ms", "x ref"]
     if not args.no_memory:
         cols += ["peak MB", "mem x"]

@@ -26,12 +26,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import dump_json, environment, print_table, time_interleaved  # noqa: E402
+from _timing import (  # noqa: E402
+    dump_json,
+    environment,
+    print_header,
+    print_table,
+    time_interleaved,
+)
 from conv_shapes import yolo11_conv_shapes  # noqa: E402
 
 import dsconv_ext  # noqa: E402
 from dsconv_ext.dsconv import dsconv2d_fallback  # noqa: E402
-from dsconv_ext.quant_primitives import pack_intweight, quantize_weight  # noqa: E402
+from dsconv_ext.dsconv.quant_primitives import pack_intweight, quantize_weight  # noqa: E402
 
 
 def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor):
@@ -206,18 +212,10 @@ def main(argv=None):
 
     env = environment()
     backend = dsconv_ext.dsconv2d_backend("cpu")
-    print(f"# bench_conv: {env}")
-    print(
-        f"# DSConv CPU backend: {backend}"
-        + (
-            ""
-            if backend == "kernel"
-            else "  <-- the compiled kernel is NOT in use: "
-            + str(dsconv_ext.dsconv_backend_report()["cpu"])
-        )
-    )
-    if backend == "kernel" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
-        print(f"# CPU ISA path: {torch.ops.dsconv_ext.cpu_isa()}")
+    print_header("bench_conv", env)
+    if backend != "kernel":
+        report = dsconv_ext.dsconv_backend_report()["cpu"]
+        print(f"# the compiled kernel is NOT in use (DSConv runs the fallback): {report}")
     rows = bench_cpu(scales, kernels, batches, args.rounds, not args.no_fallback, args.quick)
     print_table(rows, COLUMNS)
     print()

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import dump_json, environment, print_table, time_interleaved  # noqa: E402
+from _timing import (  # noqa: E402
+    dump_json,
+    environment,
+    print_header,
+    print_table,
+    time_interleaved,
+)
 
 __all__ = ["cuda_rows", "COLUMNS", "summary"]
 
@@ -118,7 +124,7 @@ def cuda_rows(
 
     shapes: dicts with c_in, c_out, k, stride, padding, groups, H, W (conv_shapes.py)."""
     from dsconv_ext import dsconv2d_backend
-    from dsconv_ext.quant_primitives import quantize_weight
+    from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
     have_kernel = dsconv2d_backend(device) == "kernel"
     if not have_kernel:
@@ -225,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ]
     )
     env = environment()
-    print(f"# bench_conv_cuda: {env}")
+    print_header("bench_conv_cuda", env)
     if hasattr(torch.ops.dsconv_ext, "cuda_archs"):
         print(f"# DSConv CUDA kernels built for {torch.ops.dsconv_ext.cuda_archs()}")
     batches = [int(b) for b in args.batches.split(",")]

@@ -38,7 +38,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import dump_json, environment, print_table, time_interleaved  # noqa: E402
+from _timing import (  # noqa: E402
+    dump_json,
+    environment,
+    print_header,
+    print_table,
+    time_interleaved,
+)
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 IMGSZ = 640
@@ -172,7 +178,7 @@ def predictions(yolo, images: List[str]) -> List[Dict]:
 def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
     from ultralytics import YOLO
 
-    from dsconv_ext.convert import convert_checkpoint
+    from dsconv_ext.yolo.convert import convert_checkpoint
 
     best = weights_for(name, args, data)
     work = Path(args.work)
@@ -184,7 +190,7 @@ def bench_model(name: str, args, data: Path) -> List[Dict[str, object]]:
                 str(best), str(ckpts[f"int{bits}"]), bits=bits, depthwise=args.depthwise
             )
 
-    from dsconv_ext.convert import replace_pooling
+    from dsconv_ext.yolo.convert import replace_pooling
     from dsconv_ext.yolo.fast_dfl import use_fast_dfl
 
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
@@ -283,7 +289,7 @@ def main(argv=None) -> int:
         args.work = str(Path(args.work) / "quick")
 
     import dsconv_ext  # noqa: F401  (registers with ultralytics, loads the kernels)
-    from dsconv_ext.ops import dsconv_backend_report
+    from dsconv_ext.dsconv.ops import dsconv_backend_report
 
     Path(args.work).mkdir(parents=True, exist_ok=True)
     n_train, n_val = (32, 8) if args.quick else (256, 64)
@@ -294,13 +300,16 @@ def main(argv=None) -> int:
         rows += bench_model(name, args, data)
     cols = ["model", "variant", "latency ms", "speed-up vs float eager", "checkpoint MiB",
             "mAP50 (labels)", "mAP50 vs float preds", "mean IoU vs float"]  # fmt: skip
-    print(f"\n{IMGSZ} px, batch 1, {args.threads} threads, dsconv2d cpu backend: "
+    env = environment()
+    print()
+    print_header("bench_model", env)
+    print(f"# {IMGSZ} px, batch 1, {args.threads} threads, dsconv2d cpu backend: "
           f"{dsconv_backend_report().get('cpu', {}).get('backend')}; medians of {args.rounds} "
           f"interleaved rounds; agreement on {args.images} synthetic images "
           f"({time.perf_counter() - t0:.0f} s)\n")  # fmt: skip
     print_table(rows, cols)
     if args.json:
-        dump_json(args.json, {"environment": environment(), "rows": rows, "args": vars(args)})
+        dump_json(args.json, {"environment": env, "rows": rows, "args": vars(args)})
     return 0
 
 

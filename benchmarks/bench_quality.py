@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import dump_json, print_table  # noqa: E402
+from _timing import dump_json, environment, print_header, print_table  # noqa: E402
 
 from dsconv_ext import DSConv2d  # noqa: E402
 
@@ -52,7 +52,7 @@ def captured_layer_errors(weights: str, images: str, count: int, block: int) -> 
     import cv2
     from ultralytics import YOLO
 
-    from dsconv_ext.quant_primitives import bfp_dequantize, bfp_quantize, dequantize_weight
+    from dsconv_ext.dsconv.quant_primitives import bfp_dequantize, bfp_quantize, dequantize_weight
 
     model = YOLO(weights).model.float().eval().fuse()
     files = sorted(
@@ -110,6 +110,8 @@ def main(argv=None):
     p.add_argument("--images", help="directory of images to run --weights on")
     p.add_argument("--count", type=int, default=4, help="images from --images")
     args = p.parse_args(argv)
+    env = environment()
+    print_header("bench_quality", env)
     if args.weights:
         if not args.images:
             p.error("--weights needs --images")
@@ -119,7 +121,7 @@ def main(argv=None):
         summary = summarise(rows)
         print_table([summary], list(summary))
         if args.json:
-            dump_json(args.json, {"layers": rows, "summary": summary})
+            dump_json(args.json, {"environment": env, "layers": rows, "summary": summary})
         return
     torch.manual_seed(0)
     layers = [
@@ -149,7 +151,7 @@ def main(argv=None):
     print("\nSaved bytes per layer (state_dict, block_size 32):")
     print_table(rows, ["layer", "fp32_bytes"] + [f"bytes_{b}bit" for b in (8, 4, 3, 2)])
     if args.json:
-        dump_json(args.json, rows)
+        dump_json(args.json, {"environment": env, "layers": rows})
 
 
 if __name__ == "__main__":

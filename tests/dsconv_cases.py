@@ -2,7 +2,7 @@
 
 import torch
 
-from dsconv_ext.quant_primitives import num_blocks, quantize_weight
+from dsconv_ext.dsconv.quant_primitives import num_blocks, quantize_weight
 
 
 def random_case(seed: int, max_c: int = 24, max_hw: int = 9, max_n: int = 3, device="cpu"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsconv_ext import dsconv2d, dsconv2d_fallback, dsconv2d_reference
-from dsconv_ext.quant_primitives import quantize_weight
+from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
 ENTRY_POINTS = [dsconv2d, dsconv2d_fallback, dsconv2d_reference]
 

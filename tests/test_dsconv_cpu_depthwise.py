@@ -16,7 +16,7 @@ from test_dsconv_cpu_kernel import assert_close, describe, op
 
 import dsconv_ext
 from dsconv_ext import dsconv2d_reference
-from dsconv_ext.quant_primitives import quantize_weight
+from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
 pytestmark = pytest.mark.skipif(
     dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"

@@ -15,7 +15,7 @@ from dsconv_cases import integer_exact_case, random_case
 
 import dsconv_ext
 from dsconv_ext import dsconv2d_reference
-from dsconv_ext.quant_primitives import num_blocks, quantize_weight
+from dsconv_ext.dsconv.quant_primitives import num_blocks, quantize_weight
 
 pytestmark = pytest.mark.skipif(
     dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
@@ -293,7 +293,7 @@ def test_layouts_and_empty():
 
 
 def test_opcheck():
-    """Schema, fake kernel (registered by dsconv_ext.ops), autograd registration, AOT dispatch."""
+    """Schema, fake kernel (dsconv_ext.dsconv.ops), autograd registration, AOT dispatch."""
     for i in (0, 3, 4, 9):
         c = random_case(i)
         args = (c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),

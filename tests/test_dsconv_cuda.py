@@ -16,8 +16,7 @@ from dsconv_cases import integer_exact_case, random_case
 
 from dsconv_ext._loader import load_library
 from dsconv_ext.dsconv import dsconv2d_fallback, dsconv2d_reference
-from dsconv_ext.quant_primitives import quantize_weight
-from dsconv_ext.selfcheck import (
+from dsconv_ext.dsconv.gpu_checks import (
     EMULATED_VARIANTS,
     GPU_VARIANTS,
     compare,
@@ -25,6 +24,7 @@ from dsconv_ext.selfcheck import (
     op_args,
     random_problem,
 )
+from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
 _status = load_library()
 _OPS = torch.ops.dsconv_ext

@@ -132,7 +132,7 @@ def test_fold_bn_matches_unfused_and_does_not_requantise():
     m.eval()
     x = realistic_activations(2, 16, 14, 14)
     y = m(x)
-    from dsconv_ext.quant_primitives import quantize_weight
+    from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
     q_expected, alpha_expected, _ = quantize_weight(m.conv.weight, 8, 32)
     m.fuse_bn()
@@ -220,7 +220,7 @@ def test_module_bad_input():
 
 # ---------------------------------------------------------------- frozen CPU fast path
 def _kernel_on_cpu():
-    from dsconv_ext.ops import dsconv2d_backend
+    from dsconv_ext.dsconv.ops import dsconv2d_backend
 
     return dsconv2d_backend("cpu") == "kernel"
 
@@ -230,7 +230,7 @@ needs_kernel = pytest.mark.skipif(not _kernel_on_cpu(), reason="no compiled CPU 
 
 def _validated(m, x):
     """The module's output through ops.dsconv2d, the fully validated entry point."""
-    from dsconv_ext.ops import dsconv2d
+    from dsconv_ext.dsconv.ops import dsconv2d
 
     return dsconv2d(x, *_op_args(m), m.fuse_silu)
 
@@ -266,7 +266,7 @@ def test_fast_path_equals_validated_path_and_reference(seed, monkeypatch):
 
 @needs_kernel
 def test_fast_path_really_skips_the_validated_entry_point(monkeypatch):
-    import dsconv_ext.modules.dsconv as mod
+    import dsconv_ext.dsconv.module as mod
 
     m = DSConv2d(8, 8, 3, padding=1).freeze()
     x = torch.randn(1, 8, 6, 6)

@@ -78,7 +78,7 @@ def test_nonfinite_activations_propagate_as_nan():
     torch.manual_seed(0)
     case = random_case(7)
     x = torch.randn(1, 8, 6, 6)
-    from dsconv_ext.quant_primitives import quantize_weight
+    from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
     q, alpha, _ = quantize_weight(torch.randn(4, 8, 3, 3), 8, 4)
     x[0, 5, 2, 3] = float("inf")

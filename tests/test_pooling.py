@@ -1,4 +1,4 @@
-"""The exact pooling stand-ins (dsconv_ext.modules.pooling) against PyTorch's own ops:
+"""The exact pooling stand-ins (dsconv_ext.yolo.pooling) against PyTorch's own ops:
 bit-identical outputs, NaN/Inf included, the fallbacks for autograd and ONNX, and which layers
 replace_pooling() takes over."""
 
@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsconv_ext.convert import replace_pooling
-from dsconv_ext.modules.pooling import NearestUpsample, SeparableMaxPool2d
+from dsconv_ext.yolo.convert import replace_pooling
+from dsconv_ext.yolo.pooling import NearestUpsample, SeparableMaxPool2d
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -234,7 +234,7 @@ def test_quantize_plain_module_and_qat_dsconv():
     assert isinstance(net[3], DSConv2d)
     # the QAT DSConv keeps its own quantiser (no re-quantisation), BN folded into CDS
     assert net[4].fused and net[4].conv.frozen and not hasattr(net[4], "bn")
-    from dsconv_ext.quant_primitives import quantize_weight
+    from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
     assert torch.equal(net[4].conv.intweight, quantize_weight(shadow, 8, 32)[0])
     assert rel_err(_out(net, x), want) < 2e-2
@@ -251,7 +251,7 @@ def make_types(net):
 
 
 def test_bad_conversion_names_the_layer():
-    from dsconv_ext.convert import ConversionError, quantize
+    from dsconv_ext.yolo.convert import ConversionError, quantize
 
     net = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Sequential(nn.Conv2d(4, 8, 1)))
     with pytest.raises(ConversionError, match=r"layer '1.0'.*bits"):
@@ -269,7 +269,7 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path, capsys):
 
     from dsconv_ext import DSConv2d
     from dsconv_ext.__main__ import main as cli
-    from dsconv_ext.convert import main
+    from dsconv_ext.yolo.convert import main
 
     yolo = YOLO(str(CONFIGS / "yolo11n-C3k2-DSConv.yaml"))
     yolo.model = trained_like(str(CONFIGS / "yolo11n-C3k2-DSConv.yaml"))
@@ -307,17 +307,61 @@ def test_convert_cli_packed_checkpoints_load_in_ultralytics(tmp_path, capsys):
         assert rel_err(np.load(tmp_path / "y.npy"), want) < 1e-6
 
 
-def test_convert_cli_errors(tmp_path, capsys):
-    from dsconv_ext.convert import main
+class _NotAModule:  # a global that no restricted load may rebuild
+    pass
 
-    assert main([str(tmp_path / "missing.pt")]) == 1
-    assert "missing.pt" in capsys.readouterr().err
+
+def test_convert_cli_errors(tmp_path, capsys):
+    """Each way the command can fail says which, on one line, with exit status 1."""
+    from ultralytics import YOLO
+
+    from dsconv_ext.yolo.convert import main
+
+    good = tmp_path / "good.pt"
+    YOLO("yolo11n.yaml").save(str(good))
+    (tmp_path / "text.pt").write_text("garbage\n")
+    torch.save({"epoch": 3}, tmp_path / "nomodel.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    cases = [
+        ([str(tmp_path / "missing.pt")], "missing.pt: no such file"),
+        ([str(tmp_path)], "is not a file"),
+        ([str(tmp_path / "text.pt")], "text.pt is not a PyTorch checkpoint"),
+        ([str(tmp_path / "nomodel.pt")], "nomodel.pt holds no model (keys: ['epoch'])"),
+        ([str(tmp_path / "list.pt")], "holds a list, not an ultralytics checkpoint"),
+        ([str(good), "-o", str(tmp_path / "no" / "dir" / "x.pt")], "does not exist"),
+        ([str(good), "-o", str(tmp_path)], "it is a directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (argv, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err
+    assert main([str(good), "-o", str(tmp_path / "out.pt")]) == 0
+    assert (tmp_path / "out.pt").is_file()
+
+
+def test_convert_refuses_foreign_pickles_unless_trusted(tmp_path, capsys):
+    """Restricted unpickling by default: a checkpoint that references anything but module
+    classes is refused, named, and loads only with --trust-pickle."""
+    from ultralytics import YOLO
+
+    from dsconv_ext.yolo.convert import main
+
+    ckpt = {"model": YOLO("yolo11n.yaml").model, "extra": _NotAModule()}
+    torch.save(ckpt, tmp_path / "foreign.pt")
+    assert main([str(tmp_path / "foreign.pt"), "-o", str(tmp_path / "a.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "_NotAModule" in err and "--trust-pickle" in err, err
+    assert not (tmp_path / "a.pt").exists()
+    argv = [str(tmp_path / "foreign.pt"), "-o", str(tmp_path / "b.pt"), "--trust-pickle"]
+    assert main(argv) == 0
+    assert (tmp_path / "b.pt").is_file()
 
 
 def test_other_format_version_names_the_layers(tmp_path, monkeypatch):
     from ultralytics import YOLO
 
-    import dsconv_ext.modules.dsconv as dsmod
+    import dsconv_ext.dsconv.module as dsmod
     from dsconv_ext import DSConvFormatError, quantize
 
     yolo = YOLO("yolo11n.yaml")

@@ -122,7 +122,7 @@ def test_train_val_predict_reload_fuse_export(task, tmp_path):
     dsconvs = [m for m in model.modules() if isinstance(m, DSConv)]
     expected_q = {}
     if task == "detect":
-        from dsconv_ext.quant_primitives import quantize_weight
+        from dsconv_ext.dsconv.quant_primitives import quantize_weight
 
         assert dsconvs
         for m in dsconvs:

@@ -1,17 +1,37 @@
-"""Argument checks shared by every dsconv2d entry point, so each one fails with the same message."""
+"""Argument checks and conv geometry shared by every dsconv2d entry point.
+
+:func:`check_dsconv2d_args` is the only place a dsconv2d call is validated: the public op, the
+fallback, the reference and the modules all go through it, so each fails with the same message.
+It returns a :class:`DSConvCall`, the validated arguments with the geometry they imply, which the
+reference and the fallback read instead of re-deriving shapes.
+"""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 
-from ..quant_primitives import check_bits, check_block_size, num_blocks
+from .quant_primitives import check_bits, check_block_size, num_blocks
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "DSConvCall",
+    "check_dsconv2d_args",
+    "check_out",
+    "output_size",
+    "pair",
+    "per_image_dense",
+    "spans_overlap",
+]
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Pair = Tuple[int, int]
 
 
-def pair(v, name: str) -> Tuple[int, int]:
+def pair(v, name: str) -> Pair:
+    """``v`` as an (int, int) pair; a TypeError naming ``name`` otherwise."""
     if isinstance(v, int) and not isinstance(v, bool):
         return (v, v)
     if (
@@ -23,22 +43,106 @@ def pair(v, name: str) -> Tuple[int, int]:
     raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
+def output_size(H: int, W: int, kh: int, kw: int, stride, padding, dilation) -> Pair:
+    """Output height and width of a convolution (``nn.Conv2d``'s formula)."""
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return Ho, Wo
+
+
+@dataclass(frozen=True)
+class DSConvCall:
+    """A validated dsconv2d call: its arguments (``stride`` etc. as pairs) and its geometry."""
+
+    x: torch.Tensor
+    intweight: torch.Tensor
+    alpha: torch.Tensor
+    KDSb: Optional[torch.Tensor]
+    CDSw: Optional[torch.Tensor]
+    CDSb: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    stride: Pair
+    padding: Pair
+    dilation: Pair
+    groups: int
+    block_size: int
+    act_bits: int
+    fuse_silu: bool
+
+    @property
+    def out_channels(self) -> int:
+        return self.intweight.shape[0]
+
+    @property
+    def channels_per_group(self) -> int:
+        return self.intweight.shape[1]
+
+    @property
+    def kernel_size(self) -> Pair:
+        return self.intweight.shape[2], self.intweight.shape[3]
+
+    @property
+    def nblocks(self) -> int:
+        """Channel blocks per group."""
+        return num_blocks(self.channels_per_group, self.block_size)
+
+    @property
+    def output_hw(self) -> Pair:
+        return output_size(*self.x.shape[2:], *self.kernel_size, *self.conv_params())
+
+    @property
+    def output_shape(self) -> Tuple[int, int, int, int]:
+        return (self.x.shape[0], self.out_channels, *self.output_hw)
+
+    def conv_params(self) -> Tuple[Pair, Pair, Pair]:
+        return self.stride, self.padding, self.dilation
+
+    def op_args(self, float_params: bool = False) -> List:
+        """Positional arguments of the ``dsconv_ext::dsconv2d`` schema (pairs as lists).
+        ``float_params``: alpha and the optional shifts as float32, as the kernels take them."""
+        tensors = (self.alpha, self.KDSb, self.CDSw, self.CDSb, self.bias)
+        if float_params:
+            tensors = tuple(None if t is None else t.float() for t in tensors)
+        return [
+            self.x,
+            self.intweight,
+            *tensors,
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.groups,
+            self.block_size,
+            self.act_bits,
+            bool(self.fuse_silu),
+        ]
+
+
+def _tensor_or_none(name: str, t) -> None:
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+
+
 def check_dsconv2d_args(
     x: torch.Tensor,
     intweight: torch.Tensor,
     alpha: torch.Tensor,
-    KDSb: Optional[torch.Tensor],
-    CDSw: Optional[torch.Tensor],
-    CDSb: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-    block_size: int,
-    act_bits: int,
-) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
-    """Validate a dsconv2d call; returns (stride, padding, dilation) as pairs."""
+    KDSb: Optional[torch.Tensor] = None,
+    CDSw: Optional[torch.Tensor] = None,
+    CDSb: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    block_size: int = 32,
+    act_bits: int = 8,
+    fuse_silu: bool = False,
+) -> DSConvCall:
+    """Validate a dsconv2d call (see :func:`dsconv_ext.dsconv2d` for the arguments).
+
+    Raises:
+        TypeError / ValueError naming the argument and what was expected.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -63,6 +167,8 @@ def check_dsconv2d_args(
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     check_block_size(block_size)
     check_bits(act_bits, "act_bits")
+    if not isinstance(fuse_silu, bool):
+        raise TypeError(f"fuse_silu must be a bool, got {fuse_silu!r}")
     N, C, H, W = x.shape
     O, Cg, kh, kw = intweight.shape
     if C % groups:
@@ -74,6 +180,8 @@ def check_dsconv2d_args(
             f"x has {C} channels but intweight expects {Cg * groups} (I/g={Cg}, groups={groups})"
         )
     nblk = num_blocks(Cg, block_size)
+    if alpha is None:
+        raise TypeError("alpha is required")
     for name, t, shape in (
         ("alpha", alpha, (O, nblk, kh, kw)),
         ("KDSb", KDSb, (O, nblk, kh, kw)),
@@ -81,12 +189,9 @@ def check_dsconv2d_args(
         ("CDSb", CDSb, (O,)),
         ("bias", bias, (O,)),
     ):
+        _tensor_or_none(name, t)
         if t is None:
-            if name == "alpha":
-                raise TypeError("alpha is required")
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if tuple(t.shape) != shape:
@@ -103,17 +208,68 @@ def check_dsconv2d_args(
     ):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them together")
-    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
     if Ho < 1 or Wo < 1:
         raise ValueError(
             f"x spatial size {(H, W)} is too small for kernel {(kh, kw)} with padding {padding} "
             f"and dilation {dilation}"
         )
-    return stride, padding, dilation
+    return DSConvCall(
+        x,
+        intweight,
+        alpha,
+        KDSb,
+        CDSw,
+        CDSb,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        block_size,
+        act_bits,
+        fuse_silu,
+    )
 
 
-def output_size(H: int, W: int, kh: int, kw: int, stride, padding, dilation) -> Tuple[int, int]:
-    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return Ho, Wo
+def spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two non-empty tensors intersect (conservative: strided
+    tensors whose elements interleave without touching count as overlapping)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + last)
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def per_image_dense(out: torch.Tensor) -> bool:
+    """Whether each image's [O, Ho, Wo] of a 4-D ``out`` is dense (any image stride): the
+    layouts the CPU kernel stores into directly."""
+    N, O, Ho, Wo = out.shape
+    return (
+        (Wo == 1 or out.stride(3) == 1)
+        and (Ho == 1 or out.stride(2) == Wo)
+        and (O == 1 or out.stride(1) == Ho * Wo)
+        and (N == 1 or out.stride(0) >= O * Ho * Wo)
+    )
+
+
+def check_out(out, call: DSConvCall) -> None:
+    """Validate ``dsconv2d(..., out=)`` against the call it receives."""
+    x = call.x
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.device != x.device:
+        raise ValueError(f"out must be on x's device {x.device}, got {out.device}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
+    if tuple(out.shape) != call.output_shape:
+        raise ValueError(f"out must have shape {list(call.output_shape)}, got {list(out.shape)}")
+    if spans_overlap(out, x):
+        raise ValueError("out must not overlap x")

@@ -17,18 +17,58 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..quant_primitives import bfp_quantize, exponent_to_scale, num_blocks
-from .checks import check_dsconv2d_args, output_size
+from .checks import DSConvCall, check_dsconv2d_args
+from .quant_primitives import bfp_quantize, exponent_to_scale
+
+__all__ = [
+    "blocked_activations",
+    "blocked_weights",
+    "channel_epilogue",
+    "dsconv2d_reference",
+    "tap_window",
+]
 
 
-def _taps(t: torch.Tensor, i: int, j: int, Ho: int, Wo: int, stride, dilation) -> torch.Tensor:
-    """The [.., Ho, Wo] slice of a padded map that kernel tap (i, j) reads."""
-    r0, c0 = i * dilation[0], j * dilation[1]
-    return t[
-        ...,
-        r0 : r0 + stride[0] * (Ho - 1) + 1 : stride[0],
-        c0 : c0 + stride[1] * (Wo - 1) + 1 : stride[1],
-    ]
+def blocked_activations(call: DSConvCall, dtype: torch.dtype):
+    """The call's input in block floating point, zero-padded and cut into channel blocks:
+    mantissas [N, G, nblk, B, Hp, Wp] and scales 2^E [N, G, nblk, Hp, Wp] in ``dtype``. A padded
+    pixel or channel is mantissa 0 (a padded pixel's block has E = 0); NaN scales mark blocks
+    holding NaN or Inf."""
+    x, G, B = call.x, call.groups, call.block_size
+    N, Cg, nblk = x.shape[0], call.channels_per_group, call.nblocks
+    mant, expo = bfp_quantize(x.float(), B, call.act_bits, G)
+    ph, pw = call.padding
+    mant = F.pad(mant.to(dtype), (pw, pw, ph, ph))
+    scale = F.pad(exponent_to_scale(expo, dtype), (pw, pw, ph, ph), value=1.0)
+    Hp, Wp = mant.shape[-2:]
+    mant = F.pad(mant.view(N, G, Cg, Hp, Wp), (0, 0, 0, 0, 0, nblk * B - Cg))
+    return mant.view(N, G, nblk, B, Hp, Wp), scale.view(N, G, nblk, Hp, Wp)
+
+
+def blocked_weights(call: DSConvCall, dtype: torch.dtype) -> torch.Tensor:
+    """The VQK cut into the same blocks, zero-padded: [G, Og, nblk, B, kh, kw] in ``dtype``."""
+    G, B, nblk, Cg = call.groups, call.block_size, call.nblocks, call.channels_per_group
+    O, kh, kw = call.out_channels, *call.kernel_size
+    q = F.pad(call.intweight.to(dtype).view(G, O // G, Cg, kh, kw), (0, 0, 0, 0, 0, nblk * B - Cg))
+    return q.view(G, O // G, nblk, B, kh, kw)
+
+
+def tap_window(t: torch.Tensor, i: int, j: int, call: DSConvCall) -> torch.Tensor:
+    """The [..., Ho, Wo] slice of a zero-padded map that kernel tap (i, j) reads."""
+    (sh, sw), _, (dh, dw) = call.conv_params()
+    Ho, Wo = call.output_hw
+    r0, c0 = i * dh, j * dw
+    return t[..., r0 : r0 + sh * (Ho - 1) + 1 : sh, c0 : c0 + sw * (Wo - 1) + 1 : sw]
+
+
+def channel_epilogue(acc: torch.Tensor, call: DSConvCall) -> torch.Tensor:
+    """``CDSw * acc + CDSb + bias`` (each optional), then SiLU if fused, in acc's dtype."""
+    shape = (1, -1, 1, 1)
+    for t, add in ((call.CDSw, False), (call.CDSb, True), (call.bias, True)):
+        if t is not None:
+            t = t.to(acc.dtype).view(shape)
+            acc = acc + t if add else acc * t
+    return F.silu(acc) if call.fuse_silu else acc
 
 
 def dsconv2d_reference(
@@ -61,39 +101,17 @@ def dsconv2d_reference(
     Returns:
         y [N, O, Ho, Wo] in x's dtype (and S if asked).
     """
-    stride, padding, dilation = check_dsconv2d_args(
-        x,
-        intweight,
-        alpha,
-        KDSb,
-        CDSw,
-        CDSb,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        block_size,
-        act_bits,
-    )
-    N, C, H, W = x.shape
-    O, Cg, kh, kw = intweight.shape
+    call = check_dsconv2d_args(
+        x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
+        block_size, act_bits, fuse_silu,
+    )  # fmt: skip
+    N, O = x.shape[0], call.out_channels
     G, Og = groups, O // groups
-    nblk = num_blocks(Cg, block_size)
-    Bp = nblk * block_size
-    Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
-
-    mant, expo = bfp_quantize(x.float(), block_size, act_bits, groups)
-    scale = exponent_to_scale(expo)  # [N, G*nblk, H, W] float64
-    pads = (padding[1], padding[1], padding[0], padding[0])
-    mant = F.pad(mant.double(), pads)
-    scale = F.pad(scale, pads, value=1.0)  # a padded pixel is a zero block: E = 0
-
-    mant = mant.view(N, G, Cg, *mant.shape[-2:])
-    mant = F.pad(mant, (0, 0, 0, 0, 0, Bp - Cg)).view(N, G, nblk, block_size, *mant.shape[-2:])
-    scale = scale.view(N, G, nblk, *scale.shape[-2:])
-    q = F.pad(intweight.double().view(G, Og, Cg, kh, kw), (0, 0, 0, 0, 0, Bp - Cg))
-    q = q.view(G, Og, nblk, block_size, kh, kw)
+    kh, kw = call.kernel_size
+    nblk = call.nblocks
+    Ho, Wo = call.output_hw
+    mant, scale = blocked_activations(call, torch.float64)  # [N, G, nblk, B, Hp, Wp], [.., Hp, Wp]
+    q = blocked_weights(call, torch.float64)  # [G, Og, nblk, B, kh, kw]
     a = alpha.double().view(G, Og, nblk, kh, kw)
     kb = KDSb.double().view(G, Og, nblk, kh, kw) if KDSb is not None else None
 
@@ -101,24 +119,15 @@ def dsconv2d_reference(
     sums = []
     for i in range(kh):
         for j in range(kw):
-            m_t = _taps(mant, i, j, Ho, Wo, stride, dilation)  # [N, G, nblk, B, Ho, Wo]
-            s_t = _taps(scale, i, j, Ho, Wo, stride, dilation)  # [N, G, nblk, Ho, Wo]
+            m_t = tap_window(mant, i, j, call)  # [N, G, nblk, B, Ho, Wo]
+            s_t = tap_window(scale, i, j, call)  # [N, G, nblk, Ho, Wo]
             S = torch.einsum("gobc,ngbchw->ngobhw", q[..., i, j], m_t)
             if return_int_sums:
                 sums.append(S.reshape(N, O, nblk, Ho, Wo))
             acc += torch.einsum("ngobhw,gob,ngbhw->ngohw", S, a[..., i, j], s_t)
             if kb is not None:
                 acc += torch.einsum("gob,ngbhw->ngohw", kb[..., i, j], m_t.sum(3) * s_t)
-    y = acc.reshape(N, O, Ho, Wo)
-    if CDSw is not None:
-        y = y * CDSw.double().view(1, O, 1, 1)
-    if CDSb is not None:
-        y = y + CDSb.double().view(1, O, 1, 1)
-    if bias is not None:
-        y = y + bias.double().view(1, O, 1, 1)
-    if fuse_silu:
-        y = F.silu(y)
-    y = y.to(x.dtype)
+    y = channel_epilogue(acc.reshape(N, O, Ho, Wo), call).to(x.dtype)
     if return_int_sums:
         return y, torch.stack(sums, dim=3).round().to(torch.int64)
     return y

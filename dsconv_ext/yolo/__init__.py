@@ -50,14 +50,13 @@ def integration_report() -> dict:
     """State of the ultralytics integration, for ``python -m dsconv_ext info``."""
     import sys
 
-    from ._autoload import _MARK, TARGET
+    from ._autoload import TARGET
+    from .import_hook import pending
 
     report = {
         "auto_registration": "on" if enabled() else f"off ({ENV_VAR}=0)",
         "pth_hook_loaded": "dsconv_ext_yolo_autoload" in sys.modules,
-        "import_hooks_waiting": sorted(
-            n for f in sys.meta_path if getattr(f, _MARK, False) for n in f.callbacks
-        ),
+        "import_hooks_waiting": pending(),
     }
     try:
         import ultralytics

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ultralytics.nn.modules.block import C3, Bottleneck, C2f
 from ultralytics.nn.modules.conv import Conv
 
-from ..modules.dsconv import DSConv
+from ..dsconv.module import DSConv
 
 __all__ = ["Bottleneck_DSConv", "C3k2_DSConv", "C3k_DSConv"]
 
@@ -109,7 +109,7 @@ class C3k2_DSConv(C2f):
 
 
 # If this module's imports above were the first import of ultralytics, its import hook had to
-# wait for the classes here: register now (see registry.register).
-from .registry import register_pending as _register_pending  # noqa: E402
+# wait for the classes here: it runs now (see registry.register).
+from .import_hook import module_finished  # noqa: E402
 
-_register_pending()
+module_finished(__name__)

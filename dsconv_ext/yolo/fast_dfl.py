@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from ultralytics.nn.modules.block import DFL
 
-from ..ops import _DFL_OP, _kernel_for
+from .._loader import load_library
 
 __all__ = ["FastDFL", "dfl_expectation", "dfl_expectation_reference", "use_fast_dfl"]
 
@@ -36,10 +36,21 @@ def dfl_expectation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return torch.matmul(weight.reshape(1, 1, 1, c1).to(p.dtype), p).view(b, 4, a)
 
 
+_OP = "dsconv_ext::dfl_expectation"
+
+
 @functools.cache
 def _kernel_available() -> bool:
-    # _kernel_for loads the library and registers the op's fake kernel (dsconv_ext/ops.py).
-    return _kernel_for("cpu")[0] and torch._C._dispatch_has_kernel_for_dispatch_key(_DFL_OP, "CPU")
+    """Whether the compiled CPU op exists (loads the library and registers its fake kernel)."""
+    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, "dfl_expectation"):
+        return False
+
+    @torch.library.register_fake(_OP)
+    def _(x, weight):
+        torch._check(x.dim() == 3, lambda: "x must be 3-D")
+        return x.new_empty((x.shape[0], 4, x.shape[2]))
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
 
 
 def dfl_expectation(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -98,3 +109,7 @@ def use_fast_dfl(model: nn.Module) -> List[str]:
             m.__class__ = FastDFL
             changed.append(name)
     return changed
+
+
+# The op's fake kernel is registered with this module, for torch.compile and opcheck callers.
+_kernel_available()

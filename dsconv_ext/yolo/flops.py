@@ -99,7 +99,7 @@ def count_bra(m, x, y) -> None:
 
 def custom_ops() -> dict:
     """thop ``custom_ops`` for our layers."""
-    from ..modules.dsconv import DSConv2d
+    from ..dsconv.module import DSConv2d
 
     rules = {DSConv2d: count_dsconv2d}
     try:

@@ -25,9 +25,9 @@ import torch.nn as nn
 from ultralytics.nn.modules import Concat, Conv
 from ultralytics.nn.modules.block import C3, Bottleneck, C2f, C3k2
 
-from ..modules.dsconv import DSConv, DSConv2d
-from ..modules.pooling import NearestUpsample
+from ..dsconv.module import DSConv, DSConv2d
 from .blocks import C3k2_DSConv
+from .pooling import NearestUpsample
 
 __all__ = [
     "ConcatPlan",

@@ -57,7 +57,7 @@ def _bfp_onnx(
 
 def dsconv2d_onnx(m, x: torch.Tensor) -> torch.Tensor:
     """Forward of DSConv2d ``m`` (frozen or QAT) in ONNX-exportable operators."""
-    from ..quant_primitives import dequantize_weight, fake_quantize_weight
+    from ..dsconv.quant_primitives import dequantize_weight, fake_quantize_weight
 
     with torch.no_grad():  # the weight becomes a constant of the graph
         if m.frozen:
@@ -82,7 +82,7 @@ def dsconv2d_onnx(m, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def export_mode(model: torch.nn.Module):
     """Within the block, every DSConv2d of ``model`` runs :func:`dsconv2d_onnx`."""
-    from ..modules.dsconv import DSConv2d
+    from ..dsconv.module import DSConv2d
 
     swapped = []
     for m in model.modules():

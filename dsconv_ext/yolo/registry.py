@@ -25,7 +25,7 @@ import warnings
 from typing import Dict, List, Optional
 
 from . import rows
-from ._autoload import when_imported
+from .import_hook import initializing, when_imported
 from .parse_patch import HOOK_NAME, ParseModelShapeError, patch_parse_model
 
 __all__ = [
@@ -72,7 +72,7 @@ def _version_tuple(v: str):
 
 def yaml_classes() -> Dict[str, type]:
     """Our YAML-visible classes by name (imports them; BRA is optional while it is absent)."""
-    from ..modules.dsconv import DSConv
+    from ..dsconv.module import DSConv
     from .blocks import Bottleneck_DSConv, C3k2_DSConv, C3k_DSConv
 
     out = {
@@ -102,11 +102,12 @@ def safe_globals() -> List[object]:
 
     import torch.nn as nn
 
+    from .._compat import legacy_safe_globals
+
     found: Dict[str, object] = {}
     for mod_name in (
-        "dsconv_ext.modules.dsconv",
-        "dsconv_ext.modules.pooling",
-        "dsconv_ext.modules",
+        "dsconv_ext.dsconv.module",
+        "dsconv_ext.yolo.pooling",
         "dsconv_ext.bra.module",
         "dsconv_ext.yolo.blocks",
         "dsconv_ext.yolo.inplace_concat",
@@ -122,7 +123,8 @@ def safe_globals() -> List[object]:
                     found[f"{obj.__module__}.{obj.__qualname__}"] = obj
             elif obj in getattr(mod, "SAFE_GLOBALS", ()):
                 found[f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', obj)}"] = obj
-    return list(found.values())
+    classes = list(found.values())
+    return classes + legacy_safe_globals(c for c in classes if isinstance(c, type))
 
 
 def fuse_dsconv(model) -> int:
@@ -151,7 +153,7 @@ class _Unavailable:
 def _name_layers(layers) -> None:
     """Give each DSConv2d its path in the model (``model.2.m.0.cv1.conv``), so that errors about
     a saved layer (format version) can name it."""
-    from ..modules.dsconv import DSConv2d
+    from ..dsconv.module import DSConv2d
 
     for name, m in layers.named_modules():
         if isinstance(m, DSConv2d):
@@ -300,15 +302,15 @@ def register(strict: bool = True) -> bool:
     Returns:
         True when registered.
     """
-    global _busy, _pending
+    global _busy
     with _lock:
         if _state or _busy:  # _busy: re-entered from `import dsconv_ext` inside our own import
             return bool(_state) or _busy
-        if _blocks_initializing():
+        if initializing(_BLOCKS):
             # ultralytics is being imported for the first time by blocks.py's own imports (user
             # code imported our blocks, or safe_globals() did, before ultralytics): the classes
-            # to register do not exist yet. blocks.py calls register_pending() at its end.
-            _pending = True
+            # to register do not exist yet. Register when blocks.py has run to its end.
+            when_imported(_BLOCKS, lambda module: register(strict=False))
             return False
         _busy = True
         try:
@@ -326,27 +328,7 @@ def register(strict: bool = True) -> bool:
             _busy = False
 
 
-_pending = False
-_blocks_defined = False  # set by blocks.py's last line
-
-
-def _blocks_initializing() -> bool:
-    """Whether dsconv_ext.yolo.blocks is being executed and its classes are not all defined."""
-    module = sys.modules.get("dsconv_ext.yolo.blocks")
-    return (
-        not _blocks_defined
-        and module is not None
-        and bool(getattr(module.__spec__, "_initializing", False))
-    )
-
-
-def register_pending() -> None:
-    """Called at the end of blocks.py: run a registration :func:`register` had to defer."""
-    global _pending, _blocks_defined
-    _blocks_defined = True
-    if _pending:
-        _pending = False
-        register(strict=False)
+_BLOCKS = "dsconv_ext.yolo.blocks"
 
 
 def _install_unavailable(reason: str) -> None:

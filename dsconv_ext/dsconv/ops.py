@@ -1,5 +1,4 @@
-"""Python entry points of the compiled DSConv op, the fake kernels of the library's ops, and the
-dispatch to them.
+"""Python entry points of the compiled DSConv ops, their fake kernels, and the dispatch to them.
 
 ``dsconv2d`` validates its arguments (clear Python errors), then runs
 ``torch.ops.dsconv_ext.dsconv2d`` when a compiled kernel exists for the tensors' device, and the
@@ -15,16 +14,15 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._loader import load_library
-from .dsconv.checks import check_dsconv2d_args, output_size
-from .dsconv.fallback import dsconv2d_fallback
+from .._loader import load_library
+from .checks import check_dsconv2d_args, check_out, output_size, per_image_dense
+from .fallback import fallback_forward
 
-__all__ = ["dsconv2d", "dsconv2d_backend", "dsconv_backend_report"]
+__all__ = ["dsconv2d", "dsconv2d_backend", "dsconv_backend_report", "kernel_for"]
 
 BACKENDS = ("auto", "kernel", "fallback")
 _OP = "dsconv_ext::dsconv2d"
 _OUT_OP = "dsconv_ext::dsconv2d_out"
-_DFL_OP = "dsconv_ext::dfl_expectation"
 _fake_registered = False
 _warned: set = set()
 
@@ -35,45 +33,22 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake(_OP)
-    def _(
-        x,
-        intweight,
-        alpha,
-        KDSb,
-        CDSw,
-        CDSb,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        block_size,
-        act_bits,
-        fuse_silu,
-    ):
+    def _(x, intweight, *params):  # params: the schema's arguments after intweight
         torch._check(x.dim() == 4, lambda: "x must be 4-D")
         torch._check(intweight.dtype == torch.int8, lambda: "intweight must be int8")
-        N, _, H, W = x.shape
-        O, _, kh, kw = intweight.shape
-        Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
-        return x.new_empty((N, O, Ho, Wo))
+        stride, padding, dilation = params[5:8]
+        Ho, Wo = output_size(*x.shape[2:], *intweight.shape[2:], stride, padding, dilation)
+        return x.new_empty((x.shape[0], intweight.shape[0], Ho, Wo))
 
     @torch.library.register_fake(_OUT_OP)
     def _(*args):  # writes its last argument, returns nothing
         return None
 
-    if hasattr(torch.ops.dsconv_ext, "dfl_expectation"):  # (libraries built before it lack it)
-
-        @torch.library.register_fake(_DFL_OP)
-        def _(x, weight):  # dsconv_ext/yolo/fast_dfl.py
-            torch._check(x.dim() == 3, lambda: "x must be 3-D")
-            return x.new_empty((x.shape[0], 4, x.shape[2]))
-
     _fake_registered = True
 
 
 @functools.cache
-def _kernel_for(device_type: str) -> Tuple[bool, str]:
+def kernel_for(device_type: str) -> Tuple[bool, str]:
     """Whether a compiled kernel serves this device type, and if not, why (memoised: the answer
     cannot change once the library is loaded, and the dispatcher query costs ~10 us a call)."""
     status = load_library()
@@ -106,7 +81,7 @@ def dsconv2d_backend(device: torch.device | str = "cpu") -> str:
     requested = _requested_backend()
     if requested == "fallback":
         return "fallback"
-    ok, why = _kernel_for(device_type)
+    ok, why = kernel_for(device_type)
     if ok:
         return "kernel"
     if requested == "kernel":
@@ -161,104 +136,25 @@ def dsconv2d(
         [N, O, Ho, Wo] in x's dtype (``out`` when given). A NaN or Inf activation makes every
         output that reads its block NaN.
     """
-    stride, padding, dilation = check_dsconv2d_args(
-        x,
-        intweight,
-        alpha,
-        KDSb,
-        CDSw,
-        CDSb,
-        bias,
-        stride,
-        padding,
-        dilation,
-        groups,
-        block_size,
-        act_bits,
-    )
+    call = check_dsconv2d_args(
+        x, intweight, alpha, KDSb, CDSw, CDSb, bias, stride, padding, dilation, groups,
+        block_size, act_bits, fuse_silu,
+    )  # fmt: skip
     if out is not None:
-        _check_out(out, x, intweight, stride, padding, dilation)
+        check_out(out, call)
     if dsconv2d_backend(x.device) == "fallback":
-        y = dsconv2d_fallback(
-            x,
-            intweight,
-            alpha,
-            KDSb,
-            CDSw,
-            CDSb,
-            bias,
-            stride,
-            padding,
-            dilation,
-            groups,
-            block_size,
-            act_bits,
-            fuse_silu,
-        )
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            y = fallback_forward(call)
         return y if out is None else out.copy_(y)
-    native = x.dtype == torch.float32 or x.is_cuda  # the CUDA kernel takes fp16 / bf16 too
-    xk = x if native else x.float()
-    params = (
-        intweight,
-        alpha.float(),
-        *(None if t is None else t.float() for t in (KDSb, CDSw, CDSb, bias)),
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        block_size,
-        act_bits,
-        fuse_silu,
-    )
+    args = call.op_args(float_params=True)
     if out is not None and x.is_cpu and x.dtype == torch.float32 and per_image_dense(out):
-        torch.ops.dsconv_ext.dsconv2d_out(x, *params, out)
+        torch.ops.dsconv_ext.dsconv2d_out(*args, out)
         return out
-    y = torch.ops.dsconv_ext.dsconv2d(xk, *params)
+    if not (x.dtype == torch.float32 or x.is_cuda):  # the CUDA kernel takes fp16 / bf16 too
+        args[0] = x.float()
+    y = torch.ops.dsconv_ext.dsconv2d(*args)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return y if out is None else out.copy_(y)
-
-
-def _check_out(out, x, intweight, stride, padding, dilation) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"dsconv2d: out must be a torch.Tensor, got {type(out).__name__}")
-    if out.device != x.device:
-        raise ValueError(f"dsconv2d: out must be on x's device {x.device}, got {out.device}")
-    if out.dtype != x.dtype:
-        raise TypeError(f"dsconv2d: out must have x's dtype {x.dtype}, got {out.dtype}")
-    N, _, H, W = x.shape
-    O, _, kh, kw = intweight.shape
-    shape = (N, O, *output_size(H, W, kh, kw, stride, padding, dilation))
-    if tuple(out.shape) != shape:
-        raise ValueError(f"dsconv2d: out must have shape {list(shape)}, got {list(out.shape)}")
-    if _spans_overlap(out, x):
-        raise ValueError("dsconv2d: out must not overlap x")
-
-
-def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory spans of two non-empty tensors intersect (conservative)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-
-    def span(t):
-        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + t.element_size() * (1 + last)
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
-def per_image_dense(out: torch.Tensor) -> bool:
-    """Whether each image's [O, Ho, Wo] of a 4-D ``out`` is dense (any image stride): the
-    layouts the CPU kernel stores into directly."""
-    N, O, Ho, Wo = out.shape
-    return (
-        (Wo == 1 or out.stride(3) == 1)
-        and (Ho == 1 or out.stride(2) == Wo)
-        and (O == 1 or out.stride(1) == Ho * Wo)
-        and (N == 1 or out.stride(0) >= O * Ho * Wo)
-    )
 
 
 def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
@@ -266,7 +162,7 @@ def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
     status = load_library()
     report: Dict[str, Dict[str, str]] = {}
     for dev in ("cpu", "cuda"):
-        ok, why = _kernel_for(dev)
+        ok, why = kernel_for(dev)
         entry = {"backend": "kernel" if ok else "fallback", "why": why}
         if ok and dev == "cpu" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
             entry["isa"] = torch.ops.dsconv_ext.cpu_isa()

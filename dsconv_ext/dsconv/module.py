@@ -7,22 +7,24 @@
   gradients, and a float conv runs on the dequantised values (same numbers as the integer path up
   to float rounding; works on any device and under autocast);
 - inference (``frozen == True``, after :meth:`freeze` or :meth:`from_float`): it holds the int8
-  ``intweight`` and fp32 ``alpha`` (+ ``KDSb``) and runs :func:`dsconv_ext.ops.dsconv2d`, the
+  ``intweight`` and fp32 ``alpha`` (+ ``KDSb``) and runs :func:`dsconv_ext.dsconv2d`, the
   integer kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dsconv.checks import pair
-from ..ops import dsconv2d, dsconv2d_backend, per_image_dense
-from ..quant_primitives import (
+from .checks import check_dsconv2d_args, pair, per_image_dense
+from .ops import dsconv2d, dsconv2d_backend
+from .quant_primitives import (
     check_bits,
     check_block_size,
     fake_quantize_bfp,
@@ -34,7 +36,14 @@ from ..quant_primitives import (
     unpack_intweight,
 )
 
-__all__ = ["FORMAT_VERSION", "DSConvFormatError", "DSConv2d", "DSConv", "autopad"]
+__all__ = [
+    "FORMAT_VERSION",
+    "DSConvFormatError",
+    "DSConv2d",
+    "DSConv",
+    "autopad",
+    "format_diagnosis",
+]
 
 # Version of the saved layout of a frozen DSConv2d (buffer names, packing). Bump on any change.
 FORMAT_VERSION = 1
@@ -46,6 +55,23 @@ _FP32_BUFFERS = ("alpha", "KDSb", "CDSw", "CDSb")
 
 class DSConvFormatError(RuntimeError):
     """A saved DSConv2d uses a storage format this version of dsconv_ext cannot read."""
+
+
+# Per thread: unpickling for a diagnosis (see DSConv2d.__setstate__ and format_diagnosis).
+_diagnosis = threading.local()
+
+
+@contextlib.contextmanager
+def format_diagnosis():
+    """Within this block (this thread only), a DSConv2d saved with another format version
+    unpickles without error, unusable, with ``_saved_format_version`` set: error messages can
+    then name every such layer."""
+    before = getattr(_diagnosis, "active", False)
+    _diagnosis.active = True
+    try:
+        yield
+    finally:
+        _diagnosis.active = before
 
 
 def autopad(k, p=None, d=1):
@@ -197,6 +223,18 @@ class DSConv2d(nn.Module):
         """The frozen op's tensor arguments after x, in its schema's order."""
         return (self.intweight, self.alpha, self.KDSb, self.CDSw, self.CDSb, self.bias)
 
+    def _conv_args(self):
+        """The op's arguments after the tensors: stride ... fuse_silu."""
+        return (
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.block_size,
+            self.act_bits,
+            bool(self.fuse_silu),
+        )
+
     def _build_fast(self):
         """The cached tail of the op call, or False when the fast path does not apply."""
         fast = False
@@ -213,29 +251,8 @@ class DSConv2d(nn.Module):
             min_h = max(1, self.dilation[0] * (kh - 1) + 1 - 2 * self.padding[0])
             min_w = max(1, self.dilation[1] * (kw - 1) + 1 - 2 * self.padding[1])
             probe = torch.empty(1, self.in_channels, min_h, min_w)
-            from ..dsconv.checks import check_dsconv2d_args
-
-            stride, padding, dilation = check_dsconv2d_args(
-                probe,
-                *bufs,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.groups,
-                self.block_size,
-                self.act_bits,
-            )
-            tail = (
-                *bufs,
-                list(stride),
-                list(padding),
-                list(dilation),
-                self.groups,
-                self.block_size,
-                self.act_bits,
-                bool(self.fuse_silu),
-            )
-            fast = (torch.ops.dsconv_ext.dsconv2d.default, tail, min_h, min_w)
+            call = check_dsconv2d_args(probe, *bufs, *self._conv_args())
+            fast = (torch.ops.dsconv_ext.dsconv2d.default, call.op_args()[1:], min_h, min_w)
         self.__dict__["_fast"] = fast
         return fast
 
@@ -315,18 +332,7 @@ class DSConv2d(nn.Module):
 
     def _kernel_call(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen layer through :func:`dsconv_ext.dsconv2d` (checked, any device)."""
-        return dsconv2d(
-            x,
-            *self._op_tensors(),
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.block_size,
-            self.act_bits,
-            self.fuse_silu,
-            out=out,
-        )
+        return dsconv2d(x, *self._op_tensors(), *self._conv_args(), out=out)
 
     # ------------------------------------------------------------------ conversion
     @torch.no_grad()
@@ -360,7 +366,7 @@ class DSConv2d(nn.Module):
         """Frozen DSConv2d approximating a trained ``nn.Conv2d`` (no retraining).
 
         ``refine_steps``: alternating refits of the quantiser (see
-        :func:`dsconv_ext.quant_primitives.quantize_weight`; 0 is the paper's single pass).
+        :func:`dsconv_ext.dsconv.quant_primitives.quantize_weight`; 0 is the paper's single pass).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -530,6 +536,11 @@ class DSConv2d(nn.Module):
 
     def __setstate__(self, state):
         version = state.get("format_version")
+        if version != FORMAT_VERSION and getattr(_diagnosis, "active", False):
+            # Diagnosing a failed load (dsconv_ext.yolo.checkpoint): keep the saved state as is,
+            # unreadable, so that the caller can list every such layer by its path.
+            nn.Module.__setstate__(self, {**state, "_saved_format_version": version})
+            return
         if version != FORMAT_VERSION:
             desc = (
                 f"DSConv2d({state.get('in_channels')}, {state.get('out_channels')}, "

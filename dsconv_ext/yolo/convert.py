@@ -22,8 +22,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .modules.dsconv import FORMAT_VERSION, DSConv2d
-from .modules.pooling import NearestUpsample, SeparableMaxPool2d
+from ..dsconv.module import FORMAT_VERSION, DSConv2d
+from .checkpoint import UnsafeCheckpointError
+from .pooling import NearestUpsample, SeparableMaxPool2d
 
 __all__ = [
     "ConversionError",
@@ -83,7 +84,7 @@ _ULTRALYTICS_LAYER_ATTRS = ("f", "i", "type", "np")
 
 def replace_pooling(model: nn.Module) -> List[str]:
     """Swap ``nn.MaxPool2d`` (stride 1) and integer-scale nearest ``nn.Upsample`` layers for
-    their exact, faster stand-ins (:mod:`dsconv_ext.modules.pooling`), in place; returns the
+    their exact, faster stand-ins (:mod:`dsconv_ext.yolo.pooling`), in place; returns the
     names of the layers replaced. Outputs are bit-identical."""
     replaced: List[str] = []
     for parent_name, parent in list(model.named_modules()):
@@ -122,7 +123,7 @@ def _fold_batchnorms(model: nn.Module) -> None:
     a parent with ``conv`` and ``bn`` children (ultralytics ``Conv`` and the like) and
     ``nn.Sequential(..., Conv2d, BatchNorm2d, ...)``. DSConv layers fold into their channel
     shift instead (no re-quantisation)."""
-    from .yolo.registry import fuse_dsconv
+    from .registry import fuse_dsconv
 
     fuse_dsconv(model)
     for parent in list(model.modules()):
@@ -244,7 +245,7 @@ def quantize(
     graph_concats: List[str] = []
     if in_place_concat:
         try:
-            from .yolo.inplace_concat import plan_concatenations, use_in_place_concat
+            from .inplace_concat import plan_concatenations, use_in_place_concat
         except ImportError:  # no ultralytics: no C2f blocks either
             pass
         else:
@@ -253,7 +254,7 @@ def quantize(
     dfl: List[str] = []
     if fast_dfl:
         try:
-            from .yolo.fast_dfl import use_fast_dfl
+            from .fast_dfl import use_fast_dfl
         except ImportError:  # no ultralytics
             pass
         else:
@@ -275,15 +276,16 @@ def quantize(
     return model
 
 
-def _load(path: str) -> Dict:
-    """An ultralytics checkpoint as a dict, with our modules registered first."""
-    from .yolo.registry import register
+def load_checkpoint(path: str, trust_pickle: bool = False) -> Dict:
+    """An ultralytics checkpoint as a dict, with our modules registered first.
+
+    Restricted unpickling by default (:func:`dsconv_ext.yolo.checkpoint.restricted_load`);
+    ``trust_pickle=True`` unpickles without restriction, for files the user trusts."""
+    from .checkpoint import restricted_load, trusted_load
+    from .registry import register
 
     register()
-    from ultralytics.nn.tasks import torch_safe_load
-
-    ckpt, _ = torch_safe_load(path)
-    return ckpt
+    return (trusted_load if trust_pickle else restricted_load)(path)
 
 
 def convert_checkpoint(
@@ -300,12 +302,14 @@ def convert_checkpoint(
     pooling: bool = True,
     in_place_concat: bool = True,
     fast_dfl: bool = True,
+    trust_pickle: bool = False,
 ) -> Dict:
-    """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record."""
-    ckpt = _load(src)
-    model = ckpt.get("ema") or ckpt.get("model")
-    if not isinstance(model, nn.Module):
-        raise ConversionError(f"{src}: no model in the checkpoint (keys: {sorted(ckpt)})")
+    """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record.
+
+    ``trust_pickle``: unpickle ``src`` without restriction (only for files you trust)."""
+    from .checkpoint import checkpoint_model
+
+    model, ckpt = checkpoint_model(load_checkpoint(src, trust_pickle), src)
     model = model.float()
     quantize(
         model,
@@ -336,8 +340,29 @@ def convert_checkpoint(
         optimizer=None,
         dsconv_ext={**model.dsconv_ext, "source": os.path.basename(src)},
     )
-    torch.save(out, dst)
+    try:
+        torch.save(out, dst)
+    except OSError as e:
+        raise OSError(f"cannot write {dst}: {e.strerror or e}") from e
     return out["dsconv_ext"]
+
+
+def _io_problem(src: str, dst: str) -> Optional[str]:
+    """Why the command cannot read ``src`` or write ``dst`` (checked before any work), or None."""
+    if not os.path.exists(src):
+        return f"{src}: no such file"
+    if not os.path.isfile(src):
+        return f"{src} is not a file"
+    if not os.access(src, os.R_OK):
+        return f"{src} is not readable"
+    folder = os.path.dirname(os.path.abspath(dst))
+    if os.path.isdir(dst):
+        return f"cannot write {dst}: it is a directory"
+    if not os.path.isdir(folder):
+        return f"cannot write {dst}: folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (os.path.exists(dst) and not os.access(dst, os.W_OK)):
+        return f"cannot write {dst}: permission denied"
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -384,8 +409,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_false",
         help="keep ultralytics' DFL forward (default: a faster one, equal to float rounding)",
     )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle the checkpoint without restriction (it can run code: only for files you "
+        "trust; default: only torch, ultralytics and dsconv_ext module classes are rebuilt)",
+    )
     a = p.parse_args(argv)
     dst = a.output or f"{os.path.splitext(a.checkpoint)[0]}-ds{a.bits}.pt"
+    problem = _io_problem(a.checkpoint, dst)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         rec = convert_checkpoint(
             a.checkpoint,
@@ -401,8 +436,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             a.pooling,
             a.in_place_concat,
             a.fast_dfl,
+            a.trust_pickle,
         )
-    except (ConversionError, ValueError, TypeError, FileNotFoundError) as e:
+    except (ConversionError, ValueError, TypeError, OSError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = lambda f: os.path.getsize(f) / 2**20  # noqa: E731
