@@ -39,6 +39,13 @@ def _info(as_json: bool) -> int:
     except Exception as e:  # report, don't crash: info is what users run when things are broken
         report["bilevel_routing_attention"] = {"error": f"{type(e).__name__}: {e}"}
     try:
+        from .yolo.speed_check import conversion_policy
+
+        policy, why = conversion_policy()
+        report["quantize"] = {"policy": policy, "why": why}
+    except Exception as e:
+        report["quantize"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         fast_dfl = importlib.import_module("dsconv_ext.yolo.fast_dfl")
         on_kernel = fast_dfl._kernel_available()
         report["dfl_expectation"] = {
@@ -73,6 +80,10 @@ def _info(as_json: bool) -> int:
     bra = report["bilevel_routing_attention"]
     for k, v in bra.items():
         print(f"  {k:5s} -> {v}")
+    q = report["quantize"]
+    print(
+        f"quantize on this machine: {q.get('policy', 'error')} ({q.get('why') or q.get('error')})"
+    )
     print("dfl_expectation (FastDFL, converted YOLO heads):")
     for k, v in report["dfl_expectation"].items():
         print(f"  {k} -> {v}")

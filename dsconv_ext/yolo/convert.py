@@ -16,6 +16,7 @@ import argparse
 import fnmatch
 import os
 import sys
+import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -25,9 +26,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..dsconv.module import FORMAT_VERSION, DSConv2d
 from .checkpoint import UnsafeCheckpointError
 from .pooling import NearestUpsample, SeparableMaxPool2d
+from .speed_check import SLOWER, capture_conv_inputs, conversion_policy, cpu_path, time_layers
 
 __all__ = [
     "ConversionError",
+    "SpeedPolicyWarning",
     "convertible",
     "eligible",
     "main",
@@ -36,6 +39,45 @@ __all__ = [
 ]
 
 LayerSelector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+class SpeedPolicyWarning(UserWarning):
+    """``quantize`` kept layers in float because DSConv would run them slower here."""
+
+
+def _summary(kept: Dict[str, str]) -> str:
+    """The reasons, each once with its layer count (per-layer timings stay in the record)."""
+    reasons: Dict[str, int] = {}
+    for why in kept.values():
+        why = why.split(" (")[0]
+        reasons[why] = reasons.get(why, 0) + 1
+    return "; ".join(f"{why} ({n} layer{'s' * (n > 1)})" for why, n in reasons.items())
+
+
+def _slower_than_float(net, chosen, new, example_input) -> Dict[str, str]:
+    """The layers whose DSConv runs slower than their float conv on this machine."""
+    if example_input is None:
+        if not isinstance(getattr(net, "yaml", None), dict):
+            warnings.warn(
+                "dsconv_ext.quantize: cannot time the layers against float without an input "
+                "shape; pass example_input= (converting every selected layer)",
+                SpeedPolicyWarning,
+                stacklevel=3,
+            )
+            return {}
+        example_input = torch.zeros(1, net.yaml.get("ch", 3), 640, 640)
+    shapes = capture_conv_inputs(net, [name for name, *_ in chosen], example_input)
+    pairs = {
+        name: (child, parent.act if new[name][2] else None, new[name][0])
+        for name, parent, _, child in chosen
+    }
+    kept = {}
+    for name, (float_ms, ds_ms) in time_layers(pairs, shapes).items():
+        if ds_ms > SLOWER * float_ms:
+            kept[name] = (
+                f"slower than float on CPU path {cpu_path()} ({ds_ms:.3g} vs {float_ms:.3g} ms)"
+            )
+    return kept
 
 
 class ConversionError(RuntimeError):
@@ -169,6 +211,9 @@ def quantize(
     pooling: bool = True,
     in_place_concat: bool = True,
     fast_dfl: bool = True,
+    force: bool = False,
+    check_speed: Optional[bool] = None,
+    example_input: Optional[torch.Tensor] = None,
 ):
     """Convert a trained model's convolutions to inference DSConv, in place.
 
@@ -196,9 +241,18 @@ def quantize(
             skipped without it.
         fast_dfl: also give ultralytics' box decoders (``DFL``) a faster forward that agrees
             to float rounding (:mod:`dsconv_ext.yolo.fast_dfl`).
+        force: convert even where this machine runs DSConv slower than the float conv (see
+            :mod:`dsconv_ext.yolo.speed_check`): without a fast CPU path nothing is converted
+            unless forced, and on the AVX2 path each layer is timed and kept float if slower.
+            A :class:`SpeedPolicyWarning` names what was kept.
+        check_speed: time every layer against its float conv (True), never (False), or only on
+            CPU paths not known to be faster (None).
+        example_input: the input the layer timing runs the model on (default for ultralytics
+            models: one 640x640 image of zeros).
 
     Returns:
-        ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings.
+        ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings, what
+        was converted and what was kept float and why.
     """
     net = _unwrap(model)
     if not isinstance(net, nn.Module):
@@ -209,34 +263,57 @@ def quantize(
     _fold_batchnorms(net)  # anything ultralytics' fuse() leaves, and plain nn.Modules
 
     select = _selector(layers, exclude, depthwise, stem)
-    converted: List[str] = []
-    for parent_name, parent in list(net.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if not select(name, child):
-                continue
-            try:
-                ds = DSConv2d.from_float(
-                    child, bits=bits, block_size=block_size, act_bits=act_bits, KDSBias=kds_bias
-                )
-            except (TypeError, ValueError) as e:
-                raise ConversionError(f"layer '{name}' ({child}): {e}") from e
-            ds.layer_name = name  # lets a later format-version error name the layer
-            # an ultralytics-style block after fuse(): forward is act(conv(x))
-            fused_block = child_name == "conv" and getattr(parent, "forward", None) == getattr(
-                parent, "forward_fuse", 0
+    chosen = [
+        (f"{pn}.{cn}" if pn else cn, parent, cn, child)
+        for pn, parent in list(net.named_modules())
+        for cn, child in list(parent.named_children())
+        if select(f"{pn}.{cn}" if pn else cn, child)
+    ]
+    policy, why = conversion_policy(force, check_speed)
+    kept: Dict[str, str] = {}
+    if policy == "keep float":
+        kept = {name: why for name, *_ in chosen}
+        chosen = []
+    new = {}
+    for name, parent, child_name, child in chosen:
+        try:
+            ds = DSConv2d.from_float(
+                child, bits=bits, block_size=block_size, act_bits=act_bits, KDSBias=kds_bias
             )
-            if fuse_silu and fused_block and type(getattr(parent, "act", None)) is nn.SiLU:
-                ds.fuse_silu = True
-                parent.act = nn.Identity()
-            setattr(parent, child_name, ds)
-            if fused_block and type(getattr(parent, "act", None)) is nn.Identity:
-                # act(conv(x)) with act the identity is conv(x): calling the DSConv2d directly
-                # saves two Python calls per layer (~0.2 ms of a yolo11n forward at 2 threads).
-                # A plain attribute, not a submodule (state_dict keys unchanged); the DSConv2d's
-                # own hooks still run.
-                object.__setattr__(parent, "forward", ds)
-            converted.append(name)
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"layer '{name}' ({child}): {e}") from e
+        # an ultralytics-style block after fuse(): forward is act(conv(x))
+        fused_block = child_name == "conv" and getattr(parent, "forward", None) == getattr(
+            parent, "forward_fuse", 0
+        )
+        silu = fuse_silu and fused_block and type(getattr(parent, "act", None)) is nn.SiLU
+        ds.fuse_silu = silu
+        new[name] = (ds, fused_block, silu)
+    if policy == "time" and new:
+        kept = _slower_than_float(net, chosen, new, example_input)
+    converted: List[str] = []
+    for name, parent, child_name, _ in chosen:
+        if name in kept:
+            continue
+        ds, fused_block, silu = new[name]
+        ds.layer_name = name  # lets a later format-version error name the layer
+        if silu:
+            parent.act = nn.Identity()
+        setattr(parent, child_name, ds)
+        if fused_block and type(getattr(parent, "act", None)) is nn.Identity:
+            # act(conv(x)) with act the identity is conv(x): calling the DSConv2d directly
+            # saves two Python calls per layer (~0.2 ms of a yolo11n forward at 2 threads).
+            # A plain attribute, not a submodule (state_dict keys unchanged); the DSConv2d's
+            # own hooks still run.
+            object.__setattr__(parent, "forward", ds)
+        converted.append(name)
+    if kept:
+        warnings.warn(
+            f"dsconv_ext.quantize kept {len(kept)} of {len(kept) + len(converted)} "
+            f"convolutions in float: {_summary(kept)}",
+            SpeedPolicyWarning,
+            stacklevel=2,
+        )
     for name, m in net.named_modules():
         if isinstance(m, DSConv2d):
             m.layer_name = name
@@ -272,6 +349,8 @@ def quantize(
         "in_place_concat": concats,
         "in_place_concat_layers": graph_concats,
         "fast_dfl": dfl,
+        "policy": f"{policy}: {why}",
+        "kept_float": kept,
     }
     return model
 
@@ -303,6 +382,7 @@ def convert_checkpoint(
     in_place_concat: bool = True,
     fast_dfl: bool = True,
     trust_pickle: bool = False,
+    force: bool = False,
 ) -> Dict:
     """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record.
 
@@ -324,6 +404,7 @@ def convert_checkpoint(
         pooling=pooling,
         in_place_concat=in_place_concat,
         fast_dfl=fast_dfl,
+        force=force,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -410,6 +491,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="keep ultralytics' DFL forward (default: a faster one, equal to float rounding)",
     )
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="convert even where this CPU runs DSConv slower than float (default: such layers "
+        "stay float, and nothing is converted without a fast CPU path)",
+    )
+    p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="unpickle the checkpoint without restriction (it can run code: only for files you "
@@ -422,22 +509,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     try:
-        rec = convert_checkpoint(
-            a.checkpoint,
-            dst,
-            a.bits,
-            a.block_size,
-            a.act_bits,
-            a.layers,
-            a.exclude,
-            a.kds_bias,
-            a.depthwise,
-            a.stem,
-            a.pooling,
-            a.in_place_concat,
-            a.fast_dfl,
-            a.trust_pickle,
-        )
+        with warnings.catch_warnings():  # said below, in the command's own words
+            warnings.simplefilter("ignore", SpeedPolicyWarning)
+            rec = convert_checkpoint(
+                a.checkpoint,
+                dst,
+                a.bits,
+                a.block_size,
+                a.act_bits,
+                a.layers,
+                a.exclude,
+                a.kds_bias,
+                a.depthwise,
+                a.stem,
+                a.pooling,
+                a.in_place_concat,
+                a.fast_dfl,
+                a.trust_pickle,
+                a.force,
+            )
     except (ConversionError, ValueError, TypeError, OSError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -451,4 +541,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{len(rec.get('fast_dfl', ()))} faster DFL decoders: "
         f"{a.checkpoint} ({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
+    if rec["kept_float"]:
+        print(f"kept {len(rec['kept_float'])} convolutions in float: {_summary(rec['kept_float'])}")
     return 0

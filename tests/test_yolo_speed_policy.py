@@ -1,0 +1,115 @@
+"""quantize() never hands back a model slower than the float one unless forced: nothing is
+converted without a fast CPU path, and timed layers that DSConv runs slower stay float."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from test_yolo_convert import _out, trained_like
+from yolo_helpers import IMGSZ, rel_err
+
+from dsconv_ext import DSConv2d, quantize
+from dsconv_ext.yolo import convert as convert_mod
+from dsconv_ext.yolo.convert import SpeedPolicyWarning, main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    import dsconv_ext.yolo as dy
+
+    dy.register()
+
+
+def _dsconv_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, DSConv2d))
+
+
+@pytest.fixture(scope="module")
+def forced_names():
+    """What the default policy converts when nothing holds it back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpeedPolicyWarning)
+        return _dsconv_names(quantize(trained_like(), force=True))
+
+
+@pytest.mark.parametrize(
+    "env", [("DSCONV_EXT_CPU_ISA", "scalar"), ("DSCONV_EXT_DSCONV_BACKEND", "fallback")]
+)
+def test_no_fast_path_keeps_every_layer_float(env, monkeypatch, forced_names):
+    monkeypatch.setenv(*env)
+    model = trained_like()
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    want = _out(copy.deepcopy(model).fuse(verbose=False), x)
+    with pytest.warns(SpeedPolicyWarning, match=f"kept {len(forced_names)} of {len(forced_names)}"):
+        q = quantize(model)
+    assert _dsconv_names(q) == []
+    record = q.dsconv_ext
+    assert sorted(record["kept_float"]) == forced_names and record["converted"] == []
+    assert record["policy"].startswith("keep float")
+    # still the float model (the exact stand-ins and the DFL decoder swap change no number
+    # beyond float rounding)
+    assert rel_err(_out(q, x), want) < 1e-5
+    forced = quantize(trained_like(), force=True)
+    assert _dsconv_names(forced) == forced_names and forced.dsconv_ext["kept_float"] == {}
+
+
+def test_timed_layers_that_are_slower_stay_float(monkeypatch, forced_names):
+    """The decision follows the timings layer by layer (timings faked: the real ones are
+    machine noise), and only the timed-slower layers stay float."""
+    seen = {}
+
+    def fake_timings(pairs, shapes, rounds=11):
+        seen.update(shapes=dict(shapes), pairs=pairs)
+        # "slower" for the bottlenecks' convs, "faster" elsewhere
+        return {n: ((1.0, 2.0) if ".m." in n else (2.0, 1.0)) for n in pairs}
+
+    monkeypatch.setattr(convert_mod, "time_layers", fake_timings)
+    with pytest.warns(SpeedPolicyWarning, match="slower than float"):
+        q = quantize(trained_like(), check_speed=True)
+    slow = sorted(n for n in forced_names if ".m." in n)
+    assert slow and sorted(q.dsconv_ext["kept_float"]) == slow
+    assert _dsconv_names(q) == sorted(set(forced_names) - set(slow))
+    for name in slow:
+        assert type(q.get_submodule(name)) is nn.Conv2d
+    # every candidate was timed on the input shape it sees in the model (640 px by default)
+    assert sorted(seen["shapes"]) == forced_names
+    assert "model.0.conv" not in seen["shapes"]  # the RGB stem is not a candidate by default
+    assert tuple(seen["shapes"]["model.1.conv"]) == (1, 16, 320, 320)
+    assert tuple(seen["shapes"]["model.2.cv1.conv"]) == (1, 32, 160, 160)
+    conv, act, ds = seen["pairs"]["model.1.conv"]
+    assert type(conv) is nn.Conv2d and type(act) is nn.SiLU and ds.fuse_silu
+
+
+def test_real_timing_on_a_plain_module_accounts_for_every_layer():
+    def net():
+        return nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 32, 1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SpeedPolicyWarning)
+        q = quantize(net(), check_speed=True, example_input=torch.randn(1, 64, 20, 20))
+    record = q.dsconv_ext
+    assert sorted(record["converted"] + list(record["kept_float"])) == ["0", "2"]
+    for name, why in record["kept_float"].items():
+        assert "slower than float" in why and " ms)" in why, (name, why)
+    with pytest.warns(SpeedPolicyWarning, match="example_input"):
+        quantize(net(), check_speed=True)
+
+
+def test_convert_cli_force(tmp_path, capsys, monkeypatch):
+    from ultralytics import YOLO
+
+    src = tmp_path / "m.pt"
+    YOLO("yolo11n.yaml").save(str(src))
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "scalar")
+    assert main([str(src), "-o", str(tmp_path / "a.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "converted 0 convolutions" in out and "kept 86 convolutions in float" in out, out
+    assert main([str(src), "-o", str(tmp_path / "b.pt"), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "converted 86 convolutions" in out and "kept" not in out, out
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=False)
+    assert ckpt["dsconv_ext"]["policy"].startswith("keep float")
