@@ -50,6 +50,7 @@ __all__ = [
     "format_table",
     "generic_problems",
     "main",
+    "selfcheck_compile_only",
     "yolo_problems",
 ]
 
@@ -436,21 +437,15 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None, *, archs=None, full=False, json_path=None,
-         cache_dir=None) -> int:  # fmt: skip
-    """Run the check, print ONE table and a verdict; non-zero on any error, overflow or spill."""
-    del argv
-    archs = tuple(archs or DEFAULT_ARCHS)
-    bad_arch = [a for a in archs if a not in ARCH_SHARED_LIMIT]
-    if bad_arch:
-        print(f"unknown arch {bad_arch}; known: {sorted(ARCH_SHARED_LIMIT)}")
-        return 2
+def main(
+    archs: Sequence[int] = DEFAULT_ARCHS,
+    full: bool = False,
+    json_path: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> Tuple[int, List[Row]]:
+    """Run the check, print ONE table; (number of failed rows, rows)."""
     t0 = time.time()
-    try:
-        rows = check(archs, full=full, cache_dir=cache_dir, progress=True)
-    except Exception as e:
-        print(f"BRA compile check could not run: {type(e).__name__}: {e}")
-        return 1
+    rows = check(archs, full=full, cache_dir=cache_dir, progress=True)
     print(format_table(rows))
     failed = [r for r in rows if r.failed]
     if json_path:
@@ -458,9 +453,39 @@ def main(argv: Optional[List[str]] = None, *, archs=None, full=False, json_path=
             json.dump([asdict(r) for r in rows], f, indent=1)
     what = "full grid" if full else "representative set (--full: whole grid)"
     names = ", ".join(f"sm_{a}" for a in archs)
-    print(f"BRA Triton compile check, {what}, archs {names}: {len(rows)} configurations, "
-          f"{len(failed)} failed ({time.time() - t0:.0f} s)")  # fmt: skip
-    return 1 if failed else 0
+    fallback = sum(r.status == "FALLBACK" for r in rows)
+    print(f"BRA Triton compile check, {what}, {names}: {len(rows)} rows, {len(failed)} failed, "
+          f"{fallback} torch fallbacks ({time.time() - t0:.0f} s)")  # fmt: skip
+    return len(failed), rows
+
+
+def selfcheck_compile_only(arch: str, full: bool, json_path: Optional[str]) -> int:
+    """``python -m dsconv_ext selfcheck --compile-only``: exit 1 on any compile error, shared
+    memory overflow or spill; also lists the CUDA DSConv kernels' resources (or why none)."""
+    try:
+        archs = tuple(int(a.strip().replace("sm_", "")) for a in arch.split(",") if a.strip())
+    except ValueError:
+        print(f"--arch takes numbers like 80,86,89,90, got {arch!r}")
+        return 2
+    unknown = [a for a in archs if a not in ARCH_SHARED_LIMIT]
+    if unknown or not archs:
+        print(f"unknown arch {unknown}; known: {sorted(ARCH_SHARED_LIMIT)}")
+        return 2
+    try:
+        n_failed, rows = main(archs, full, json_path)
+    except Exception as e:
+        print(f"BRA compile check could not run: {type(e).__name__}: {e}")
+        return 1
+    from ..dsconv.cuda_resources import format_rows, library_resources
+
+    kernels, note = library_resources()
+    print(f"CUDA DSConv kernels: {note}")
+    if kernels:
+        print(format_rows(kernels))
+    spilled = [k for k in kernels if k.stack or k.local]
+    for k in spilled:
+        print(f"FAIL  {k.arch} {k.kernel}: {k.stack} B stack / {k.local} B local memory")
+    return 1 if n_failed or spilled else 0
 
 
 def used_config(cfg: LaunchConfig) -> Dict[str, int]:  # pragma: no cover - convenience

@@ -202,7 +202,9 @@ def predict_regs(
         return 24 + int(2 * bm * bdv / t)  # o and dO rows, fp32
     if kernel == "fwd":
         tiles = 2 * acc(bm, bn) + op_a(bm, bn)
-        vals = acc(bm, bdv) + tiles + w * (bdk + bdv) * bn / t
+        # q is loaded once; Triton may keep part of its operand fragments in registers (seen:
+        # fp32 head dim 96, 64x16 tiles, 8 warps: 128 registers + 44 B spilled without this).
+        vals = acc(bm, bdv) + tiles + op_a(bm, bdk) / 2 + w * (bdk + bdv) * bn / t
     elif kernel == "bwd_dq":
         tiles = 4 * acc(bm, bn) + op_a(bm, bn)
         vals = acc(bm, bdk) + tiles + w * (bdk + bdv) * bn / t
@@ -285,7 +287,9 @@ def choose(
     )
     for budget in (REG_BUDGET, LAST_RESORT_BUDGET):
         for bm, bn in pairs:
-            if budget is LAST_RESORT_BUDGET and bm * bn > 16 * 32:
+            # ieee (FMA) dots blow up in ptxas beyond 16x16 at padded head dim 256 (sm_90, 32x16:
+            # 11 KB spilled); tf32/16-bit take up to 16x32 here.
+            if budget is LAST_RESORT_BUDGET and bm * bn > (256 if precision == "ieee" else 512):
                 continue
             # The inner loop walks keys (fwd, dq) or queries (dkdv): stage only when it iterates.
             trips = -(-wk // bn) if kernel in ("fwd", "bwd_dq") else -(-wq // bm)
