@@ -149,7 +149,7 @@ def predict_shared(
     and key tiles; ``stages``: ``num_stages``. See the module docstring for the reasoning.
     """
     if kernel == "bwd_preprocess":
-        return 0  # no dot, no cross-warp reduction through shared memory (rows stay in a warp)
+        return 8 * bm  # no dot; the row sums' cross-warp reduction scratch (compiled: 4 * bm)
     pe = 4 if elem == 4 else elem  # probabilities are converted to the input dtype for the dot
     scratch = 1024
     if kernel == "fwd":
@@ -277,7 +277,8 @@ def choose(
         # One pass over o and dO rows: 64 rows, 4 warps (no dot, nothing in shared memory).
         bm = min(64, _pow2(wq)) if wq >= 16 else 16
         bm = 32 if bdv >= 256 and bm > 32 else bm
-        return LaunchConfig(kernel, bm, 16, bdk, bdv, 4, 1, 0,
+        return LaunchConfig(kernel, bm, 16, bdk, bdv, 4, 1,
+                            predict_shared(kernel, arch, elem, bdk, bdv, bm, 16, 1),
                             predict_regs(kernel, elem, bdk, bdv, bm, 16, 4))  # fmt: skip
     ms, ns = _tile_candidates(wq), _tile_candidates(wk)
     pairs = sorted(
