@@ -74,7 +74,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         action="store_true",
         help="also run tests/test_dsconv_cuda.py with pytest when this is a source checkout",
     )
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no GPU: compile the BRA Triton kernels for --arch (ptxas: registers, spills, shared "
+        "memory) and list the CUDA DSConv kernels' resources; default: a representative set "
+        "(see dsconv_ext.bra.compile_check.representative), --full: the whole grid",
+    )
+    p.add_argument("--arch", default="80,86,89,90", help="--compile-only targets (sm_XX numbers)")
+    p.add_argument("--full", action="store_true", help="--compile-only: the whole shape grid")
+    p.add_argument("--json", metavar="PATH", help="--compile-only: also write the rows as JSON")
     args = p.parse_args(argv)
+    if args.compile_only:  # offline resource checks: no library, no GPU needed
+        from .bra.compile_check import selfcheck_compile_only
+
+        return selfcheck_compile_only(args.arch, args.full, args.json)
     seeds = 6 if args.quick else max(args.seeds, 1)
 
     from ._loader import load_library

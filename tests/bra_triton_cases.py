@@ -153,3 +153,39 @@ def test_env_var_forces_triton(monkeypatch):
     assert m.backend_for(x) == "triton"
     monkeypatch.setenv("DSCONV_EXT_BRA_BACKEND", "torch")
     assert m.backend_for(x) == "torch"
+
+
+def test_grid_split_over_batch_and_windows(monkeypatch):
+    """B*P beyond CUDA's 65535 on grid axis 1 is launched in chunks: the chunk offset (BP_OFF)
+    must land every program on its own window, forward and backward (forced to 3 per launch)."""
+    from dsconv_ext.bra import triton_kernels
+
+    case = (3, 4, 9, 12, 2, 8, 8, 2, True)  # B*P = 12 programs per (tile, head): 4 chunks
+    args = _inputs(case, seed=21)
+    want = _grads(routed_attention_naive, *args)
+    monkeypatch.setattr(triton_kernels, "MAX_GRID_Y", 3)
+    got = _grads(routed_attention_triton, *args)
+    bad = compare(got, want, 1e-4, f"case={case} split in 3s")
+    assert not bad, "\n".join(bad)
+
+
+# Shapes whose resource-model tiles differ per kernel (padded head dim 128 and 32, windows of one
+# and several tiles, pooled key regions): the model's tiles must also be right, not just fit.
+MODEL_CASES = [
+    (1, 4, 36, 36, 1, 96, 96, 2, False),
+    (1, 4, 70, 16, 2, 24, 24, 3, True),
+    (2, 4, 20, 40, 1, 48, 40, 2, False),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[str(c) for c in MODEL_CASES])
+def test_model_tiles_under_interpreter(case):
+    from dsconv_ext.bra.triton_kernels import launch_configs
+
+    args = _inputs(case, seed=MODEL_CASES.index(case) + 40)
+    cfgs = launch_configs(args[0], args[1], case[4])
+    assert all(c is not None for c in cfgs.values())
+    got = _grads(routed_attention_triton, *args)
+    want = _grads(routed_attention_naive, *args)
+    bad = compare(got, want, 1e-4, f"case={case} {cfgs}")
+    assert not bad, "\n".join(bad)

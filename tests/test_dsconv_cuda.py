@@ -40,7 +40,12 @@ needs_emulator = pytest.mark.skipif(
 needs_cuda_kernel = pytest.mark.skipif(
     not HAS_CUDA_KERNEL, reason="library built without the CUDA kernels"
 )
-cuda = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the CUDA kernels")
+_needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and the CUDA kernels")
+
+
+def cuda(fn):
+    """A GPU test: skipped without a GPU, and marked so that `pytest -m cuda` collects it."""
+    return pytest.mark.cuda(_needs_gpu(fn))
 
 
 def emulate(case, kernel):

@@ -19,7 +19,10 @@ Layout: ``q [B, P, Wq, H*DK]``, ``kv [B, P, Wk, H*DK + H*DV]`` (keys then values
 at channel offset ``h*D``, any strides over the first three dims, channels contiguous.
 
 The launchers are ``torch.library.triton_op`` custom ops (``torch.ops.dsconv_ext_bra.*``), so
-``torch.compile`` sees the kernels; block sizes are heuristics (not tuned on a GPU yet).
+``torch.compile`` sees the kernels. Tiles, warps and stages come from the resource model in
+:mod:`.launch_config` (checked offline against ptxas by :mod:`.compile_check`; not yet tuned for
+speed on a GPU). Grid axis 1 (batch x window) is split into launches of at most
+:data:`MAX_GRID_Y` programs, CUDA's limit for that axis.
 """
 
 from __future__ import annotations
@@ -30,26 +33,36 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
-from triton import knobs
 
-# Kernels are decorated at import: with TRITON_INTERPRET=1 set by then they run on CPU tensors.
-INTERPRETED = bool(knobs.runtime.interpret)
+from .launch_config import LaunchConfig, choose
 
-__all__ = ["INTERPRETED", "bra_attention_bwd", "bra_attention_fwd", "invert_routing"]
+__all__ = [
+    "INTERPRETED",
+    "MAX_GRID_Y",
+    "bra_attention_bwd",
+    "bra_attention_fwd",
+    "invert_routing",
+    "launch_configs",
+]
+
+# CUDA allows at most 65535 blocks on grid axes 1 and 2; B*P goes on axis 1 in chunks this big
+# (a module attribute so that tests can force the split on tiny shapes).
+MAX_GRID_Y = 65535
 
 
 # fmt: off
-@triton.jit
+@triton.jit(do_not_specialize=["BP_OFF"])
 def _bra_fwd(
     Q, KV, RIDX, RW, Out, LSE, sm_scale,
     stride_qb, stride_qp, stride_qm, stride_kb, stride_kp, stride_kn,
     stride_ob, stride_op, stride_om,
-    P, WQ, WK, TOPK,
+    P, WQ, WK, TOPK, BP_OFF,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Axis 1 holds at most 65535 programs: the launcher splits B*P into chunks at BP_OFF.
+    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
     b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -86,17 +99,18 @@ def _bra_fwd(
     tl.store(Out + b * stride_ob + p * stride_op + offs_m[:, None] * stride_om + h * DV
              + offs_dv[None, :], acc.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + (pid_bp * H + h) * WQ + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+    tl.store(LSE + (pid_bp.to(tl.int64) * H + h) * WQ + offs_m, m_i + tl.math.log2(l_i),
+             mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BP_OFF"])
 def _bra_bwd_preprocess(
     Out, DO, Delta,
     stride_ob, stride_op, stride_om, stride_db, stride_dp, stride_dm,
-    P, WQ,
+    P, WQ, BP_OFF,
     H: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
     b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -105,20 +119,21 @@ def _bra_bwd_preprocess(
                 + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
                  + offs_dv[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + (pid_bp * H + h) * WQ + offs_m, tl.sum(o * do, 1), mask=offs_m < WQ)
+    tl.store(Delta + (pid_bp.to(tl.int64) * H + h) * WQ + offs_m, tl.sum(o * do, 1),
+             mask=offs_m < WQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BP_OFF"])
 def _bra_bwd_dq(
     Q, KV, RIDX, RW, DO, LSE, Delta, DQ, DW, sm_scale,
     stride_qb, stride_qp, stride_qm, stride_kb, stride_kp, stride_kn,
     stride_db, stride_dp, stride_dm, stride_gb, stride_gp, stride_gm,
-    P, WQ, WK, TOPK, N_MBLOCKS,
+    P, WQ, WK, TOPK, N_MBLOCKS, BP_OFF,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFT: tl.constexpr, NEED_DW: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
     b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -128,7 +143,7 @@ def _bra_bwd_dq(
                 + offs_dk[None, :], mask=mask_q, other=0.0)
     do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
                  + offs_dv[None, :], mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    row = (pid_bp * H + h) * WQ + offs_m
+    row = (pid_bp.to(tl.int64) * H + h) * WQ + offs_m
     lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))  # padded rows: probabilities 0
     delta = tl.load(Delta + row, mask=mask_m, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
@@ -161,17 +176,18 @@ def _bra_bwd_dq(
              + offs_dk[None, :], dq.to(DQ.dtype.element_ty), mask=mask_q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BP_OFF"])
 def _bra_bwd_dkdv(
     Q, KV, RW, DO, LSE, Delta, DKV, INV_OFF, INV_ENT, sm_scale,
     stride_qb, stride_qp, stride_qm, stride_kb, stride_kp, stride_kn,
     stride_db, stride_dp, stride_dm, stride_gb, stride_gp, stride_gn,
-    P, WQ, WK, TOPK,
+    P, WQ, WK, TOPK, BP_OFF,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     SOFT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n, pid_br, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # br: batch, region
+    # br: batch and key region
+    pid_n, pid_br, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
     b, r = (pid_br // P).to(tl.int64), (pid_br % P).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -216,19 +232,13 @@ def _bra_bwd_dkdv(
              mask=mask_v)
 # fmt: on
 
+# Kernels are decorated at import: with TRITON_INTERPRET=1 set by then, triton.jit returned
+# interpreter wrappers that run on CPU tensors (checked on the object: no triton.knobs needed).
+INTERPRETED = type(_bra_fwd).__name__ == "InterpretedFunction"
+
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
-
-
-def _tile(n: int) -> int:
-    """Rows per tile (tl.dot needs 16+): the largest of 64/32/16 wasting at most ~1/8 of the
-    tiles on padding, else the one wasting least (windows are often 9, 36 or 144 pixels)."""
-    waste = {b: triton.cdiv(n, b) * b - n for b in (64, 32, 16)}
-    for b in (64, 32, 16):
-        if waste[b] * 8 <= triton.cdiv(n, b) * b:
-            return b
-    return min(waste, key=lambda b: (waste[b], -b))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -238,15 +248,46 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _meta(q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> dict:
-    h = num_heads
-    dk, dv = q.shape[-1] // h, (kv.shape[-1] - q.shape[-1]) // h
-    meta = dict(H=h, DK=dk, DV=dv, BLOCK_M=_tile(q.shape[2]), BLOCK_N=_tile(kv.shape[2]),
-                BLOCK_DK=_pow2(dk), BLOCK_DV=_pow2(dv))  # fmt: skip
-    if q.device.type != "cpu":
-        meta.update(num_warps=4 if max(meta["BLOCK_DK"], meta["BLOCK_DV"]) <= 64 else 8,
-                    num_stages=2)  # fmt: skip
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def launch_configs(q: torch.Tensor, kv: torch.Tensor, num_heads: int, kernels=None):
+    """The resource model's configuration of each kernel for these inputs (None: none fits).
+
+    On a GPU the limits are the device's own (opt-in shared memory per block); under the
+    interpreter those of sm_80, so CPU tests run the tiles an A100 would."""
+    from .launch_config import KERNELS
+
+    dk, dv = q.shape[-1] // num_heads, (kv.shape[-1] - q.shape[-1]) // num_heads
+    arch, smem = None, None
+    if q.device.type == "cuda":
+        arch = _arch(q.device)
+        smem = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    kw = dict(dtype=q.dtype, dk=dk, dv=dv, wq=q.shape[2], wk=kv.shape[2],
+              precision=_precision(q.dtype), arch=arch, smem_limit=smem)  # fmt: skip
+    return {k: choose(k, **kw) for k in (kernels or KERNELS)}
+
+
+def _meta(cfg: Optional[LaunchConfig], num_heads: int, dk: int, dv: int, on_gpu: bool) -> dict:
+    if cfg is None:
+        raise RuntimeError(
+            "no Triton tile configuration fits this device for these head dims; use "
+            "backend='torch' (BiLevelRoutingAttention falls back by itself)"
+        )
+    meta = dict(H=num_heads, DK=dk, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv)  # fmt: skip
+    if on_gpu:  # the interpreter takes no launch options
+        meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return meta
+
+
+def _chunks(n: int):
+    """(offset, count) pieces of ``n`` programs on grid axis 1."""
+    step = max(1, int(MAX_GRID_Y))
+    for off in range(0, n, step):
+        yield off, min(step, n - off)
 
 
 def _strides(t: torch.Tensor):
@@ -276,15 +317,19 @@ def bra_attention_fwd(
         ``out [B, P, Wq, H*DV]`` in q's dtype and ``lse [B, P, H, Wq]`` (fp32, base 2).
     """
     b, p, wq, _ = q.shape
-    meta = _meta(q, kv, num_heads)
-    out = q.new_empty((b, p, wq, num_heads * meta["DV"]))
-    lse = q.new_empty((b, p, num_heads, wq), dtype=torch.float32)
-    grid = (triton.cdiv(wq, meta["BLOCK_M"]), b * p, num_heads)
-    wrap_triton(_bra_fwd)[grid](
-        q, kv, r_idx, r_weight if r_weight is not None else r_idx, out, lse, scale,
-        *_strides(q), *_strides(kv), *_strides(out), p, wq, kv.shape[2], r_idx.shape[-1],
-        SOFT=r_weight is not None, PRECISION=_precision(q.dtype), **meta,
-    )  # fmt: skip
+    h = num_heads
+    dk, dv = q.shape[-1] // h, (kv.shape[-1] - q.shape[-1]) // h
+    cfg = launch_configs(q, kv, h, ("fwd",))["fwd"]
+    meta = _meta(cfg, h, dk, dv, q.device.type != "cpu")
+    out = q.new_empty((b, p, wq, h * dv))
+    lse = q.new_empty((b, p, h, wq), dtype=torch.float32)
+    n_m = triton.cdiv(wq, meta["BLOCK_M"])
+    for off, n in _chunks(b * p):
+        wrap_triton(_bra_fwd)[(n_m, n, h)](
+            q, kv, r_idx, r_weight if r_weight is not None else r_idx, out, lse, scale,
+            *_strides(q), *_strides(kv), *_strides(out), p, wq, kv.shape[2], r_idx.shape[-1],
+            off, SOFT=r_weight is not None, PRECISION=_precision(q.dtype), **meta,
+        )  # fmt: skip
     return out, lse
 
 
@@ -322,35 +367,42 @@ def bra_attention_bwd(
     unless ``need_dw`` and soft routing).
     """
     b, p, wq, ck = q.shape
-    wk, topk = kv.shape[2], r_idx.shape[-1]
-    meta = _meta(q, kv, num_heads)
+    wk, topk, h = kv.shape[2], r_idx.shape[-1], num_heads
+    dk, dv = ck // h, (kv.shape[-1] - ck) // h
+    on_gpu = q.device.type != "cpu"
+    cfgs = launch_configs(q, kv, h, ("bwd_preprocess", "bwd_dq", "bwd_dkdv"))
     prec, soft = _precision(q.dtype), r_weight is not None
     rw = r_weight if soft else r_idx
-    n_mblocks = triton.cdiv(wq, meta["BLOCK_M"])
-    grid_q = (n_mblocks, b * p, num_heads)
 
     delta = torch.empty_like(lse)
-    wrap_triton(_bra_bwd_preprocess)[grid_q](
-        out, do, delta, *_strides(out), *_strides(do), p, wq,
-        H=num_heads, DV=meta["DV"], BLOCK_M=meta["BLOCK_M"], BLOCK_DV=meta["BLOCK_DV"],
-    )  # fmt: skip
+    meta = _meta(cfgs["bwd_preprocess"], h, dk, dv, on_gpu)
+    for off, n in _chunks(b * p):
+        wrap_triton(_bra_bwd_preprocess)[(triton.cdiv(wq, meta["BLOCK_M"]), n, h)](
+            out, do, delta, *_strides(out), *_strides(do), p, wq, off,
+            H=h, DV=dv, BLOCK_M=meta["BLOCK_M"], BLOCK_DV=meta["BLOCK_DV"],
+            **{k: meta[k] for k in ("num_warps", "num_stages") if k in meta},
+        )  # fmt: skip
 
     need_dw = need_dw and soft
+    meta = _meta(cfgs["bwd_dq"], h, dk, dv, on_gpu)
+    n_mblocks = triton.cdiv(wq, meta["BLOCK_M"])
     dq = q.new_empty((b, p, wq, ck))
-    dw_part = lse.new_empty((b, p, topk, num_heads, n_mblocks) if need_dw else (0,))
-    wrap_triton(_bra_bwd_dq)[grid_q](
-        q, kv, r_idx, rw, do, lse, delta, dq, dw_part, scale,
-        *_strides(q), *_strides(kv), *_strides(do), *_strides(dq),
-        p, wq, wk, topk, n_mblocks, SOFT=soft, NEED_DW=need_dw, PRECISION=prec, **meta,
-    )  # fmt: skip
+    dw_part = lse.new_empty((b, p, topk, h, n_mblocks) if need_dw else (0,))
+    for off, n in _chunks(b * p):
+        wrap_triton(_bra_bwd_dq)[(n_mblocks, n, h)](
+            q, kv, r_idx, rw, do, lse, delta, dq, dw_part, scale,
+            *_strides(q), *_strides(kv), *_strides(do), *_strides(dq),
+            p, wq, wk, topk, n_mblocks, off, SOFT=soft, NEED_DW=need_dw, PRECISION=prec, **meta,
+        )  # fmt: skip
 
     offsets, entries = invert_routing(r_idx)
     dkv = kv.new_empty(kv.shape)
-    grid_k = (triton.cdiv(wk, meta["BLOCK_N"]), b * p, num_heads)
-    wrap_triton(_bra_bwd_dkdv)[grid_k](
-        q, kv, rw, do, lse, delta, dkv, offsets, entries, scale,
-        *_strides(q), *_strides(kv), *_strides(do), *_strides(dkv),
-        p, wq, wk, topk, SOFT=soft, PRECISION=prec, **meta,
-    )  # fmt: skip
+    meta = _meta(cfgs["bwd_dkdv"], h, dk, dv, on_gpu)
+    for off, n in _chunks(b * p):
+        wrap_triton(_bra_bwd_dkdv)[(triton.cdiv(wk, meta["BLOCK_N"]), n, h)](
+            q, kv, rw, do, lse, delta, dkv, offsets, entries, scale,
+            *_strides(q), *_strides(kv), *_strides(do), *_strides(dkv),
+            p, wq, wk, topk, off, SOFT=soft, PRECISION=prec, **meta,
+        )  # fmt: skip
     dw = dw_part.sum((-2, -1)) if need_dw else dw_part
     return dq, dkv, dw
