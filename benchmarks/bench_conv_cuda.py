@@ -1,4 +1,4 @@
-"""DSConv CUDA kernel vs cuDNN (F.conv2d fp16 and fp32) and torch._int_mm on an explicit im2col.
+"""DSConv CUDA kernel vs cuDNN (F.conv2d fp16, bf16 and fp32) and torch._int_mm on an im2col.
 
 On the conv layers of YOLO11 at 640 px (``conv_shapes.py``), batch 1 / 16 / 64. Candidates are
 timed interleaved (``_timing.time_interleaved``), each call running the op ``--inner`` times so
@@ -8,7 +8,9 @@ reported in ms. Ratios are speed-ups of DSConv: ``x f16`` = cuDNN fp16 time / DS
 * ``dsconv``: ``torch.ops.dsconv_ext.dsconv2d`` on float16 activations, float16 out, block 32,
   8-bit VQK and mantissas, KDS bias, bias and SiLU: everything included (BFP quantisation of the
   activations, weight repack, int8 GEMM, epilogue).
-* ``cudnn16`` / ``cudnn32``: ``F.conv2d`` with bias, float16 / float32 (TF32 off), then SiLU.
+* ``dsconv bf16``: the same on bfloat16 activations, bfloat16 out.
+* ``cudnn16`` / ``cudnnbf16`` / ``cudnn32``: ``F.conv2d`` with bias, float16 / bfloat16 /
+  float32 (TF32 off), then SiLU.
 * ``int_mm``: im2col of an int8 copy of the input (pad + unfold + copy) then ``torch._int_mm``
   with int32 out: an int8 GEMM's best case (no activation quantisation, no scales, no epilogue);
   grouped layers have none.
@@ -47,9 +49,12 @@ COLUMNS = [
     "batch",
     "cudnn32 ms",
     "cudnn16 ms",
+    "cudnnbf16 ms",
     "int_mm ms",
     "dsconv ms",
+    "dsconv bf16 ms",
     "x f16",
+    "x bf16",
     "x f32",
     "x int_mm",
     "w fp32 KB",
@@ -92,12 +97,14 @@ def _int_mm_candidate(x8: torch.Tensor, w8: torch.Tensor, s: Dict):
 def _candidates(s: Dict, n: int, weights: Dict, block_size: int, have_kernel: bool, device: str):
     """Zero-argument callables, one op each, on fresh inputs of batch n."""
     x32 = torch.randn(n, s["c_in"], s["H"], s["W"], device=device)
-    x16 = x32.half()
+    x16, xb16 = x32.half(), x32.bfloat16()
     conv = dict(stride=s["stride"], padding=s["padding"], groups=s["groups"])
     w32, b32, w16, b16 = (weights[k] for k in ("w32", "b32", "w16", "b16"))
+    wb16, bb16 = w32.bfloat16(), b32.bfloat16()
     fns = {
         "cudnn32": lambda: F.silu(F.conv2d(x32, w32, b32, **conv)),
         "cudnn16": lambda: F.silu(F.conv2d(x16, w16, b16, **conv)),
+        "cudnnbf16": lambda: F.silu(F.conv2d(xb16, wb16, bb16, **conv)),
     }
     x8 = (x32 * 32).round().clamp(-127, 127).to(torch.int8)
     int_mm = _int_mm_candidate(x8, weights["q"], s)
@@ -105,10 +112,11 @@ def _candidates(s: Dict, n: int, weights: Dict, block_size: int, have_kernel: bo
         fns["int_mm"] = int_mm
     if have_kernel:
         args = (
-            x16, weights["q"], weights["alpha"], weights["kdsb"], None, None, b32,
+            weights["q"], weights["alpha"], weights["kdsb"], None, None, b32,
             [s["stride"]] * 2, [s["padding"]] * 2, [1, 1], s["groups"], block_size, 8, True,
         )  # fmt: skip
-        fns["dsconv"] = lambda: torch.ops.dsconv_ext.dsconv2d(*args)
+        fns["dsconv"] = lambda: torch.ops.dsconv_ext.dsconv2d(x16, *args)
+        fns["dsconv_bf16"] = lambda: torch.ops.dsconv_ext.dsconv2d(xb16, *args)
     return fns
 
 
@@ -160,6 +168,7 @@ def cuda_rows(
                     "batch": n,
                     "cudnn32 ms": ms["cudnn32"],
                     "cudnn16 ms": ms["cudnn16"],
+                    "cudnnbf16 ms": ms["cudnnbf16"],
                     "w fp32 KB": w.numel() * 4 / 1024,
                     "w dsconv KB": wbytes / 1024,
                 }
@@ -169,6 +178,8 @@ def cuda_rows(
                     row["dsconv ms"] = ms["dsconv"]
                     row["x f16"] = ms["cudnn16"] / ms["dsconv"]
                     row["x f32"] = ms["cudnn32"] / ms["dsconv"]
+                    row["dsconv bf16 ms"] = ms["dsconv_bf16"]
+                    row["x bf16"] = ms["cudnnbf16"] / ms["dsconv_bf16"]
                     if "int_mm" in ms:
                         row["x int_mm"] = ms["int_mm"] / ms["dsconv"]
                 rows.append(row)
@@ -190,7 +201,7 @@ def summary(rows: List[Dict]) -> List[Dict]:
             if not sel:
                 continue
             entry = {"kernel": f"{k}x{k}", "batch": n, "layers": len(sel)}
-            for col in ("x f16", "x f32", "x int_mm"):
+            for col in ("x f16", "x bf16", "x f32", "x int_mm"):
                 vals = [r[col] for r in sel if r.get(col)]
                 if vals:
                     entry[f"geomean {col}"] = math.exp(sum(map(math.log, vals)) / len(vals))

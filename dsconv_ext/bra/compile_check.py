@@ -35,7 +35,6 @@ from .launch_config import (
     ARCH_SHARED_LIMIT,
     KERNELS,
     SPILL_ALLOWANCE,
-    LaunchConfig,
     choose,
 )
 
@@ -44,6 +43,8 @@ __all__ = [
     "Problem",
     "Row",
     "check",
+    "compile_only",
+    "parse_archs",
     "representative",
     "compile_config",
     "config_grid",
@@ -459,25 +460,23 @@ def main(
     return len(failed), rows
 
 
-def selfcheck_compile_only(arch: str, full: bool, json_path: Optional[str]) -> int:
-    """``python -m dsconv_ext selfcheck --compile-only``: exit 1 on any compile error, shared
-    memory overflow or spill; also lists the CUDA DSConv kernels' resources (or why none)."""
+def parse_archs(arch: str) -> Tuple[int, ...]:
+    """``"80,86,sm_90"`` -> (80, 86, 90); ValueError naming the bad entry."""
     try:
         archs = tuple(int(a.strip().replace("sm_", "")) for a in arch.split(",") if a.strip())
     except ValueError:
-        print(f"--arch takes numbers like 80,86,89,90, got {arch!r}")
-        return 2
+        raise ValueError(f"--arch takes numbers like 80,86,89,90, got {arch!r}") from None
     unknown = [a for a in archs if a not in ARCH_SHARED_LIMIT]
     if unknown or not archs:
-        print(f"unknown arch {unknown}; known: {sorted(ARCH_SHARED_LIMIT)}")
-        return 2
-    try:
-        n_failed, rows = main(archs, full, json_path)
-    except Exception as e:
-        print(f"BRA compile check could not run: {type(e).__name__}: {e}")
-        return 1
+        raise ValueError(f"--arch: unknown arch {unknown}; known: {sorted(ARCH_SHARED_LIMIT)}")
+    return archs
+
+
+def compile_only(archs: Sequence[int], full: bool, json_path: Optional[str]) -> Dict:
+    """The BRA Triton table and the CUDA DSConv kernels' resources: {'ok', 'summary', ...}."""
     from ..dsconv.cuda_resources import format_rows, library_resources
 
+    n_failed, rows = main(archs, full, json_path)
     kernels, note = library_resources()
     print(f"CUDA DSConv kernels: {note}")
     if kernels:
@@ -485,8 +484,27 @@ def selfcheck_compile_only(arch: str, full: bool, json_path: Optional[str]) -> i
     spilled = [k for k in kernels if k.stack or k.local]
     for k in spilled:
         print(f"FAIL  {k.arch} {k.kernel}: {k.stack} B stack / {k.local} B local memory")
-    return 1 if n_failed or spilled else 0
+    fallbacks = sum(r.status == "FALLBACK" for r in rows)
+    return {
+        "ok": not n_failed and not spilled,
+        "summary": f"{len(rows)} Triton configs, {n_failed} failed, {fallbacks} torch fallbacks; "
+        f"CUDA: {note}, {len(spilled)} with stack/local memory",
+        "triton_rows": [asdict(r) for r in rows],
+        "cuda_kernels": [asdict(k) for k in kernels],
+    }
 
 
-def used_config(cfg: LaunchConfig) -> Dict[str, int]:  # pragma: no cover - convenience
-    return cfg.as_dict()
+def selfcheck_compile_only(arch: str, full: bool, json_path: Optional[str]) -> int:
+    """``python -m dsconv_ext selfcheck --compile-only``: exit 1 on any compile error, shared
+    memory overflow or spill; also lists the CUDA DSConv kernels' resources (or why none)."""
+    try:
+        archs = parse_archs(arch)
+    except ValueError as e:
+        print(e)
+        return 2
+    try:
+        result = compile_only(archs, full, json_path)
+    except Exception as e:
+        print(f"BRA compile check could not run: {type(e).__name__}: {e}")
+        return 1
+    return 0 if result["ok"] else 1
