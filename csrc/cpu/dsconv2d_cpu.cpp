@@ -122,10 +122,17 @@ constexpr int64_t kBandBytes = 384 << 10;
 // (12 KB measured a little faster than 20 KB).
 constexpr int64_t kDwBandBytes = 12 << 10;
 
-// Calls per kernel path since load, and (kScalefBands) int8 bands of esc_shift ISAs folded with
-// vscalefps rather than by exponent addition (Slice::exponent_add): a test hook that shows which
-// path a shape takes.
-enum Path : int { kPathInt8 = 0, kPathFloat = 1, kPathDepthwise = 2, kScalefBands = 3, kPaths = 4 };
+// Calls per kernel path since load, (kScalefBands) int8 bands of esc_shift ISAs folded with
+// vscalefps rather than by exponent addition (Slice::exponent_add), and (kPathAmx) int8 calls
+// that ran on the AMX kernel, real or model: a test hook that shows which path a shape takes.
+enum Path : int {
+  kPathInt8 = 0,
+  kPathFloat = 1,
+  kPathDepthwise = 2,
+  kScalefBands = 3,
+  kPathAmx = 4,
+  kPaths = 5
+};
 std::atomic<int64_t> path_calls[kPaths];
 
 // Geometry, band split and q-space sizes. With few tasks the split aims at a task count that is
@@ -351,6 +358,8 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     return y;
   }
   path_calls[lay.kfloat ? kPathFloat : kPathInt8].fetch_add(1, std::memory_order_relaxed);
+  if (!lay.kfloat && kern.conv_band != nullptr)
+    path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
 
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;
@@ -510,8 +519,8 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",
         [](int64_t tasks) -> int64_t { return dsconv_ext::cpu::parallel_probe(tasks); });
-  // Test hook: calls so far that took the int8, float-family and depthwise paths, and int8 bands
-  // folded with vscalefps (see Path).
+  // Test hook: calls so far that took the int8, float-family and depthwise paths, int8 bands
+  // folded with vscalefps, and int8 calls on the AMX kernel (see Path).
   m.def("_cpu_path_calls() -> int[]", []() -> std::vector<int64_t> {
     std::vector<int64_t> n;
     for (const auto& c : dsconv_ext::cpu::path_calls) n.push_back(c.load());
