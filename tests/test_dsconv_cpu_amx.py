@@ -429,7 +429,7 @@ def amx_random_case(seed):
     O = groups * [1, 7, 16, 17, 24, 32, 33][ri(0, 6)]
     k = [1, 1, 3, 3, 5, 2][ri(0, 5)]
     N = [1, 1, 8][ri(0, 2)]
-    HW = (ri(1, 12), ri(1, 12)) if N == 8 else (ri(1, 24), ri(1, 24))
+    HW = (ri(2, 12), ri(1, 12)) if N == 8 else (ri(2, 24), ri(1, 24))
     case = conv_case(seed, Cg * groups, O, k, ri(1, 2), N, HW, block, groups,
                      scale=[1.0, 1.0, 1e-3, 1e3, 1e-39, 1e30][ri(0, 5)], bits=ri(2, 8),
                      act_bits=ri(2, 8), kdsb=ri(0, 1) == 1, cds=ri(0, 1) == 1,
