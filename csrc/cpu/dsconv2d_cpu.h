@@ -19,7 +19,8 @@
 //    128 * sum(q)). Per block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel
 //    (vscalefps), NaN for a block holding NaN/Inf; `usum`, 2^E * (sum of the block's
 //    mantissas), for KDSb. Each (block, tap) segment is an exact int32 dot product, then
-//    acc += alpha * 2^E * S (+ KDSb * usum).
+//    acc += alpha * 2^E * S (+ KDSb * usum). The k4 planes are also exactly the B operand of
+//    AMX's TDPBSUD (one row per k4 group, 16 pixels of 4 bytes): kernel_amx.cpp.
 //  * float (blocks of <= 4 channels: the 3-channel stem, tiny block sizes, and depthwise convs
 //    on the portable path).
 //    An int8 segment would hold <= 4 useful products and cost a whole float flush, so instead
