@@ -29,6 +29,8 @@
 #include <unistd.h>
 #endif
 
+#include <vector>
+
 #include "cpu/amx_tiles.h"
 #include "cpu/avx512_common.h"
 #include "cpu/dsconv2d_cpu.h"
@@ -58,16 +60,17 @@ TileConfig band_config(const AmxK& k) {
 
 // Per-call constants of a band.
 struct Band {
-  const Layout* lay;
   const uint8_t* act;  // packed activations, bytes
   const float* esc;
   const float* usum;
-  int64_t K4, ntaps, nseg;
+  int64_t K4, nseg;
   int64_t kplane_b;  // bytes from one k4 plane to the next: B's row stride
-  int64_t blk_esc;   // floats from one block's esc plane to the next
   AmxK k;
-  const int64_t* tapoff;
   int64_t seg_b;
+  // Per segment s = (block, tap): its first B row, in bytes from `act`, and its esc / usum
+  // offset, both at q = 0 (a table: no division by ntaps in the segment loop).
+  const int64_t* act_off;
+  const int64_t* esc_off;
 };
 
 // Segment s (block s / ntaps, tap s % ntaps) of the microtile at pixel q0 into tile set (C, A,
@@ -75,9 +78,8 @@ struct Band {
 template <class T, int C, int A, int B>
 DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int64_t q0,
                                 int32_t* cst) {
-  const int64_t b = s / d.ntaps, t = s - b * d.ntaps;
   const uint8_t* a = ws + s * d.seg_b + sizeof(AmxSegHeader);
-  const uint8_t* act = d.act + (b * d.K4 * d.kplane_b) + (q0 + d.tapoff[t]) * 4;
+  const uint8_t* act = d.act + d.act_off[s] + q0 * 4;
   T::template zero<C>();
   for (int64_t j = 0; j < d.k.nchunk; ++j) {
     T::template load<A>(a + j * d.k.a_bytes(), 4 * d.k.kc);
@@ -92,9 +94,8 @@ DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int
 template <bool kKdsb, bool kExponentAdd>
 DSCONV_AVX512 inline void fold(const Band& d, const uint8_t* ws, int64_t s, int64_t q0,
                                const int32_t* cst, __m512 (&f)[kAmxTile]) {
-  const int64_t b = s / d.ntaps, t = s - b * d.ntaps;
   const AmxSegHeader* h = reinterpret_cast<const AmxSegHeader*>(ws + s * d.seg_b);
-  const int64_t e_off = b * d.blk_esc + q0 + d.tapoff[t];
+  const int64_t e_off = d.esc_off[s] + q0;
   const __m512i es = _mm512_loadu_si512(d.esc + e_off);
   if (kExponentAdd) {
 #pragma GCC unroll 16
@@ -145,19 +146,26 @@ DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream
                              const Epilogue& ep, int64_t ot0, int64_t ot1) {
   if (ot0 >= ot1 || sl.nqt <= 0) return;
   const Layout& lay = *sl.lay;
-  Band d{&lay,
-         reinterpret_cast<const uint8_t*>(sl.act),
-         sl.esc,
-         sl.usum,
-         lay.K4,
-         lay.ntaps,
-         lay.g.nblk * lay.ntaps,
-         lay.P * lay.Lq * 4,
-         lay.P * lay.Lq,
-         AmxK(lay.K4),
-         lay.tapoff.data(),
-         0};
-  d.seg_b = d.k.seg_bytes();
+  const int64_t nseg = lay.g.nblk * lay.ntaps, kplane_b = lay.P * lay.Lq * 4;
+  static thread_local std::vector<int64_t> offsets;
+  offsets.resize(size_t(2 * nseg));
+  for (int64_t b = 0; b < lay.g.nblk; ++b) {
+    for (int64_t t = 0; t < lay.ntaps; ++t) {
+      offsets[b * lay.ntaps + t] = b * lay.K4 * kplane_b + lay.tapoff[t] * 4;
+      offsets[nseg + b * lay.ntaps + t] = b * lay.P * lay.Lq + lay.tapoff[t];
+    }
+  }
+  const AmxK k(lay.K4);
+  const Band d{reinterpret_cast<const uint8_t*>(sl.act),
+               sl.esc,
+               sl.usum,
+               lay.K4,
+               nseg,
+               kplane_b,
+               k,
+               k.seg_bytes(),
+               offsets.data(),
+               offsets.data() + nseg};
   T::config(band_config(d.k));
   alignas(64) int32_t cst[2][kAmxTile * kAmxTile];
   for (int64_t qt = 0; qt < sl.nqt; ++qt) {
@@ -181,8 +189,11 @@ DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream
         fold<kKdsb, kExponentAdd>(d, ws, s + 1, q0, cst[1], f);
       }
       // Rows past the layer's output channels are zero-weight padding: folded, never stored.
+      // (Unrolled: with a run-time index into f, GCC kept the accumulators in memory.)
       const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
-      for (int64_t r = 0; r < nr; ++r) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kAmxTile; ++r) {
+        if (r >= nr) break;
         const int64_t o = o0 + r;
         store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
                   epilogue(f[r], ep.cdsw[o], ep.cb[o], ep.silu));
