@@ -415,9 +415,9 @@ def test_each_block_tap_sum_exact(amx_isa, block):
 
 def amx_random_case(seed):
     """A random dense int8 conv of the shapes the AMX kernel tiles: block sizes 5..200 with
-    partial blocks, 1x1 / 3x3 (sometimes 5x5 or 1x3), strides 1-2, batch 1 or 8, groups, output
-    channels around multiples of 16, every epilogue option, scales down to subnormal blocks,
-    NaN / Inf activations, zero and subnormal alphas."""
+    partial blocks, 1x1 / 3x3 (sometimes 5x5 or a dilated 2x2), strides 1-2, batch 1 or 8,
+    groups, output channels around multiples of 16, every epilogue option, scales down to
+    subnormal blocks, NaN / Inf activations, zero and subnormal alphas."""
     g = torch.Generator().manual_seed(50_000 + seed)
 
     def ri(lo, hi):
@@ -505,8 +505,7 @@ def test_out_writes_into_a_channel_slice(amx_isa, N):
         want = op(case)
         buf = torch.full((N, O + 5, *want.shape[2:]), 7.0)
         slot = buf[:, 3 : 3 + O]
-        args = [case[n] if n in case else case.get(n) for n in
-                ("x", "intweight", "alpha", "KDSb", "CDSw", "CDSb", "bias")]  # fmt: skip
+        args = [case.get(n) for n in ("x", "intweight", "alpha", "KDSb", "CDSw", "CDSb", "bias")]
         torch.ops.dsconv_ext.dsconv2d_out(
             *args, list(case["stride"]), list(case["padding"]), list(case["dilation"]),
             case["groups"], case["block_size"], case["act_bits"], case["fuse_silu"], slot,
