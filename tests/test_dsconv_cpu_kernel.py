@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_ISAS
+from conftest import CPU_ISAS, use_isa
 from dsconv_cases import integer_exact_case, random_case
 
 import dsconv_ext
@@ -186,16 +186,16 @@ def _scalef_bands():
     return torch.ops.dsconv_ext._cpu_path_calls()[3]
 
 
+@pytest.mark.parametrize("fold_isa", ["avx512_vnni", "amx", "amx_model"])
 @pytest.mark.parametrize(
     "what", ["plain", "zero alphas", "tiny alphas", "subnormal alpha", "huge alphas", "nan"]
 )
-def test_fold_by_exponent_addition_or_scalef(what):
-    """The AVX-512 int8 fold adds E to alpha's exponent bits when every alpha * 2^E of a band is a
-    normal float, and scales with vscalefps otherwise (out-of-range products, subnormal alphas,
-    NaN / Inf blocks). Both agree with the reference; zero alphas (stored as zero weights)
-    keep the fast fold."""
-    if torch.ops.dsconv_ext.cpu_isa() != "avx512_vnni":
-        pytest.skip("the exponent-add fold is the AVX-512 kernel's")
+def test_fold_by_exponent_addition_or_scalef(what, fold_isa, monkeypatch):
+    """The AVX-512 int8 fold (the AMX kernel's too) adds E to alpha's exponent bits when every
+    alpha * 2^E of a band is a normal float, and scales with vscalefps otherwise (out-of-range
+    products, subnormal alphas, NaN / Inf blocks). Both agree with the reference; zero alphas
+    (stored as zero weights) keep the fast fold."""
+    use_isa(monkeypatch, fold_isa)
     g = torch.Generator().manual_seed(11)
     q, alpha, _ = quantize_weight(torch.randn(24, 40, 3, 3, generator=g), 8, 16)
     x = torch.randn(2, 40, 14, 14, generator=g)
@@ -320,7 +320,7 @@ def test_out_writes_into_a_channel_slice(isa, monkeypatch):
     """dsconv2d_out stores exactly what dsconv2d returns into a channel slice of a larger buffer
     (any image stride: batch > 1 slices are not contiguous), leaving the other channels alone;
     dsconv2d(out=) does the same, and copies into layouts the kernel cannot store into."""
-    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", isa)
+    use_isa(monkeypatch, isa)
     paths_seen = set()
     for seed in range(60):
         c = random_case(seed) if seed % 3 else wide_case(seed)
@@ -457,7 +457,7 @@ def test_bad_device(name):
 
 def test_isa_variable(monkeypatch):
     monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="DSCONV_EXT_CPU_ISA"):
+    with pytest.raises(RuntimeError, match="one of amx, amx_model, avx512_vnni, avx2, scalar"):
         torch.ops.dsconv_ext.cpu_isa()
     with pytest.raises(RuntimeError, match="DSCONV_EXT_CPU_ISA"):
         _call(_good_args())

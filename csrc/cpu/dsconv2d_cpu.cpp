@@ -23,6 +23,10 @@ namespace cpu {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx:
+      return "amx";
+    case Isa::kAmxModel:
+      return "amx_model";
     case Isa::kAvx512Vnni:
       return "avx512_vnni";
     case Isa::kAvx2:
@@ -32,7 +36,8 @@ const char* isa_name(Isa isa) {
   }
 }
 
-static Isa best_isa() {
+// Best SIMD path without AMX.
+static Isa best_vector_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -44,10 +49,27 @@ static Isa best_isa() {
 }
 
 Isa select_isa() {
-  static const Isa best = best_isa();
+  // The AMX path packs and folds with the AVX-512 code, so it needs both.
+  static const Isa vector_best = best_vector_isa();
+  static const char* amx_why = nullptr;
+  static const bool amx = vector_best == Isa::kAvx512Vnni && amx_usable(&amx_why);
+  const Isa best = amx ? Isa::kAmx : vector_best;
   const char* env = std::getenv("DSCONV_EXT_CPU_ISA");
   if (env == nullptr || *env == '\0') return best;
   const std::string want(env);
+  // The AMX paths are forced, not capped at what the CPU runs: a test or benchmark asking for
+  // them must not silently measure another path.
+  if (want == "amx") {
+    TORCH_CHECK(amx, "DSCONV_EXT_CPU_ISA=amx, but this machine cannot run AMX: ",
+                vector_best != Isa::kAvx512Vnni ? "the CPU has no AVX-512 VNNI" : amx_why);
+    return Isa::kAmx;
+  }
+  if (want == "amx_model") {
+    TORCH_CHECK(vector_best == Isa::kAvx512Vnni,
+                "DSCONV_EXT_CPU_ISA=amx_model runs the AMX kernel on a software model of the "
+                "tiles with AVX-512 around it, and this CPU has no AVX-512 VNNI");
+    return Isa::kAmxModel;
+  }
   Isa isa;
   if (want == "avx512_vnni") {
     isa = Isa::kAvx512Vnni;
@@ -56,15 +78,21 @@ Isa select_isa() {
   } else if (want == "scalar") {
     isa = Isa::kScalar;
   } else {
-    TORCH_CHECK(false, "DSCONV_EXT_CPU_ISA must be one of avx512_vnni, avx2, scalar; got '", want,
-                "'");
+    TORCH_CHECK(false,
+                "DSCONV_EXT_CPU_ISA must be one of amx, amx_model, avx512_vnni, avx2, scalar; "
+                "got '",
+                want, "'");
   }
-  // The variable can only lower the path: a request above what the CPU runs gets the best.
-  return static_cast<int>(isa) < static_cast<int>(best) ? isa : best;
+  // The vector paths can only be lowered: a request above what the CPU runs gets the best.
+  return static_cast<int>(isa) < static_cast<int>(vector_best) ? isa : vector_best;
 }
 
 const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
+    case Isa::kAmx:
+      return kernels_amx();
+    case Isa::kAmxModel:
+      return kernels_amx_model();
     case Isa::kAvx512Vnni:
       return kernels_avx512();
     case Isa::kAvx2:
@@ -94,10 +122,17 @@ constexpr int64_t kBandBytes = 384 << 10;
 // (12 KB measured a little faster than 20 KB).
 constexpr int64_t kDwBandBytes = 12 << 10;
 
-// Calls per kernel path since load, and (kScalefBands) int8 bands of esc_shift ISAs folded with
-// vscalefps rather than by exponent addition (Slice::exponent_add): a test hook that shows which
-// path a shape takes.
-enum Path : int { kPathInt8 = 0, kPathFloat = 1, kPathDepthwise = 2, kScalefBands = 3, kPaths = 4 };
+// Calls per kernel path since load, (kScalefBands) int8 bands of esc_shift ISAs folded with
+// vscalefps rather than by exponent addition (Slice::exponent_add), and (kPathAmx) int8 calls
+// that ran on the AMX kernel, real or model: a test hook that shows which path a shape takes.
+enum Path : int {
+  kPathInt8 = 0,
+  kPathFloat = 1,
+  kPathDepthwise = 2,
+  kScalefBands = 3,
+  kPathAmx = 4,
+  kPaths = 5
+};
 std::atomic<int64_t> path_calls[kPaths];
 
 // Geometry, band split and q-space sizes. With few tasks the split aims at a task count that is
@@ -105,8 +140,8 @@ std::atomic<int64_t> path_calls[kPaths];
 // the output channels into `ochunks` when the rows alone cannot give enough tasks.
 Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride,
                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                   int64_t block, int64_t qtile, bool with_kdsb, int64_t threads,
-                   int64_t band_bytes, int64_t plane_slack, int64_t* ochunks) {
+                   int64_t block, int64_t qtile, int64_t float_qtile, bool with_kdsb,
+                   int64_t threads, int64_t band_bytes, int64_t plane_slack, int64_t* ochunks) {
   Layout lay;
   ConvGeometry& g = lay.g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
@@ -123,7 +158,7 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   lay.ntaps = g.kh * g.kw;
   lay.K4 = (std::min(block, g.Cg) + 3) / 4;
   lay.kfloat = lay.K4 <= 1;
-  lay.qtile = qtile;
+  lay.qtile = lay.kfloat ? float_qtile : qtile;
 
   // Bands: as tall as the budget allows, then more of them while there are too few tasks.
   const int64_t per_pixel = lay.kfloat ? 4 * g.Cg : g.nblk * (4 * lay.K4 + 4 + (with_kdsb ? 4 : 0));
@@ -139,10 +174,10 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   }
   lay.band_rows = (g.Ho + nb - 1) / nb;
   lay.nbands = (g.Ho + lay.band_rows - 1) / lay.band_rows;
-  lay.nqt = (lay.band_rows * lay.Wq + qtile - 1) / qtile;
+  lay.nqt = (lay.band_rows * lay.Wq + lay.qtile - 1) / lay.qtile;
   // A tile reads up to qtile - 1 past the band's last q, plus the farthest tap.
   const int64_t far = ((g.kh - 1) * g.dh / g.sh) * lay.Wq + (g.kw - 1) * g.dw / g.sw;
-  lay.Hqb = (lay.nqt * qtile + far + lay.Wq - 1) / lay.Wq;
+  lay.Hqb = (lay.nqt * lay.qtile + far + lay.Wq - 1) / lay.Wq;
   lay.Lq = lay.Hqb * lay.Wq + plane_slack;
   lay.tapoff.resize(lay.ntaps);
   for (int64_t i = 0; i < g.kh; ++i) {
@@ -278,10 +313,11 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   int64_t ochunks = 1;
   // The depthwise quantiser stores whole vectors: a row's last one may run 15 floats past the
   // plane (never read as a tap of a stored output).
-  const Layout lay =
-      make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
-                  depthwise ? kern.dw_qtile : kern.qtile, with_kdsb, at::get_num_threads(),
-                  depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
+  const int64_t float_qtile = kern.float_qtile ? kern.float_qtile : kern.qtile;
+  const Layout lay = make_layout(
+      x, intweight_in, stride, padding, dilation, groups, block_size,
+      depthwise ? kern.dw_qtile : kern.qtile, depthwise ? kern.dw_qtile : float_qtile, with_kdsb,
+      at::get_num_threads(), depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles.
@@ -322,17 +358,22 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     return y;
   }
   path_calls[lay.kfloat ? kPathFloat : kPathInt8].fetch_add(1, std::memory_order_relaxed);
+  if (!lay.kfloat && kern.conv_band != nullptr)
+    path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
 
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;
   std::vector<float> wf;
-  const int64_t R = !lay.kfloat ? kOTile : g.Og == 1 ? 1 : kFloatOTile;
+  const int64_t R = !lay.kfloat ? kern.otile : g.Og == 1 ? 1 : kFloatOTile;
   const int64_t otiles = (g.Og + R - 1) / R;
   if (lay.kfloat) {
     wf = float_weights(intweight_in, alpha, KDSb, lay, R);
   } else {
-    pw = packed_weights(intweight_in, alpha, KDSb, lay, kern.weight_elem_bytes);
+    pw = packed_weights(intweight_in, alpha, KDSb, lay, kern.weight_elem_bytes, kern.amx_weights);
   }
+  // The AMX o-tiles are 16 channels, so a layer has fewer of them than make_layout's split
+  // assumed: no chunk without any.
+  if (kern.conv_band != nullptr && !lay.kfloat) ochunks = std::min(ochunks, otiles);
   const int64_t oc_len = (otiles + ochunks - 1) / ochunks;
 
   const size_t act_b = align64(size_t(lay.act_words()) * 4);
@@ -404,6 +445,10 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
       sl.exponent_add = exponent_add;
       const Epilogue ep{epi.data() + grp * Ogp, epi.data() + (groups + grp) * Ogp, fuse_silu};
       const int64_t ot0 = oc * oc_len, ot1 = std::min(otiles, ot0 + oc_len);
+      if (kern.conv_band != nullptr && !lay.kfloat) {
+        kern.conv_band(sl, pw->stream(grp, 0), pw->stream_bytes, ep, ot0, ot1);
+        continue;
+      }
       if (ot1 - ot0 == 1) {  // one o-tile (depthwise, narrow layers): one call for the band
         if (lay.kfloat) {
           kern.float_tiles(sl, wf.data() + (grp * otiles + ot0) * g.Cg * lay.ntaps * R,
@@ -474,8 +519,8 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",
         [](int64_t tasks) -> int64_t { return dsconv_ext::cpu::parallel_probe(tasks); });
-  // Test hook: calls so far that took the int8, float-family and depthwise paths, and int8 bands
-  // folded with vscalefps (see Path).
+  // Test hook: calls so far that took the int8, float-family and depthwise paths, int8 bands
+  // folded with vscalefps, and int8 calls on the AMX kernel (see Path).
   m.def("_cpu_path_calls() -> int[]", []() -> std::vector<int64_t> {
     std::vector<int64_t> n;
     for (const auto& c : dsconv_ext::cpu::path_calls) n.push_back(c.load());

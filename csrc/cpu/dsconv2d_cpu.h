@@ -19,7 +19,8 @@
 //    128 * sum(q)). Per block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel
 //    (vscalefps), NaN for a block holding NaN/Inf; `usum`, 2^E * (sum of the block's
 //    mantissas), for KDSb. Each (block, tap) segment is an exact int32 dot product, then
-//    acc += alpha * 2^E * S (+ KDSb * usum).
+//    acc += alpha * 2^E * S (+ KDSb * usum). The k4 planes are also exactly the B operand of
+//    AMX's TDPBSUD (one row per k4 group, 16 pixels of 4 bytes): kernel_amx.cpp.
 //  * float (blocks of <= 4 channels: the 3-channel stem, tiny block sizes, and depthwise convs
 //    on the portable path).
 //    An int8 segment would hold <= 4 useful products and cost a whole float flush, so instead
@@ -73,11 +74,16 @@ struct Scratch {
   }
 };
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+// kAmx: the AVX-512 path with its int8 layers on AMX tiles (kernel_amx.cpp). kAmxModel: the
+// same kernel on a software model of the tiles, for AVX-512 machines without AMX (tests).
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3, kAmxModel = 4 };
 
 const char* isa_name(Isa isa);
 // Best ISA of this CPU, lowered by DSCONV_EXT_CPU_ISA (read on every call so tests can switch).
 Isa select_isa();
+// Whether this CPU and OS run AMX-INT8 (CPUID, XCR0, and Linux's per-process permission for the
+// tile data, requested here); if not, why not in *why.
+bool amx_usable(const char** why);
 
 // Output channels per int8 microkernel tile, for every ISA (the weight streams are laid out
 // for it), and per float-family tile (1 instead for groups with a single output channel).
@@ -112,6 +118,27 @@ struct SegHeader {
   int32_t corr[kOTile];  // -128 * sum of the segment's q: undoes the +128 of the activations
   float alpha[kOTile];
   float kdsb[kOTile];
+};
+
+// AMX weight streams, per (group, 16-output tile) and then per block b and tap t: an
+// AmxSegHeader, then the segment's A tiles (16 output rows x 4 * kc bytes of int8 weights, the
+// 4 channels of one k4 group per dword, as TDPBSUD takes them against the packed activations'
+// k4 planes as B rows). A block of K4 groups takes ceil(K4 / 16) A tiles of kc = min(K4, 16)
+// groups; the last starts at K4 - kc so that its B rows stay inside the block, its rows already
+// covered by the previous tile zero.
+constexpr int64_t kAmxTile = 16;  // output channels per A / C tile, pixels per B / C tile
+struct AmxSegHeader {
+  int32_t corr[kAmxTile];
+  float alpha[kAmxTile];
+  float kdsb[kAmxTile];
+};
+struct AmxK {
+  int64_t kc, nchunk;
+  explicit AmxK(int64_t K4) : kc(std::min<int64_t>(K4, 16)), nchunk((K4 + 15) / 16) {}
+  // First k4 group of A tile j.
+  int64_t start(int64_t K4, int64_t j) const { return std::min(16 * j, K4 - kc); }
+  int64_t a_bytes() const { return kAmxTile * 4 * kc; }
+  int64_t seg_bytes() const { return int64_t(sizeof(AmxSegHeader)) + nchunk * a_bytes(); }
 };
 
 struct PackedWeights {
@@ -251,11 +278,24 @@ struct IsaKernels {
   // The int8 packer stores each block exponent E as the integer E << 23 (kEscNonFinite for NaN /
   // Inf blocks) rather than as a float, and fills PackRow::erange.
   bool esc_shift;
+  // Pixels per float-family tile, where it differs from qtile (0: the same).
+  int64_t float_qtile = 0;
+  // int8 output channels per weight stream (o-tile).
+  int64_t otile = kOTile;
+  // int8 weights in the AMX layout (AmxSegHeader) instead of SegHeader.
+  bool amx_weights = false;
+  // If set, replaces conv_tiles: o-tiles [ot0, ot1) over every q tile of one slice in one call
+  // (the AMX kernels load the tile configuration once per call). `wstreams` is o-tile 0 of the
+  // slice's group, o-tile ot at wstreams + ot * stream_bytes.
+  void (*conv_band)(const Slice&, const uint8_t* wstreams, int64_t stream_bytes, const Epilogue&,
+                    int64_t ot0, int64_t ot1) = nullptr;
 };
 
 const IsaKernels& kernels_scalar();
 const IsaKernels& kernels_avx2();
 const IsaKernels& kernels_avx512();
+const IsaKernels& kernels_amx();
+const IsaKernels& kernels_amx_model();
 const IsaKernels& kernels_for(Isa isa);
 // The portable dfl_side (the AVX2 table uses it too).
 void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,

@@ -60,6 +60,7 @@ bool same(const TensorId& id, const at::Tensor* t) {
 struct Entry {
   TensorId w, a, b;
   int64_t block, elem_bytes, groups;
+  bool amx_weights;
   std::shared_ptr<const PackedWeights> packed;
 };
 
@@ -70,9 +71,26 @@ std::mutex g_mutex;
 std::list<Entry> g_entries;  // most recently used first
 size_t g_bytes = 0;
 
+// Where each weight and each segment's header go, for one of the two stream layouts.
+struct StreamLayout {
+  int64_t otile;      // output channels per stream
+  int64_t seg_bytes;  // per (block, tap): header, then weights
+  int64_t hdr_bytes;  // corr[otile], alpha[otile], kdsb[otile]
+  int elem_bytes;
+  AmxK amx;  // amx_weights only
+  bool amx_weights;
+  // Byte offset from the segment's weights of channel k of the block, output row r.
+  int64_t weight_at(int64_t K4, int64_t r, int64_t k) const {
+    const int64_t k4 = k / 4, lane = k % 4;
+    if (!amx_weights) return (((k4 * kOTile + r) * 4) + lane) * elem_bytes;
+    const int64_t j = k4 / 16;  // the A tile that owns the group
+    return j * amx.a_bytes() + r * 4 * amx.kc + (k4 - amx.start(K4, j)) * 4 + lane;
+  }
+};
+
 std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tensor& alpha,
                                     const c10::optional<at::Tensor>& KDSb, const Layout& lay,
-                                    int elem_bytes) {
+                                    int elem_bytes, bool amx_weights) {
   const ConvGeometry& g = lay.g;
   const at::Tensor q = intweight.contiguous();
   const at::Tensor a = alpha.to(at::kFloat).contiguous();
@@ -82,24 +100,34 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
   const float* ap = a.data_ptr<float>();
   const float* kp = kb.defined() ? kb.data_ptr<float>() : nullptr;
 
-  auto pw = std::make_shared<PackedWeights>();
+  static_assert(sizeof(SegHeader) == 12 * kOTile && sizeof(AmxSegHeader) == 12 * kAmxTile,
+                "headers are corr, alpha, kdsb arrays");
   const int64_t K4 = lay.K4, ntaps = lay.ntaps;
-  const int64_t wbytes = K4 * kOTile * 4 * elem_bytes;
-  pw->otiles = (g.Og + kOTile - 1) / kOTile;
-  pw->stream_bytes = g.nblk * ntaps * (int64_t(sizeof(SegHeader)) + wbytes);
+  StreamLayout sl{kOTile, 0, int64_t(sizeof(SegHeader)), elem_bytes, AmxK(K4), amx_weights};
+  sl.seg_bytes = sl.hdr_bytes + K4 * kOTile * 4 * elem_bytes;
+  if (amx_weights) {
+    sl.otile = kAmxTile;
+    sl.hdr_bytes = sizeof(AmxSegHeader);
+    sl.seg_bytes = sl.amx.seg_bytes();
+  }
+  const int64_t T = sl.otile;
+  auto pw = std::make_shared<PackedWeights>();
+  pw->otiles = (g.Og + T - 1) / T;
+  pw->stream_bytes = g.nblk * ntaps * sl.seg_bytes;
   pw->data.assign(size_t(g.groups * pw->otiles * pw->stream_bytes), 0);
 
+  std::vector<int32_t> corr(T);
+  std::vector<float> alphas(T), kdsb(T);
   for (int64_t grp = 0; grp < g.groups; ++grp) {
     for (int64_t ot = 0; ot < pw->otiles; ++ot) {
       uint8_t* s = pw->data.data() + (grp * pw->otiles + ot) * pw->stream_bytes;
       for (int64_t b = 0; b < g.nblk; ++b) {
         const int64_t c0 = block_begin(b, g.block), c1 = block_end(b, g.block, g.Cg);
         for (int64_t t = 0; t < ntaps; ++t) {
-          SegHeader h{};
-          uint8_t* wdst = s + sizeof(SegHeader);
-          for (int64_t r = 0; r < kOTile; ++r) {
-            const int64_t o = ot * kOTile + r;
-            h.alpha[r] = 1.f;  // padding channels: zero weights, never stored
+          uint8_t* wdst = s + sl.hdr_bytes;
+          for (int64_t r = 0; r < T; ++r) {
+            const int64_t o = ot * T + r;
+            corr[r] = 0, alphas[r] = 1.f, kdsb[r] = 0.f;  // padding channels: never stored
             if (o >= g.Og) continue;
             const int64_t oo = grp * g.Og + o;
             const int8_t* qo = qp + oo * g.Cg * ntaps;
@@ -112,29 +140,30 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
             for (int64_t c = c0; c < c1; ++c) {
               const int8_t v = zero ? int8_t(0) : qo[c * ntaps + t];
               sum += v;
-              const int64_t k = c - c0;  // (k4, lane) = (k / 4, k % 4)
-              const int64_t idx = ((k / 4) * kOTile + r) * 4 + k % 4;
-              if (elem_bytes == 1) {
-                wdst[idx] = static_cast<uint8_t>(v);
+              uint8_t* dst = wdst + sl.weight_at(K4, r, c - c0);
+              if (elem_bytes == 1 || amx_weights) {
+                *dst = static_cast<uint8_t>(v);
               } else {
                 const int16_t v16 = v;
-                std::memcpy(wdst + 2 * idx, &v16, 2);
+                std::memcpy(dst, &v16, 2);
               }
             }
-            h.corr[r] = -128 * sum;
-            if (!zero) h.alpha[r] = ap[at_idx];
-            h.kdsb[r] = kp ? kp[at_idx] : 0.f;
+            corr[r] = -128 * sum;
+            if (!zero) alphas[r] = ap[at_idx];
+            kdsb[r] = kp ? kp[at_idx] : 0.f;
           }
-          for (int64_t r = 0; r < kOTile; ++r) {
+          for (int64_t r = 0; r < T; ++r) {
             uint32_t bits;
-            std::memcpy(&bits, &h.alpha[r], 4);
+            std::memcpy(&bits, &alphas[r], 4);
             const int32_t e = static_cast<int32_t>((bits >> 23) & 0xFF);
             pw->alpha_normal &= e != 0 && e != 255;
             pw->alpha_exp_min = std::min(pw->alpha_exp_min, e);
             pw->alpha_exp_max = std::max(pw->alpha_exp_max, e);
           }
-          std::memcpy(s, &h, sizeof(SegHeader));
-          s += sizeof(SegHeader) + wbytes;
+          std::memcpy(s, corr.data(), 4 * T);
+          std::memcpy(s + 4 * T, alphas.data(), 4 * T);
+          std::memcpy(s + 8 * T, kdsb.data(), 4 * T);
+          s += sl.seg_bytes;
         }
       }
     }
@@ -147,26 +176,29 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
 std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
                                                     const at::Tensor& alpha,
                                                     const c10::optional<at::Tensor>& KDSb,
-                                                    const Layout& lay, int elem_bytes) {
+                                                    const Layout& lay, int elem_bytes,
+                                                    bool amx_weights) {
   const bool cacheable =
       trackable(intweight) && trackable(alpha) && (!KDSb.has_value() || trackable(*KDSb));
-  if (!cacheable) return pack(intweight, alpha, KDSb, lay, elem_bytes);
+  if (!cacheable) return pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
   const at::Tensor* kb = KDSb.has_value() ? &*KDSb : nullptr;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_entries.begin(); it != g_entries.end(); ++it) {
-      if (it->block == lay.g.block && it->elem_bytes == elem_bytes && it->groups == lay.g.groups &&
-          same(it->w, &intweight) && same(it->a, &alpha) && same(it->b, kb)) {
+      if (it->block == lay.g.block && it->elem_bytes == elem_bytes &&
+          it->amx_weights == amx_weights && it->groups == lay.g.groups && same(it->w, &intweight) &&
+          same(it->a, &alpha) && same(it->b, kb)) {
         g_entries.splice(g_entries.begin(), g_entries, it);
         return g_entries.front().packed;
       }
     }
   }
   // Pack outside the lock; a concurrent miss on the same weights packs twice, harmlessly.
-  std::shared_ptr<const PackedWeights> packed = pack(intweight, alpha, KDSb, lay, elem_bytes);
+  std::shared_ptr<const PackedWeights> packed =
+      pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_entries.push_front(Entry{make_id(&intweight), make_id(&alpha), make_id(kb), lay.g.block,
-                             elem_bytes, lay.g.groups, packed});
+                             elem_bytes, lay.g.groups, amx_weights, packed});
   g_bytes += packed->data.size();
   while (g_entries.size() > 1 && (g_entries.size() > kMaxEntries || g_bytes > kMaxBytes)) {
     g_bytes -= g_entries.back().packed->data.size();

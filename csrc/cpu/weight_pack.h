@@ -10,11 +10,13 @@
 namespace dsconv_ext {
 namespace cpu {
 
-// Weights packed for `lay`, cached by tensor identity and version (see weight_pack.cpp).
+// Weights packed for `lay`, cached by tensor identity and version (see weight_pack.cpp):
+// SegHeader streams of `elem_bytes` weights, or AmxSegHeader streams with amx_weights.
 std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
                                                     const at::Tensor& alpha,
                                                     const c10::optional<at::Tensor>& KDSb,
-                                                    const Layout& lay, int elem_bytes);
+                                                    const Layout& lay, int elem_bytes,
+                                                    bool amx_weights);
 
 }  // namespace cpu
 }  // namespace dsconv_ext

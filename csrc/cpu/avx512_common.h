@@ -1,0 +1,87 @@
+// AVX-512 helpers shared by the AVX-512 VNNI kernel (kernel_avx512.cpp) and the AMX kernel
+// (kernel_amx.cpp), whose fold and epilogue must be the same instructions for the two paths to
+// give bit-identical outputs.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/dsconv2d_cpu.h"
+
+// (prfchw: PREFETCHW, which every AVX-512 CPU has)
+#define DSCONV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,prfchw")))
+
+namespace dsconv_ext {
+namespace cpu {
+namespace avx512 {
+
+constexpr int64_t kVec = 16;
+
+DSCONV_AVX512 inline __mmask16 lane_range(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, kVec);
+  if (lo >= hi) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+}
+
+// e^x to about 2 ulp (Cephes expf polynomial); scalef makes large |x| saturate to inf / 0.
+DSCONV_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(89.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// dsconv_epilogue, 16 lanes: y = CDSw * acc + (CDSb + bias), then SiLU.
+DSCONV_AVX512 inline __m512 epilogue(__m512 acc, float cdsw, float cb, bool silu) {
+  const __m512 y = _mm512_fmadd_ps(acc, _mm512_set1_ps(cdsw), _mm512_set1_ps(cb));
+  if (!silu) return y;
+  const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), y));
+  return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+}
+
+inline int32_t bit_pattern(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+}
+
+// Stores 16 q-space values, the first of which is output (oh, ow), into the output plane `out`,
+// skipping columns >= Wo and rows >= oh1 (the band's end).
+DSCONV_AVX512 inline void store_vec(const Layout& lay, float* out, int64_t oh, int64_t ow,
+                                    int64_t oh1, __m512 y) {
+  const int64_t Wo = lay.g.Wo;
+  if (ow + kVec <= Wo && oh < oh1) {  // the common case: one row, all lanes real
+    _mm512_storeu_ps(out + oh * Wo + ow, y);
+    return;
+  }
+  int64_t lane = 0;
+  while (lane < kVec && oh < oh1) {
+    const int64_t n = std::min(kVec - lane, lay.Wq - ow);
+    const int64_t valid = std::min(n, Wo - ow);
+    // Lane `lane` goes to column ow: the base is shifted back by `lane`; masked-off lanes are
+    // never accessed.
+    if (valid > 0) {
+      _mm512_mask_storeu_ps(out + oh * Wo + ow - lane, lane_range(lane, lane + valid), y);
+    }
+    lane += n;
+    ++oh;
+    ow = 0;
+  }
+}
+
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace dsconv_ext

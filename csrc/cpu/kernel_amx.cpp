@@ -1,0 +1,294 @@
+// AMX-INT8 path for the int8 family (dsconv2d_cpu.h): the AVX-512 path with its int8
+// microkernel replaced by one on AMX tiles. Packing, the float family, depthwise and DFL stay
+// the AVX-512 ones.
+//
+// The packed activations are already what TDPBSUD takes as B: per block and k4 group one dword
+// of 4 mantissas + 128 (unsigned bytes) per pixel q, consecutive q consecutive, so B row k =
+// k4 group k of 16 pixels, 64 bytes, the rows one k4 plane apart. A = 16 output channels x
+// 4 * kc signed weight bytes (AmxSegHeader streams), C = [16 outputs][16 pixels] int32. A C tile
+// holds one (block, tap) segment's exact integer sums (less the -128 * sum(q) correction, added
+// in the fold as the AVX-512 kernel adds it): DSConv's per-segment fold
+// acc += alpha * 2^E * S (+ KDSb * usum) cannot be deferred, so every segment's C tile goes
+// through memory into AVX-512 registers. The fold then is the AVX-512 kernel's, instruction for
+// instruction and in the same (block, tap) order, so the two paths give bit-identical outputs.
+//
+// Blocking: one 16 x 16 C tile per microtile, its 16 float accumulators (one zmm per output
+// channel) held in registers across all segments: the fold is the bottleneck (4 vector ops per
+// 16 products' worth of output, against one TDPBSUD per 16 x 16 x 4 * kc), and accumulators in
+// memory would add a load and a store per vector to it. Two tile sets (C, A, B) alternate
+// between segments, so the next segment's loads and TDPBSUD are issued before the current
+// segment's fold and the core overlaps them.
+//
+// Templated over the tile layer (amx_tiles.h): AmxHw runs the instructions, AmxModel a software
+// model of them on any AVX-512 machine (DSCONV_EXT_CPU_ISA=amx_model).
+#include <immintrin.h>
+
+#if defined(__linux__) && defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include <vector>
+
+#include "cpu/amx_tiles.h"
+#include "cpu/avx512_common.h"
+#include "cpu/dsconv2d_cpu.h"
+
+namespace dsconv_ext {
+namespace cpu {
+namespace {
+
+using avx512::bit_pattern;
+using avx512::epilogue;
+using avx512::kVec;
+using avx512::store_vec;
+
+static_assert(kAmxTile == kVec, "a C tile row is one zmm of pixels");
+
+// Two tile sets: segment s uses set s % 2.
+constexpr int kC0 = 0, kC1 = 1, kA0 = 2, kA1 = 3, kB0 = 4, kB1 = 5;
+
+TileConfig band_config(const AmxK& k) {
+  TileConfig c{};
+  c.palette_id = 1;
+  for (int t : {kC0, kC1}) c.rows[t] = kAmxTile, c.colsb[t] = kAmxTile * 4;
+  for (int t : {kA0, kA1}) c.rows[t] = kAmxTile, c.colsb[t] = uint16_t(4 * k.kc);
+  for (int t : {kB0, kB1}) c.rows[t] = uint8_t(k.kc), c.colsb[t] = kAmxTile * 4;
+  return c;
+}
+
+// Per-call constants of a band.
+struct Band {
+  const uint8_t* act;  // packed activations, bytes
+  const float* esc;
+  const float* usum;
+  int64_t K4, nseg;
+  int64_t kplane_b;  // bytes from one k4 plane to the next: B's row stride
+  AmxK k;
+  int64_t seg_b;
+  // Per segment s = (block, tap): its first B row, in bytes from `act`, and its esc / usum
+  // offset, both at q = 0 (a table: no division by ntaps in the segment loop).
+  const int64_t* act_off;
+  const int64_t* esc_off;
+};
+
+// Segment s (block s / ntaps, tap s % ntaps) of the microtile at pixel q0 into tile set (C, A,
+// B), C then stored to `cst`: its integer sums, without the +128 correction.
+template <class T, int C, int A, int B>
+DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int64_t q0,
+                                int32_t* cst) {
+  const uint8_t* a = ws + s * d.seg_b + sizeof(AmxSegHeader);
+  const uint8_t* act = d.act + d.act_off[s] + q0 * 4;
+  T::template zero<C>();
+  for (int64_t j = 0; j < d.k.nchunk; ++j) {
+    T::template load<A>(a + j * d.k.a_bytes(), 4 * d.k.kc);
+    T::template load<B>(act + d.k.start(d.K4, j) * d.kplane_b, d.kplane_b);
+    T::template dp<DpSign::kSU, C, A, B>();
+  }
+  T::template store<C>(cst, kAmxTile * 4);
+}
+
+// acc += alpha * 2^E * (S + corr) (+ KDSb * usum) for segment s, from its stored C tile: the
+// AVX-512 kernel's fold (conv_tiles_impl there), with C row r as output channel r's 16 pixels.
+template <bool kKdsb, bool kExponentAdd>
+DSCONV_AVX512 inline void fold(const Band& d, const uint8_t* ws, int64_t s, int64_t q0,
+                               const int32_t* cst, __m512 (&f)[kAmxTile]) {
+  const AmxSegHeader* h = reinterpret_cast<const AmxSegHeader*>(ws + s * d.seg_b);
+  const int64_t e_off = d.esc_off[s] + q0;
+  const __m512i es = _mm512_loadu_si512(d.esc + e_off);
+  if (kExponentAdd) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kAmxTile; ++r) {
+      const __m512i sum =
+          _mm512_add_epi32(_mm512_load_si512(cst + r * kAmxTile), _mm512_set1_epi32(h->corr[r]));
+      const __m512 a2e =
+          _mm512_castsi512_ps(_mm512_add_epi32(_mm512_set1_epi32(bit_pattern(h->alpha[r])), es));
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), a2e, f[r]);
+    }
+  } else {
+    const __mmask16 bad = _mm512_cmpeq_epi32_mask(es, _mm512_set1_epi32(kEscNonFinite));
+    const __m512 ev =
+        _mm512_mask_mov_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(es, 23)), bad, _mm512_set1_ps(NAN));
+#pragma GCC unroll 16
+    for (int r = 0; r < kAmxTile; ++r) {
+      const __m512i sum =
+          _mm512_add_epi32(_mm512_load_si512(cst + r * kAmxTile), _mm512_set1_epi32(h->corr[r]));
+      const __m512 sc = _mm512_scalef_ps(_mm512_cvtepi32_ps(sum), ev);
+      f[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(h->alpha[r]), f[r]);
+    }
+  }
+  if (kKdsb) {
+    const __m512 u = _mm512_loadu_ps(d.usum + e_off);
+#pragma GCC unroll 16
+    for (int r = 0; r < kAmxTile; ++r) f[r] = _mm512_fmadd_ps(_mm512_set1_ps(h->kdsb[r]), u, f[r]);
+  }
+}
+
+// Fetches for writing the 16 output lines of the microtile (o0, q) that runs next, as the
+// AVX-512 kernel does for its next tile (prefetch_next_outputs there: without it every store of
+// a layer whose output is not cached waits for the line's read for ownership).
+DSCONV_AVX512 inline void prefetch_outputs(const Slice& sl, int64_t o0, int64_t q) {
+  const Layout& lay = *sl.lay;
+  const int64_t oh = q / lay.Wq + sl.oh0, ow = q % lay.Wq;
+  if (oh >= sl.oh1) return;
+  for (int64_t o = o0; o < std::min(o0 + kAmxTile, sl.nout); ++o) {
+    const char* p = reinterpret_cast<const char*>(sl.out + o * sl.out_cstride + oh * lay.g.Wo + ow);
+    _mm_prefetch(p, _MM_HINT_ET0);
+    _mm_prefetch(p + kAmxTile * 4 - 1, _MM_HINT_ET0);
+  }
+}
+
+// Q tiles outermost, as the band driver orders the other ISAs' calls: the tile's activations
+// stay in L1 while the weights of every o-tile stream from L2.
+template <class T, bool kKdsb, bool kExponentAdd>
+DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream_bytes,
+                             const Epilogue& ep, int64_t ot0, int64_t ot1) {
+  if (ot0 >= ot1 || sl.nqt <= 0) return;
+  const Layout& lay = *sl.lay;
+  const int64_t nseg = lay.g.nblk * lay.ntaps, kplane_b = lay.P * lay.Lq * 4;
+  static thread_local std::vector<int64_t> offsets;
+  offsets.resize(size_t(2 * nseg));
+  for (int64_t b = 0; b < lay.g.nblk; ++b) {
+    for (int64_t t = 0; t < lay.ntaps; ++t) {
+      offsets[b * lay.ntaps + t] = b * lay.K4 * kplane_b + lay.tapoff[t] * 4;
+      offsets[nseg + b * lay.ntaps + t] = b * lay.P * lay.Lq + lay.tapoff[t];
+    }
+  }
+  const AmxK k(lay.K4);
+  const Band d{reinterpret_cast<const uint8_t*>(sl.act),
+               sl.esc,
+               sl.usum,
+               lay.K4,
+               nseg,
+               kplane_b,
+               k,
+               k.seg_bytes(),
+               offsets.data(),
+               offsets.data() + nseg};
+  T::config(band_config(d.k));
+  alignas(64) int32_t cst[2][kAmxTile * kAmxTile];
+  for (int64_t qt = 0; qt < sl.nqt; ++qt) {
+    const int64_t q0 = qt * kAmxTile;
+    const int64_t oh = q0 / lay.Wq + sl.oh0, ow = q0 % lay.Wq;
+    for (int64_t ot = ot0; ot < ot1; ++ot) {
+      if (ot + 1 < ot1)
+        prefetch_outputs(sl, (ot + 1) * kAmxTile, q0);
+      else
+        prefetch_outputs(sl, ot0 * kAmxTile, q0 + kAmxTile);
+      const uint8_t* ws = ws0 + ot * stream_bytes;
+      __m512 f[kAmxTile];
+#pragma GCC unroll 16
+      for (int r = 0; r < kAmxTile; ++r) f[r] = _mm512_setzero_ps();
+      issue<T, kC0, kA0, kB0>(d, ws, 0, q0, cst[0]);
+      for (int64_t s = 0; s < d.nseg; s += 2) {
+        if (s + 1 < d.nseg) issue<T, kC1, kA1, kB1>(d, ws, s + 1, q0, cst[1]);
+        fold<kKdsb, kExponentAdd>(d, ws, s, q0, cst[0], f);
+        if (s + 1 == d.nseg) break;
+        if (s + 2 < d.nseg) issue<T, kC0, kA0, kB0>(d, ws, s + 2, q0, cst[0]);
+        fold<kKdsb, kExponentAdd>(d, ws, s + 1, q0, cst[1], f);
+      }
+      // Rows past the layer's output channels are zero-weight padding: folded, never stored.
+      // (Unrolled: with a run-time index into f, GCC kept the accumulators in memory.)
+      const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
+#pragma GCC unroll 16
+      for (int r = 0; r < kAmxTile; ++r) {
+        if (r >= nr) break;
+        const int64_t o = o0 + r;
+        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
+                  epilogue(f[r], ep.cdsw[o], ep.cb[o], ep.silu));
+      }
+    }
+  }
+  // Back to the init state: a context switch then saves no tile data.
+  T::release();
+}
+
+template <class T>
+DSCONV_AVX512 void conv_band(const Slice& sl, const uint8_t* ws0, int64_t stream_bytes,
+                             const Epilogue& ep, int64_t ot0, int64_t ot1) {
+  if (sl.usum) {
+    if (sl.exponent_add)
+      band_impl<T, true, true>(sl, ws0, stream_bytes, ep, ot0, ot1);
+    else
+      band_impl<T, true, false>(sl, ws0, stream_bytes, ep, ot0, ot1);
+  } else {
+    if (sl.exponent_add)
+      band_impl<T, false, true>(sl, ws0, stream_bytes, ep, ot0, ot1);
+    else
+      band_impl<T, false, false>(sl, ws0, stream_bytes, ep, ot0, ot1);
+  }
+}
+
+IsaKernels amx_kernels(decltype(IsaKernels::conv_band) band) {
+  IsaKernels k = kernels_avx512();
+  k.float_qtile = k.qtile;  // the AVX-512 float_tiles keep their 48-pixel tiles
+  k.qtile = kAmxTile;
+  k.otile = kAmxTile;
+  k.amx_weights = true;
+  k.conv_tiles = nullptr;  // conv_band takes every int8 call
+  k.conv_band = band;
+  return k;
+}
+
+}  // namespace
+
+bool amx_usable(const char** why) {
+#if DSCONV_HAVE_AMX_HW && defined(__linux__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) {
+    *why = "the CPU has no CPUID leaf 7";
+    return false;
+  }
+  __cpuid_count(7, 0, a, b, c, d);
+  if (!(d & (1u << 24)) || !(d & (1u << 25))) {
+    *why = "the CPU has no AMX-TILE / AMX-INT8 (CPUID.(EAX=7,ECX=0):EDX bits 24, 25)";
+    return false;
+  }
+  __cpuid(1, a, b, c, d);
+  if (!(c & (1u << 27))) {
+    *why = "the OS has not enabled XSAVE (CPUID.1:ECX.OSXSAVE)";
+    return false;
+  }
+  uint32_t xcr0_lo, xcr0_hi;
+  asm volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & (3u << 17)) != (3u << 17)) {
+    *why = "the OS has not enabled the tile state in XCR0 (bits 17 XTILECFG, 18 XTILEDATA)";
+    return false;
+  }
+  // Linux >= 5.16 keeps XTILEDATA off for a process until it asks (Documentation/arch/x86/
+  // xstate.rst); the grant covers every thread of the process.
+  constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+    *why = "Linux refused arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)";
+    return false;
+  }
+  unsigned long perm = 0;
+  if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &perm) != 0 ||
+      !(perm & (1ul << kXfeatureXtiledata))) {
+    *why = "arch_prctl(ARCH_GET_XCOMP_PERM) does not show XTILEDATA granted";
+    return false;
+  }
+  return true;
+#else
+  *why = "the AMX path is built for x86-64 Linux only";
+  return false;
+#endif
+}
+
+const IsaKernels& kernels_amx() {
+#if DSCONV_HAVE_AMX_HW
+  static const IsaKernels k = amx_kernels(&conv_band<AmxHw>);
+#else
+  static const IsaKernels k = amx_kernels(nullptr);
+#endif
+  return k;
+}
+
+const IsaKernels& kernels_amx_model() {
+  static const IsaKernels k = amx_kernels(&conv_band<AmxModel>);
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace dsconv_ext
