@@ -44,7 +44,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .errors import RegistrationError
 
-__all__ = ["HOOK_NAME", "ParseModelShapeError", "check_alias_treatment", "patch_parse_model"]
+__all__ = [
+    "HOOK_NAME",
+    "OURS_ATTR",
+    "ParseModelShapeError",
+    "check_alias_treatment",
+    "is_our_wrapper",
+    "patch_parse_model",
+]
 
 HOOK_NAME = "_dsconv_ext_row_hook"
 
@@ -182,12 +189,25 @@ def _describe(fn) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
+# Set on our parse_model wrapper to the wrapper itself: functools.wraps copies a wrapped
+# function's __dict__ into its wrapper, so another plugin's wrapper of ours carries our other
+# attributes (and would pass for ours), but this one then names a different function.
+OURS_ATTR = "__dsconv_ext_wrapper__"
+
+
+def is_our_wrapper(fn) -> bool:
+    """True for the parse_model wrapper of a dsconv_ext registration (not for a wrapper of it)."""
+    attrs = getattr(fn, "__dict__", None)
+    return attrs is not None and attrs.get(OURS_ATTR) is fn
+
+
 def _loaded_function(tasks) -> Callable:
     """The plain ``parse_model`` function that ``tasks`` runs, ours unwrapped; refuses anything
     whose source we must not recompile in its place (see the module docstring)."""
     current = getattr(tasks, "parse_model", None)
-    # Our own wrapper from an earlier registration (its original is what to recompile).
-    fn = getattr(current, "__dsconv_ext_original__", None) or current
+    fn = current
+    if is_our_wrapper(current):  # an earlier registration's: recompile what it wraps
+        fn = current.__dsconv_ext_original__
     if not inspect.isfunction(fn):
         raise _fail("ultralytics.nn.tasks.parse_model is missing or not a plain function")
     if hasattr(fn, "__wrapped__"):
@@ -405,6 +425,24 @@ def _wiring(layer) -> tuple:
     return top, convs
 
 
+def _wiring_difference(want, got) -> str:
+    """The first difference between two (output channels, wiring) pairs, as a template with
+    {alias} and {name}; empty when equal."""
+    (c_want, (top_want, convs_want)), (c_got, (top_got, convs_got)) = want, got
+    if c_want != c_got:
+        return f"{{alias}} gives {c_want} output channels, {{name}} {c_got}"
+    if top_want != top_got:
+        return f"{{alias}} is built as {top_want}, {{name}} as {top_got}"
+    if len(convs_want) != len(convs_got):
+        return f"{{alias}} has {len(convs_want)} convolutions, {{name}} {len(convs_got)}"
+    for a, b in zip(convs_want, convs_got):
+        if a != b:
+            return (
+                f"first different convolution (path, in, out, groups): {{alias}} {a}, {{name}} {b}"
+            )
+    return ""
+
+
 def check_alias_treatment(
     patched: Callable,
     tasks,
@@ -463,13 +501,12 @@ def check_alias_treatment(
         raise _fail(f"the row hook saw {len(ch)} channel counts, expected {len(rows) - 1}")
     bad = []
     for alias, ia, name, io in pairs:
-        want = (ch[ia], _wiring(layers[ia]))
-        got = (ch[io], _wiring(layers[io]))
-        if got != want:
+        diff = _wiring_difference((ch[ia], _wiring(layers[ia])), (ch[io], _wiring(layers[io])))
+        if diff:
+            n, args = PROBE_ROWS[alias]
             bad.append(
-                f"{name} is not scaled like {alias} (row {PROBE_ROWS[alias]} at scale {scale!r}: "
-                f"{alias} gives {want[0]} channels and {want[1]}, {name} gives {got[0]} channels "
-                f"and {got[1]})"
+                f"{name} is not scaled like {alias} (row [0, {n}, {name}, {args}] at scale "
+                f"{scale!r}: {diff.format(alias=alias, name=name)})"
             )
     if bad:
         raise _fail(

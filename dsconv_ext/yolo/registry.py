@@ -27,7 +27,13 @@ from typing import Dict, List, Optional
 from . import rows
 from .errors import RegistrationError
 from .import_hook import initializing, when_imported
-from .parse_patch import HOOK_NAME, ParseModelShapeError, check_alias_treatment, patch_parse_model
+from .parse_patch import (
+    HOOK_NAME,
+    OURS_ATTR,
+    ParseModelShapeError,
+    check_alias_treatment,
+    patch_parse_model,
+)
 
 __all__ = [
     "ALIASES",
@@ -184,6 +190,7 @@ def _wrap_parse_model(patched, original):
             rows.clear_row()
 
     parse_model.__dsconv_ext_original__ = original
+    setattr(parse_model, OURS_ATTR, parse_model)  # see parse_patch.OURS_ATTR
     return parse_model
 
 
