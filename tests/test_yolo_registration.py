@@ -157,6 +157,7 @@ def _unregistered(monkeypatch):
     try:
         yield tasks, real
     finally:
+        dy.unregister()  # in case the test registered (a refusal that failed to refuse)
         monkeypatch.undo()
         for name, obj in list(vars(tasks).items()):
             if isinstance(obj, type) and issubclass(obj, registry._Unavailable):
