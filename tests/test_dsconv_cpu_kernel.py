@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_ISAS
+from conftest import CPU_ISAS, require_isa
 from dsconv_cases import integer_exact_case, random_case
 
 import dsconv_ext
@@ -194,8 +194,7 @@ def test_fold_by_exponent_addition_or_scalef(what):
     normal float, and scales with vscalefps otherwise (out-of-range products, subnormal alphas,
     NaN / Inf blocks). Both agree with the reference; zero alphas (stored as zero weights)
     keep the fast fold."""
-    if torch.ops.dsconv_ext.cpu_isa() != "avx512_vnni":
-        pytest.skip("the exponent-add fold is the AVX-512 kernel's")
+    require_isa("avx512_vnni")  # the exponent-add fold is the AVX-512 kernel's
     g = torch.Generator().manual_seed(11)
     q, alpha, _ = quantize_weight(torch.randn(24, 40, 3, 3, generator=g), 8, 16)
     x = torch.randn(2, 40, 14, 14, generator=g)
