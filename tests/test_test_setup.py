@@ -35,10 +35,12 @@ def test_ultralytics_config_dir_is_private():
     from ultralytics.utils import SETTINGS
     from ultralytics.utils.checks import check_font
 
-    private = os.environ["YOLO_CONFIG_DIR"]
-    assert private == conftest.YOLO_CONFIG_DIR and _inside(private, tempfile.gettempdir())
+    private = conftest.YOLO_CONFIG_DIR
+    assert os.environ.get("YOLO_CONFIG_DIR") == private
+    assert _inside(private, tempfile.gettempdir())
     assert _inside(SETTINGS.file, private), SETTINGS.file
-    assert _inside(check_font("Arial.ttf"), private)
+    font = check_font("Arial.ttf")
+    assert font is not None and _inside(font, private), font
 
 
 def test_subprocesses_get_the_private_config_dir():
