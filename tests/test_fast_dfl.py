@@ -1,10 +1,12 @@
-"""The box decoder of converted YOLO heads: the compiled ``dfl_expectation`` op (every SIMD path)
-and ``FastDFL`` against a float64 reference and ultralytics' ``DFL``; opcheck; bad input."""
+"""The box decoder of converted YOLO heads: the compiled ``dfl_expectation`` op (every SIMD path),
+the PyTorch fallback and ``FastDFL`` against an independent float64 reference (the definition,
+written out here) and ultralytics' ``DFL``; opcheck; bad input."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,8 +27,36 @@ def _case(seed: int):
     return x, w
 
 
-def _reference(x, w):
-    return dfl_expectation_reference(x.double(), w.double()).float()
+def _reference(x, w) -> torch.Tensor:
+    """``y[b, s, a] = sum_i softmax_i(x[b, s*c1 + i, a]) * w[i]`` in float64 numpy, summed bin by
+    bin: shares no code with the package (whose reference uses torch's softmax and matmul)."""
+    xs, ws = x.detach().double().numpy(), w.detach().double().numpy().reshape(-1)
+    c1 = ws.size
+    nb, _, na = xs.shape
+    y = np.empty((nb, 4, na))
+    for b in range(nb):
+        for s in range(4):
+            bins = xs[b, s * c1 : (s + 1) * c1]  # [c1, A]
+            top = bins.max(axis=0)  # softmax is shift-invariant: keeps exp finite
+            num = np.zeros(na)
+            den = np.zeros(na)
+            for i in range(c1):
+                e = np.exp(bins[i] - top)
+                num += e * ws[i]
+                den += e
+            y[b, s] = num / den
+    return torch.from_numpy(y)
+
+
+def test_independent_reference_by_hand():
+    """The reference itself on a case worked out by hand: bins (0, ln 3) -> softmax (1/4, 3/4),
+    weights (2, 6) -> 0.5 + 4.5 = 5; equal bins -> the mean weight 4."""
+    x = torch.zeros(1, 8, 2, dtype=torch.float64)
+    x[0, 1, 0] = float(np.log(3.0))
+    w = torch.tensor([2.0, 6.0], dtype=torch.float64)
+    y = _reference(x, w)
+    assert torch.allclose(y[0, 0], torch.tensor([5.0, 4.0], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(y[0, 1:], torch.full((3, 2), 4.0, dtype=torch.float64), atol=1e-12)
 
 
 @needs_kernel
@@ -36,7 +66,7 @@ def test_op_matches_reference(isa):
     for seed in range(40):
         x, w = _case(seed)
         got = torch.ops.dsconv_ext.dfl_expectation(x, w)
-        want = _reference(x, w)
+        want = _reference(x, w).float()
         atol = 1e-5 * float(w.abs().max().clamp_min(1))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=atol, msg=f"{isa}, seed {seed}")
 
@@ -93,9 +123,21 @@ def test_wrapper_rejects_bad_input():
 
 
 def test_wrapper_other_dtypes_take_the_reference():
-    x, w = _case(1)
-    got = dfl_expectation(x.double(), w.double())
-    torch.testing.assert_close(got, dfl_expectation_reference(x.double(), w.double()))
+    """float64 takes the PyTorch fallback (``dfl_expectation_reference``): float64 rounding."""
+    for seed in range(6):
+        x, w = _case(seed)
+        got = dfl_expectation(x.double(), w.double())
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, _reference(x, w), rtol=1e-12, atol=1e-12)
+
+
+def test_package_reference_matches_independent_reference():
+    """The PyTorch fallback in float32 (what runs without the compiled op)."""
+    for seed in range(12):
+        x, w = _case(seed)
+        got = dfl_expectation_reference(x, w)
+        atol = 1e-5 * float(w.abs().max().clamp_min(1))
+        torch.testing.assert_close(got.double(), _reference(x, w), rtol=1e-5, atol=atol)
 
 
 def test_fast_dfl_matches_ultralytics_dfl():
@@ -113,5 +155,8 @@ def test_fast_dfl_matches_ultralytics_dfl():
             want, got = ref(x), fast(x)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * c1, msg=f"seed {seed}")
+        # and the definition: DFL's weights are the bin indices 0..c1-1
+        exact = _reference(x, torch.arange(c1, dtype=torch.float64))
+        torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5 * c1)
     x.requires_grad_(True)
     assert torch.equal(fast(x), ref(x))

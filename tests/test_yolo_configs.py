@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -142,26 +143,107 @@ def test_bad_groups_names_the_layer():
         build(_bad(16, [-1, 1, "BiLevelRoutingAttention", [7, 7]]), "n")
 
 
-def test_bra_flops_rule_matches_formula():
+def _bra_macs_counted(m, x) -> int:
+    """Multiply-accumulates of BiLevelRoutingAttention ``m`` on ``x``, counted independently of
+    dsconv_ext.yolo.flops: torch's FlopCounterMode counts the products (linear, convolution,
+    bmm) that the reference backend executes, and two closed forms adjust for what the counting
+    convention says differently from what that backend does:
+
+    - the output projection counts real pixels only; the reference projects the padded map;
+    - the routing softmax counts as thop counts softmax: per row of n_win**2 logits, topk exp,
+      topk - 1 adds and topk divides (after top-k selection), i.e. 3 * topk - 1 per region.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref = copy.deepcopy(m).eval()
+    ref.backend = "reference"
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ref(x)
+    macs = counter.get_total_flops() // 2  # it counts 2 FLOPs per multiply-add
+    n, c, h, w = x.shape
+    nw = m.n_win
+    hp, wp = (-(-h // nw) * nw, -(-w // nw) * nw) if m.auto_pad else (h, w)
+    if m.param_attention == "qkvo":
+        macs -= n * (hp * wp - h * w) * c * c
+    return macs + n * nw * nw * (3 * m.topk - 1)
+
+
+BRA_FLOP_CASES = [
+    ({}, (20, 20)),  # n_win 7: padded to 21 x 21
+    ({"n_win": 4, "topk": 3}, (13, 9)),
+    ({"n_win": 4, "topk": 2, "kv_downsample_mode": "ada_avgpool", "kv_per_win": 2}, (16, 16)),
+    ({"n_win": 2, "topk": 2, "kv_downsample_mode": "avgpool", "kv_downsample_ratio": 2}, (16, 16)),
+    ({"n_win": 4, "param_attention": "qkv", "side_dwconv": 5, "qk_dim": 32}, (12, 12)),
+]
+
+
+@pytest.mark.parametrize("kw,hw", BRA_FLOP_CASES)
+def test_bra_flops_rule_matches_independent_count(kw, hw):
     import thop
 
     from dsconv_ext.bra import BiLevelRoutingAttention
-    from dsconv_ext.yolo.flops import bra_macs, counting_rules
+    from dsconv_ext.yolo.flops import counting_rules
 
-    for kw, hw in (({}, (20, 20)), ({"n_win": 4, "topk": 3}, (13, 9))):
-        m = BiLevelRoutingAttention(64, num_heads=4, **kw).eval()
-        with counting_rules():
-            macs, _ = thop.profile(m, inputs=(torch.rand(2, 64, *hw),), verbose=False)
-        assert macs == bra_macs(m, *hw, batch=2)
+    m = BiLevelRoutingAttention(64, num_heads=4, **kw).eval()
+    x = torch.zeros(2, 64, *hw)
+    with counting_rules():
+        macs, _ = thop.profile(m, inputs=(x,), verbose=False)
+    assert macs == _bra_macs_counted(m, x) > 0
+
+
+def test_bra_independent_count_by_hand():
+    """The independent count itself, on a layer small enough to add up by hand: dim 8, n_win 2,
+    topk 1, qk_dim 8, 4 x 4 map (no padding), no lepe, batch 1. Per pixel: qkv 8 * 24 = 192,
+    output projection 8 * 8 = 64 -> 16 * 256 = 4096. Routing: 4 regions x 4 regions x 8 = 128
+    logits MACs, softmax 4 * (3 - 1) = 8. Attention: 4 regions x 4 queries x 1 region x 4 keys x
+    (8 + 8) = 1024. Total 5256."""
+    from dsconv_ext.bra import BiLevelRoutingAttention
+
+    m = BiLevelRoutingAttention(8, num_heads=2, n_win=2, topk=1, side_dwconv=0).eval()
+    assert _bra_macs_counted(m, torch.zeros(1, 8, 4, 4)) == 4096 + 128 + 8 + 1024
+
+
+DSCONV_FLOP_CASES = [
+    # (DSConv2d arguments, input shape, MACs of the float conv, of the KDS scaling), by hand:
+    # output elements x (C/g) x kh x kw, and output elements x kh x kw x ceil((C/g) / block).
+    # out 2 x 24 x 7 x 5 = 1680: 1680 * 40 * 9; blocks ceil(40 / 16) = 3: 1680 * 9 * 3
+    (dict(in_channels=40, out_channels=24, kernel_size=3, padding=1, block_size=16),
+     (2, 40, 7, 5), 604_800, 45_360),
+    # stride 2, 2 groups: out 1 x 24 x 5 x 4 = 480: 480 * 20 * 9; ceil(20 / 16) = 2: 480 * 9 * 2
+    (dict(in_channels=40, out_channels=24, kernel_size=3, stride=2, padding=1, groups=2,
+          block_size=16), (1, 40, 9, 7), 86_400, 8_640),
+    # 3 x 1 kernel: out 1 x 8 x 6 x 6 = 288: 288 * 16 * 3; one block: 288 * 3
+    (dict(in_channels=16, out_channels=8, kernel_size=(3, 1), padding=(1, 0), block_size=32),
+     (1, 16, 6, 6), 13_824, 864),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw,shape,conv_macs,kds_macs", DSCONV_FLOP_CASES)
+def test_dsconv2d_flops_rule_by_hand(kw, shape, conv_macs, kds_macs):
+    """Our DSConv2d rule = thop's own count of the equivalent float conv (checked against the
+    hand-computed number) + the KDS scaling, by hand."""
+    import thop
+
+    from dsconv_ext import DSConv2d
+    from dsconv_ext.yolo.flops import counting_rules
+
+    float_kw = {k: v for k, v in kw.items() if k != "block_size"}
+    float_macs, _ = thop.profile(
+        torch.nn.Conv2d(**float_kw, bias=False), inputs=(torch.zeros(shape),), verbose=False
+    )
+    assert float_macs == conv_macs
+    with counting_rules():
+        macs, _ = thop.profile(DSConv2d(**kw).eval(), inputs=(torch.zeros(shape),), verbose=False)
+    assert macs == conv_macs + kds_macs
 
 
 def test_model_info_flops_count_dsconv_and_bra():
-    """GFLOPs of model.info() (ultralytics' get_flops) = the float model's + our layers' extra."""
+    """GFLOPs of model.info() (ultralytics' get_flops) = the float model's + our layers' extra,
+    the extra computed here: the KDS scaling by its closed form, BRA by the independent count."""
     from ultralytics.utils.torch_utils import get_flops
 
     from dsconv_ext import DSConv2d
     from dsconv_ext.bra import BiLevelRoutingAttention
-    from dsconv_ext.yolo.flops import bra_macs, dsconv2d_macs
 
     ds = build("yolo11-C3k2-DSConv-BiFormer.yaml", "n")
     ref = build(yaml.safe_load((CONFIGS / "yolo11-BiFormer.yaml").read_text()), "n")
@@ -176,21 +258,23 @@ def test_model_info_flops_count_dsconv_and_bra():
         ref.eval()(torch.zeros(1, 3, IMGSZ, IMGSZ))
     for h in hooks:
         h.remove()
-    # DSConv2d: thop's conv count plus one multiply-add per block and tap for the KDS scaling
-    extra = sum(
-        dsconv2d_macs(m, y) - y.numel() * m.in_channels // m.groups * m.kernel_size[0] ** 2
-        for m, (_, y) in shapes.items()
-        if isinstance(m, DSConv2d)
-    )
+    # DSConv2d = the float conv that thop counts in `ref` + one multiply-add per output element,
+    # tap and block of input channels (scaling each block's integer sum)
+    extra = 0
+    for m, (_, y) in shapes.items():
+        if isinstance(m, DSConv2d):
+            kh, kw = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+            extra += y.numel() * kh * kw * math.ceil(m.in_channels // m.groups / m.block_size)
     got, want = get_flops(ds, IMGSZ), get_flops(ref, IMGSZ) + 2 * extra / 1e9
     assert got == pytest.approx(want, rel=1e-9) and extra > 0
-    # BiFormer = yolo11 + three channel-preserving BRA layers: the difference is their formula
+    # BiFormer = yolo11 + three channel-preserving BRA layers: the difference is their count
     from ultralytics.nn.tasks import DetectionModel
 
     plain = DetectionModel("yolo11n.yaml", verbose=False)
     bra = sum(
-        bra_macs(m, x[2], x[3])
+        _bra_macs_counted(m, torch.zeros(x))
         for m, (x, _) in shapes.items()
         if isinstance(m, BiLevelRoutingAttention) and any(m is r for r in ref.modules())
     )
+    assert bra > 0
     assert get_flops(ref, IMGSZ) == pytest.approx(get_flops(plain, IMGSZ) + 2 * bra / 1e9, rel=1e-9)

@@ -122,33 +122,127 @@ def test_in_place_concat_is_bit_identical(cfg):
 
 
 def test_in_place_concat_threads_do_not_share_buffers():
-    """Two threads running one converted model at once (each forward's Concat buffers are per
-    thread) get the single-threaded outputs."""
+    """Two threads running one converted model at once get their single-threaded outputs, bit
+    for bit: each forward's Concat buffers are per thread.
+
+    Interleaving is forced: a barrier in a forward hook on every layer that writes into a Concat
+    buffer holds each thread there until the other arrives, so at each such point both forwards
+    have written their slice and neither has read its buffer yet (a buffer shared between the
+    threads would hold the other thread's values by then). Input shapes change from step to step;
+    within a step both threads use one shape, because ultralytics' Detect head caches its anchors
+    per input shape on the module (not thread-safe across shapes, whatever dsconv_ext does).
+    test_concat_plan_buffers_are_per_thread runs different shapes at once on one plan."""
     import threading
 
     from dsconv_ext import quantize
+    from dsconv_ext.yolo.inplace_concat import InPlaceConcat
 
     model = quantize(trained_like())
+    writers = [
+        m
+        for m in model.modules()
+        if getattr(m, "concat_plan", None) is not None and not isinstance(m, InPlaceConcat)
+    ]
+    assert writers, "the converted model has no layer writing into a Concat buffer"
+    schedule = [(1, 64), (2, 64), (1, 96), (2, 32), (1, 32)]  # (batch, size) per step
     xs = [
-        torch.rand(1, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(s)) for s in (1, 2)
+        [
+            torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(100 * t + k))
+            for k, (n, size) in enumerate(schedule)
+        ]
+        for t in (0, 1)
     ]
     with torch.no_grad():
-        model(xs[0])  # learn the channel counts
-        want = [model(x)[0] for x in xs]
+        model(xs[0][0])  # learn the channel counts
+        want = [[model(x)[0] for x in xs[t]] for t in (0, 1)]  # one thread at a time
+
+    barrier = threading.Barrier(2, timeout=120)
+
+    def meet(module, inputs, output):
+        barrier.wait()  # (returns None: a hook's non-None result would replace the output)
+
+    hooks = [m.register_forward_hook(meet) for m in writers]
     got = [[], []]
+    errors = []
 
-    def run(i):
-        with torch.no_grad():
-            for _ in range(4):
-                got[i].append(model(xs[i])[0])
+    def run(t):
+        try:
+            with torch.no_grad():
+                for x in xs[t]:
+                    got[t].append(model(x)[0])
+        except BaseException as e:  # report it, and release the other thread from the barrier
+            errors.append(e)
+            barrier.abort()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in (0, 1):
-        assert len(got[i]) == 4 and all(torch.equal(g, want[i]) for g in got[i]), f"thread {i}"
+    try:
+        threads = [threading.Thread(target=run, args=(t,)) for t in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not errors, errors
+    for t in (0, 1):
+        assert len(got[t]) == len(schedule)
+        for k, (g, w) in enumerate(zip(got[t], want[t])):
+            assert torch.equal(g, w), f"thread {t}, step {k} {schedule[k]}"
+
+
+def test_concat_plan_buffers_are_per_thread():
+    """One ConcatPlan and InPlaceConcat layer used by two threads at once, with different shapes
+    per thread and per step: between writing its slice and concatenating, each thread waits for
+    the other at a barrier. Each gets torch.cat's result bit for bit, from its own buffer (the
+    output is the buffer its slice was written into, so nothing fell back to a copy)."""
+    import threading
+
+    from ultralytics.nn.modules import Concat
+
+    from dsconv_ext.yolo.inplace_concat import ConcatPlan, InPlaceConcat
+
+    layer = Concat(1)
+    layer.__class__ = InPlaceConcat
+    layer.concat_plan = plan = ConcatPlan()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # learn the channel counts [3, 5]
+        layer([torch.zeros(1, 3, 2, 2), torch.zeros(1, 5, 2, 2)])
+    # (batch, height, width) per step and thread: equal and different shapes in turn
+    shapes = [((1, 4, 4), (1, 4, 4)), ((2, 3, 5), (1, 6, 2)), ((1, 8, 8), (1, 8, 8))]
+    shapes += [((2, 4, 4), (2, 5, 5))]
+    data = [
+        [(torch.randn(n, 3, h, w, generator=g), torch.randn(n, 5, h, w, generator=g))
+         for (n, h, w) in (step[t] for step in shapes)]
+        for t in (0, 1)
+    ]  # fmt: skip
+    barrier = threading.Barrier(2, timeout=60)
+    results = [[], []]
+    errors = []
+
+    def run(t):
+        try:
+            with torch.no_grad():
+                for a, b in data[t]:
+                    slot = plan.slot(1, a, 5, a.shape[2], a.shape[3])  # a writer's store
+                    slot.copy_(b)
+                    barrier.wait()  # the other thread has written its slice too
+                    out = layer([a, slot])
+                    results[t].append((out, slot))
+                    barrier.wait()  # neither starts the next step before both concatenated
+        except BaseException as e:
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (0, 1)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for t in (0, 1):
+        for k, ((out, slot), (a, b)) in enumerate(zip(results[t], data[t])):
+            assert torch.equal(out, torch.cat([a, b], 1)), f"thread {t}, step {k}"
+            assert out[:, 3:].data_ptr() == slot.data_ptr(), f"thread {t}, step {k}: copied"
 
 
 def test_in_place_concat_layer_falls_back_to_cat():

@@ -18,7 +18,6 @@ from yolo_helpers import (
     IMGSZ,
     images,
     make_dataset,
-    offline_fonts,
     pth_site,
     rel_err,
     run_python,
@@ -39,8 +38,7 @@ TASKS = {
 def setup():
     import dsconv_ext.yolo as dy
 
-    offline_fonts()
-    dy.register()
+    dy.register()  # (conftest put a font in the private config dir: check_font stays offline)
 
 
 def _raw(model, x):

@@ -1,7 +1,8 @@
 """Shared pieces of the YOLO integration tests: offline ultralytics, synthetic data, subprocesses.
 
 Everything runs offline: ``YOLO_OFFLINE=1``, a local TTF stands in for ultralytics' Arial
-download, and datasets are drawn here (coloured rectangles; boxes, polygons or rotated boxes).
+download (tests/conftest.py puts it in the private ``YOLO_CONFIG_DIR``), and datasets are drawn
+here (coloured rectangles; boxes, polygons or rotated boxes).
 """
 
 from __future__ import annotations
@@ -33,28 +34,15 @@ def pkg_parent() -> str:
     return str(Path(dsconv_ext.__file__).resolve().parents[1])
 
 
-def offline_fonts() -> None:
-    """Put a TTF where ultralytics looks for Arial, so that it never tries to download one."""
-    import matplotlib
-    from ultralytics.utils import USER_CONFIG_DIR
-
-    src = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
-    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
-        dst = Path(USER_CONFIG_DIR) / name
-        if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
-
-
 def subprocess_env(**extra) -> dict:
-    """Environment for a fresh Python: finds our dsconv_ext, offline, same ultralytics settings."""
-    from ultralytics.utils import USER_CONFIG_DIR
-
+    """Environment for a fresh Python: finds our dsconv_ext, offline, and the private
+    YOLO_CONFIG_DIR that tests/conftest.py set up (never the user's real one)."""
     env = dict(os.environ)
+    assert env.get("YOLO_CONFIG_DIR"), "tests/conftest.py sets a private YOLO_CONFIG_DIR"
     env["PYTHONPATH"] = os.pathsep.join(
         [pkg_parent(), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     )
-    env.update(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=str(Path(USER_CONFIG_DIR).parent))
+    env.update(YOLO_OFFLINE="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -25,8 +25,15 @@ import warnings
 from typing import Dict, List, Optional
 
 from . import rows
+from .errors import RegistrationError
 from .import_hook import initializing, when_imported
-from .parse_patch import HOOK_NAME, ParseModelShapeError, patch_parse_model
+from .parse_patch import (
+    HOOK_NAME,
+    OURS_ATTR,
+    ParseModelShapeError,
+    check_alias_treatment,
+    patch_parse_model,
+)
 
 __all__ = [
     "ALIASES",
@@ -51,10 +58,6 @@ ALIASES = {
     "C3": ("C3k_DSConv",),
     "C3k2": ("C3k2_DSConv",),
 }
-
-
-class RegistrationError(RuntimeError):
-    """The installed ultralytics cannot be extended (too old, or changed shape)."""
 
 
 _lock = threading.RLock()
@@ -187,6 +190,7 @@ def _wrap_parse_model(patched, original):
             rows.clear_row()
 
     parse_model.__dsconv_ext_original__ = original
+    setattr(parse_model, OURS_ATTR, parse_model)  # see parse_patch.OURS_ATTR
     return parse_model
 
 
@@ -341,6 +345,31 @@ def _install_unavailable(reason: str) -> None:
         tasks.__dict__.setdefault(name, stub)
 
 
+def _is_ours(obj) -> bool:
+    """Defined by dsconv_ext: our classes, the row hook, the stand-ins of a failed registration
+    (also those of an earlier import of dsconv_ext, whose class objects differ from ours)."""
+    return str(getattr(obj, "__module__", "")).startswith("dsconv_ext.")
+
+
+def _check_names_free(tasks, names) -> None:
+    """Refuse to shadow a name that ultralytics itself defines (a future ``DSConv``, say):
+    overwriting it would silently change what ultralytics' own YAMLs and code build."""
+    taken = {
+        name: tasks.__dict__[name]
+        for name in names
+        if name in tasks.__dict__ and not _is_ours(tasks.__dict__[name])
+    }
+    if taken:
+        what = ", ".join(
+            f"{name} ({getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', obj)})"
+            for name, obj in taken.items()
+        )
+        raise _shape_error(
+            f"ultralytics.nn.tasks already defines {what}, which dsconv_ext would replace with "
+            "its own module of that name"
+        )
+
+
 def _register() -> None:
     import torch
     import ultralytics
@@ -352,15 +381,19 @@ def _register() -> None:
     from ultralytics.nn import tasks
 
     classes = yaml_classes()
-    patched = patch_parse_model(tasks, ALIASES)  # raises before anything is changed
+    _check_names_free(tasks, [*classes, HOOK_NAME])
+    # Everything below up to the first assignment raises before ultralytics is changed.
+    patched = patch_parse_model(tasks, ALIASES)
+    ours = {cls: name for name, cls in classes.items()}
+    hook = rows.row_hook(ours)
+    check_alias_treatment(patched, tasks, ALIASES, classes, hook)
     targets = _targets()
 
     saved: Dict[str, object] = {
         "names": {k: tasks.__dict__.get(k, _MISSING) for k in [*classes, HOOK_NAME]}
     }
-    ours = {cls: name for name, cls in classes.items()}
     tasks.__dict__.update(classes)
-    tasks.__dict__[HOOK_NAME] = rows.row_hook(ours)
+    tasks.__dict__[HOOK_NAME] = hook
 
     original = tasks.parse_model
     wrapper = _wrap_parse_model(patched, original)
