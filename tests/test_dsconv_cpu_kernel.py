@@ -215,6 +215,15 @@ def test_weight_cache_sees_in_place_updates(isa):
     assert_close(op(case), dsconv2d_reference(**case), "after alpha.mul_()")
     kb.add_(0.5)
     assert_close(op(case), dsconv2d_reference(**case), "after KDSb.add_()")
+    # Writes that do not bump the version counter: seen by the content check.
+    q.data.neg_()
+    assert_close(op(case), dsconv2d_reference(**case), "after q.data.neg_()")
+    alpha.numpy()[:] *= 0.5
+    assert_close(op(case), dsconv2d_reference(**case), "after a numpy write to alpha")
+    kb.data.sub_(0.25)
+    assert_close(op(case), dsconv2d_reference(**case), "after KDSb.data.sub_()")
+    q.numpy()[3] = -q.numpy()[3]  # one output channel
+    assert_close(op(case), dsconv2d_reference(**case), "after a numpy write to one channel")
     case["intweight"] = q.clone()[:, :, :, :]  # a new tensor with the same values
     assert_close(op(case), dsconv2d_reference(**case), "new tensor")
     case["intweight"] = torch.flip(q, [0]).contiguous()
@@ -226,6 +235,28 @@ def test_weight_cache_sees_in_place_updates(isa):
         assert_close(op(dict(case, intweight=qi)), dsconv2d_reference(**dict(case, intweight=qi)),
                      "inference tensor")  # fmt: skip
         assert not torch.equal(y1, op(dict(case, intweight=qi)))
+
+
+def test_weight_cache_sees_any_output_channel_rewritten_behind_its_back():
+    """On the largest YOLO11s layer (512 -> 512, 3x3: intweight 2.36 MB, where the content check
+    samples rather than hashes it all; csrc/cpu/content_check.h), negating one output channel's
+    weights through numpy (no version bump) is seen, whichever channel (every 8th, and the last,
+    to keep this within a few seconds)."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randint(-127, 128, (512, 512, 3, 3), generator=g).to(torch.int8)
+    q[q == 0] = 1  # so that negating a channel changes its every byte
+    alpha = torch.rand(512, 16, 3, 3, generator=g) + 0.5
+    x = torch.randn(1, 512, 1, 1, generator=g)
+    case = dict(x=x, intweight=q, alpha=alpha, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                groups=1, block_size=32, act_bits=8, fuse_silu=False)  # fmt: skip
+    y = op(case)
+    qn = q.numpy()
+    for o in [*range(0, 512, 8), 511]:
+        qn[o] = -qn[o]
+        y_new = op(case)
+        assert not torch.equal(y_new[0, o], y[0, o]), f"channel {o}: stale packed weights"
+        assert torch.equal(y_new, op(dict(case, intweight=q.clone()))), f"channel {o}"
+        y = y_new
 
 
 def test_layouts_and_empty():

@@ -32,6 +32,7 @@ from dsconv_cases import (
     wide_case,
 )
 from dsconv_compare import BRUTE_ATOL, BRUTE_RTOL, close, exact
+from test_dsconv_reference_brute_force import N_CASES as BRUTE_CASES
 
 from dsconv_ext import dsconv2d_reference
 from dsconv_ext.dsconv.checks import check_dsconv2d_args
@@ -216,7 +217,7 @@ GENERATORS = {
         dsconv2d_reference,
     ),  # fmt: skip
     "dw_case": (dw_case, range(240), _kernel_cmp, dsconv2d_reference),
-    "brute_case": (brute_case, range(48), _brute_cmp, _brute_oracle),
+    "brute_case": (brute_case, range(BRUTE_CASES), _brute_cmp, _brute_oracle),
     "random_case(small)": (
         lambda i: random_case(i, max_c=8, max_hw=5, max_n=2),
         range(25),
@@ -286,8 +287,7 @@ def test_every_mutant_is_caught(name, one_thread):
 def test_excuses_are_not_hiding_changes(one_thread):
     """An excused (case, mutant) must really leave the output unchanged: the excuses are
     computed from the case, and this checks them against the mutants' outputs."""
-    for name in ("random_case", "dw_case", "brute_case"):
-        make, seeds, _, _ = GENERATORS[name]
+    for name, (make, seeds, _, _) in GENERATORS.items():
         for seed in list(seeds)[:60]:
             case = make(seed)
             ys = mutant_outputs(case)

@@ -327,10 +327,9 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
                 O * Ho * Wo, ", ", Ho * Wo, ", ", Wo, ", 1]), got strides ", y.strides());
     overlap = out_overlap(y, x_in);
     TORCH_CHECK(overlap != Overlap::kYes,
-                "dsconv2d_out: out must not overlap x (they share memory: x would be "
-                "overwritten while it is read); got x with sizes ",
-                x_in.sizes(), " strides ", x_in.strides(), " and out with strides ", y.strides(),
-                " in the same memory");
+                "dsconv2d_out: out must not overlap x: they share memory, and x would be "
+                "overwritten while it is read (x: sizes ",
+                x_in.sizes(), ", strides ", x_in.strides(), "; out: strides ", y.strides(), ")");
   }
   if (y.numel() == 0) return y;
   const int64_t y_nstride = N == 1 ? 0 : y.stride(0);
