@@ -5,14 +5,17 @@ The path quantises each value on its own (a one-channel BFP block) straight from
 sized for L1, so the cases here vary what it depends on: plane sizes from 1 pixel to several
 bands, strides, padding, dilation, kernel sizes (3x3 has its own unrolled tile), channel
 multipliers, batch, thread count, every epilogue option, act_bits 2..8, and values across the
-float range: subnormal, huge, NaN and Inf. A failing case prints its seed: ``dw_case(seed)``.
+float range: subnormal, huge, NaN and Inf. A failing case prints its seed: ``dw_case(seed)``
+(dsconv_cases.py, which makes every case's convolution visible past the comparison's tolerance).
 """
 
 import math
 
 import pytest
 import torch
-from test_dsconv_cpu_kernel import assert_close, describe, op
+from dsconv_cases import dw_case
+from dsconv_compare import assert_close
+from test_dsconv_cpu_kernel import describe, op
 
 import dsconv_ext
 from dsconv_ext import dsconv2d_reference
@@ -23,55 +26,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 PATHS = ("int8", "float", "depthwise")  # order of torch.ops.dsconv_ext._cpu_path_calls()
-
-
-def dw_case(seed):
-    """A random depthwise conv: groups == C, 1..3 outputs per channel."""
-    g = torch.Generator().manual_seed(20_000 + seed)
-
-    def ri(lo, hi):
-        return int(torch.randint(lo, hi + 1, (1,), generator=g))
-
-    C, Og = ri(1, 12), [1, 1, 1, 2, 3][ri(0, 4)]
-    kh, kw = [(3, 3), (3, 3), (3, 3), (1, 1), (5, 5), (2, 3), (3, 1), (7, 7)][ri(0, 7)]
-    stride = [(1, 1), (1, 1), (2, 2), (1, 2), (2, 1), (3, 3)][ri(0, 5)]
-    dilation = [(1, 1), (1, 1), (1, 1), (2, 2), (1, 3), (2, 1), (3, 1)][ri(0, 6)]
-    padding = (ri(0, 3), ri(0, 3))
-    if ri(0, 2) == 0:  # the Detect head's geometry, which AVX-512 runs in its own tile
-        kh, kw, stride, dilation = 3, 3, (1, 1), (ri(1, 2), 1)
-    big = ri(0, 4) == 0  # several bands per channel
-    hmax = 130 if big else 30
-    H = ri(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), hmax)
-    W = ri(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), hmax)
-    N = ri(1, 3)
-    scale = [1.0, 1.0, 1.0, 1e-3, 1e3, 1e-39, 1e-42, 1e-30, 1e30][ri(0, 8)]
-    x = torch.randn(N, C, H, W, generator=g) * scale
-    if ri(0, 2) == 0:
-        x = torch.nn.functional.silu(x)
-    if ri(0, 5) == 0:  # exact zeros, values at the top of a binade and subnormals mixed in
-        x.view(-1)[:: ri(2, 7)] = 0.0
-        x.view(-1)[1 :: ri(3, 9)] = 2.0 ** ri(-140, 20) * (2 - 2.0 ** -ri(1, 9))
-        x.view(-1)[2 :: ri(3, 9)] = 2.0**-149 * ri(1, 2**20)
-    if ri(0, 5) == 0:  # NaN / Inf propagate to exactly the outputs that read them
-        for _ in range(ri(1, 3)):
-            x[ri(0, N - 1), ri(0, C - 1), ri(0, H - 1), ri(0, W - 1)] = [
-                math.nan,
-                math.inf,
-                -math.inf,
-            ][ri(0, 2)]
-    block = [1, 8, 32][ri(0, 2)]  # any block size: a depthwise block is one channel
-    q, alpha, kdsb = quantize_weight(
-        torch.randn(C * Og, 1, kh, kw, generator=g), ri(2, 8), block, kds_bias=ri(0, 2) == 0
-    )
-    case = dict(x=x, intweight=q, alpha=alpha, KDSb=kdsb, stride=stride, padding=padding,
-                dilation=dilation, groups=C, block_size=block, act_bits=ri(2, 8),
-                fuse_silu=bool(ri(0, 1)))  # fmt: skip
-    if ri(0, 1):
-        case["CDSw"] = torch.rand(C * Og, generator=g) + 0.5
-        case["CDSb"] = torch.randn(C * Og, generator=g)
-    if ri(0, 1):
-        case["bias"] = torch.randn(C * Og, generator=g)
-    return case
 
 
 def path_calls():

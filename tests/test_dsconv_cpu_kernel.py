@@ -2,8 +2,10 @@
 
 Every path the CPU can run is tested in-process: the kernel re-reads ``DSCONV_EXT_CPU_ISA`` on
 each call, so ``avx2`` and ``scalar`` can be forced on an AVX-512 machine. A failing random case
-names its generator and seed (``random_case(i)`` from dsconv_cases.py, ``wide_case(i)`` here), so
-it can be rerun alone.
+names its generator and seed (``random_case(i)``, ``wide_case(i)`` from dsconv_cases.py), so it
+can be rerun alone. Every generated case can fail: its convolution moves the output by at least 50x
+the comparison's tolerance (dsconv_compare.py, checked by the generators; see
+test_dsconv_mutations.py for what these comparisons catch).
 """
 
 import math
@@ -11,7 +13,8 @@ import math
 import pytest
 import torch
 from conftest import CPU_ISAS, use_isa
-from dsconv_cases import integer_exact_case, random_case
+from dsconv_cases import integer_exact_case, random_case, wide_case
+from dsconv_compare import assert_close, exact
 
 import dsconv_ext
 from dsconv_ext import dsconv2d_reference
@@ -20,11 +23,6 @@ from dsconv_ext.dsconv.quant_primitives import num_blocks, quantize_weight
 pytestmark = pytest.mark.skipif(
     dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
 )
-
-RTOL = 1e-5  # relative to max |y|
-# Plus a few hundred subnormal steps: outputs of tiny activations can be subnormal, where float32
-# has no relative precision left (the reference rounds once from float64, the kernel per step).
-ATOL = 256 * 2.0**-149
 
 
 def op(case):
@@ -38,71 +36,6 @@ def op(case):
 
 def describe(case):
     return {k: (tuple(v.shape) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-
-
-def assert_close(y, ref, what):
-    assert y.shape == ref.shape and y.dtype == ref.dtype, what
-    assert torch.equal(torch.isnan(y), torch.isnan(ref)), f"NaN pattern differs: {what}"
-    fin = ~torch.isnan(ref)
-    scale = ref[fin].abs().max().item() if fin.any() else 0.0
-    err = (y[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
-    assert err <= RTOL * scale + ATOL, f"max err {err:.3g} vs max |y| {scale:.3g}: {what}"
-
-
-def wide_case(seed, exact=False):
-    """Larger problems than random_case: several bands and pixel tiles, int8 blocks of many
-    channels, uneven block splits, big kernels, strides, tiny / huge / subnormal activations."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-
-    def ri(lo, hi):
-        return int(torch.randint(lo, hi + 1, (1,), generator=g))
-
-    kind = ri(0, 9)
-    if kind == 0:  # depthwise, maybe with a channel multiplier
-        groups = ri(1, 40)
-        Cg, Og = 1, ri(1, 3)
-    else:
-        groups = [1, 1, 1, 2, 3, 4][ri(0, 5)]
-        Cg, Og = ri(1, 72 // groups), ri(1, 24)
-    kh, kw = [(3, 3), (3, 3), (1, 1), (5, 5), (2, 3), (1, 4)][ri(0, 5)]
-    if exact:  # every partial sum below 2^24, so that float32 holds it exactly
-        Cg = min(Cg, (2**24 - 1) // (kh * kw * 127 * 128))
-    C, O = Cg * groups, Og * groups
-    stride = (ri(1, 3), ri(1, 3))
-    dilation = (ri(1, 2), ri(1, 2))
-    padding = (ri(0, 3), ri(0, 3))
-    H = ri(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 40)
-    W = ri(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 40)
-    block_size = [1, 2, 3, 4, 5, 7, 8, 16, 31, 32, 33, 64, 1024][ri(0, 12)]
-    bits, act_bits = ri(2, 8), ri(2, 8)
-    N = ri(1, 3)
-    # Down to subnormal blocks; not up to float32's limit, where float32 accumulation overflows
-    # while the float64 reference does not.
-    scale = [1.0, 1.0, 1e-3, 1e3, 1e-39, 1e-30, 1e-42, 1e30][ri(0, 7)]
-    x = torch.randn(N, C, H, W, generator=g) * scale
-    if ri(0, 3) == 0:
-        x = torch.nn.functional.silu(x)
-    w = torch.randn(O, Cg, kh, kw, generator=g)
-    q, alpha, kdsb = quantize_weight(w, bits, block_size, kds_bias=ri(0, 2) == 0)
-    case = dict(x=x, intweight=q, alpha=alpha, KDSb=kdsb, stride=stride, padding=padding,
-                dilation=dilation, groups=groups, block_size=block_size, act_bits=act_bits,
-                fuse_silu=bool(ri(0, 1)))  # fmt: skip
-    if ri(0, 1):
-        case["CDSw"] = torch.rand(O, generator=g) + 0.5
-        case["CDSb"] = torch.randn(O, generator=g)
-    if ri(0, 1):
-        case["bias"] = torch.randn(O, generator=g)
-    if exact:
-        # Integer activations with each block's max |x| in [64, 127]: E = 0 at 8 bits, and with
-        # alpha = 1 the output is the sum of the per-(block, tap) integer sums.
-        xi = torch.randint(-127, 128, x.shape, generator=g).float()
-        for grp in range(groups):
-            for b0 in range(0, Cg, block_size):
-                xi[:, grp * Cg + b0] = torch.randint(64, 128, xi[:, 0].shape, generator=g).float()
-        case.update(x=xi, alpha=torch.ones_like(alpha), KDSb=None, act_bits=8, fuse_silu=False)
-        for k in ("CDSw", "CDSb", "bias"):
-            case.pop(k, None)
-    return case
 
 
 @pytest.mark.parametrize("chunk", range(4))
@@ -122,7 +55,7 @@ def test_integer_sums_exact(isa):
         for kind, case in (("integer_exact_case", integer_exact_case(i)),
                            ("wide_case", wide_case(i, exact=True))):  # fmt: skip
             y, ref = op(case), dsconv2d_reference(**case)
-            assert torch.equal(y, ref), f"{kind}({i}) {describe(case)}"
+            assert exact(y, ref) is None, f"{kind}({i}) {describe(case)}"
 
 
 def test_each_block_tap_sum_exact(isa):
@@ -229,6 +162,25 @@ def test_fold_by_exponent_addition_or_scalef(what, fold_isa, monkeypatch):
         assert_close(y, ref, what)
 
 
+@pytest.mark.parametrize("block", [8, 1])
+def test_blocks_below_the_smallest_subnormal_scale(isa, block, request):
+    """Activations so small (a block's max |x| below 2^(-149 + act_bits - 2), ~1e-43 at 8 bits)
+    that 2^E is below float32's smallest subnormal, while each m * 2^E is still a float32
+    value. The AVX-512 int8 path (vscalefps on E) and every float family path (ldexpf) get them
+    right. The scalar and AVX2 int8 paths keep 2^E as a float, which underflows to 0: those
+    blocks are lost (found by the visible-convolution cases, not fixed here: activations of
+    ~1e-43 are zero for any network). Strict xfail, so that a fix shows."""
+    if block == 8 and isa in ("avx2", "scalar"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="2^E < 2^-149 underflows"))
+    g = torch.Generator().manual_seed(block)
+    x = torch.randint(-40, 41, (1, 8, 5, 16), generator=g).float() * 2.0**-149
+    q = torch.randint(-127, 128, (4, 8, 1, 1), generator=g).to(torch.int8)
+    case = dict(x=x, intweight=q, alpha=torch.full((4, 8 // block, 1, 1), 2.0**20),
+                stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, block_size=block,
+                act_bits=8, fuse_silu=False)  # fmt: skip
+    assert_close(op(case), dsconv2d_reference(**case), f"block {block}")
+
+
 def test_threads_give_identical_results(threads):
     """The split into bands / channel chunks changes with the thread count; the arithmetic of
     each output does not."""
@@ -263,6 +215,15 @@ def test_weight_cache_sees_in_place_updates(isa):
     assert_close(op(case), dsconv2d_reference(**case), "after alpha.mul_()")
     kb.add_(0.5)
     assert_close(op(case), dsconv2d_reference(**case), "after KDSb.add_()")
+    # Writes that do not bump the version counter: seen by the content check.
+    q.data.neg_()
+    assert_close(op(case), dsconv2d_reference(**case), "after q.data.neg_()")
+    alpha.numpy()[:] *= 0.5
+    assert_close(op(case), dsconv2d_reference(**case), "after a numpy write to alpha")
+    kb.data.sub_(0.25)
+    assert_close(op(case), dsconv2d_reference(**case), "after KDSb.data.sub_()")
+    q.numpy()[3] = -q.numpy()[3]  # one output channel
+    assert_close(op(case), dsconv2d_reference(**case), "after a numpy write to one channel")
     case["intweight"] = q.clone()[:, :, :, :]  # a new tensor with the same values
     assert_close(op(case), dsconv2d_reference(**case), "new tensor")
     case["intweight"] = torch.flip(q, [0]).contiguous()
@@ -274,6 +235,28 @@ def test_weight_cache_sees_in_place_updates(isa):
         assert_close(op(dict(case, intweight=qi)), dsconv2d_reference(**dict(case, intweight=qi)),
                      "inference tensor")  # fmt: skip
         assert not torch.equal(y1, op(dict(case, intweight=qi)))
+
+
+def test_weight_cache_sees_any_output_channel_rewritten_behind_its_back():
+    """On the largest YOLO11s layer (512 -> 512, 3x3: intweight 2.36 MB, where the content check
+    samples rather than hashes it all; csrc/cpu/content_check.h), negating one output channel's
+    weights through numpy (no version bump) is seen, whichever channel (every 8th, and the last,
+    to keep this within a few seconds)."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randint(-127, 128, (512, 512, 3, 3), generator=g).to(torch.int8)
+    q[q == 0] = 1  # so that negating a channel changes its every byte
+    alpha = torch.rand(512, 16, 3, 3, generator=g) + 0.5
+    x = torch.randn(1, 512, 1, 1, generator=g)
+    case = dict(x=x, intweight=q, alpha=alpha, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                groups=1, block_size=32, act_bits=8, fuse_silu=False)  # fmt: skip
+    y = op(case)
+    qn = q.numpy()
+    for o in [*range(0, 512, 8), 511]:
+        qn[o] = -qn[o]
+        y_new = op(case)
+        assert not torch.equal(y_new[0, o], y[0, o]), f"channel {o}: stale packed weights"
+        assert torch.equal(y_new, op(dict(case, intweight=q.clone()))), f"channel {o}"
+        y = y_new
 
 
 def test_layouts_and_empty():
@@ -393,6 +376,89 @@ def test_out_bad_input():
         dsconv_ext.dsconv2d(x[:, :4], q, alpha, out=x[:, 2:6])
     torch.ops.dsconv_ext.dsconv2d_out(x[:, :4], *args, x[:, 4:])  # disjoint slices are fine
     assert torch.equal(x[:, 4:], dsconv_ext.dsconv2d(x[:, :4], q, alpha))
+
+
+def _conv_args(q, alpha, block=32):
+    return (q, alpha, None, None, None, None, [1, 1], [1, 1], [1, 1], 1, block, 8, False)
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_out_op_rejects_overlap_at_every_batch(N):
+    """The op itself (reached without the Python wrapper by torch.compile and by
+    DSConv2d.forward_into) refuses an out that shares memory with x, at every batch size: x a
+    64-channel buffer, out its channels 32..63 (at batch > 1 a non-contiguous slice, which
+    at::get_overlap_status used to call "too hard", letting it through)."""
+    g = torch.Generator().manual_seed(N)
+    q, alpha, _ = quantize_weight(torch.randn(32, 64, 3, 3, generator=g), 8, 32)
+    buf = torch.randn(N, 64, 6, 7, generator=g)
+    before = buf.clone()
+    with pytest.raises(RuntimeError, match="out must not overlap x"):
+        torch.ops.dsconv_ext.dsconv2d_out(buf, *_conv_args(q, alpha), buf[:, 32:])
+    with pytest.raises(RuntimeError, match="out must not overlap x"):  # out a whole buffer
+        torch.ops.dsconv_ext.dsconv2d_out(buf[:, 16:], *_conv_args(q[:, :48], alpha),
+                                          buf[:, :32])  # fmt: skip
+    assert torch.equal(buf, before)  # refused before writing anything
+    with pytest.raises(ValueError, match="out must not overlap x"):  # the wrapper agrees
+        dsconv_ext.dsconv2d(buf, q, alpha, padding=1, out=buf[:, 32:])
+
+
+@pytest.mark.parametrize("N", [1, 2, 3])
+def test_out_op_takes_disjoint_slices_of_one_buffer(N):
+    """x = channels 0..31 and out = channels 32..63 of one buffer: at batch > 1 their byte
+    ranges interleave (image 0's out lies between image 0's and image 1's x) but no byte is
+    shared. The op and the wrapper accept it (the in-place concatenation of
+    dsconv_ext/yolo/inplace_concat.py works this way) and store exactly dsconv2d's result."""
+    g = torch.Generator().manual_seed(10 + N)
+    q, alpha, _ = quantize_weight(torch.randn(32, 32, 3, 3, generator=g), 8, 32)
+    buf = torch.randn(N, 64, 6, 7, generator=g)
+    x = buf[:, :32]
+    x_before = x.clone()
+    want = op(dict(x=x_before, intweight=q, alpha=alpha, stride=(1, 1), padding=(1, 1),
+                   dilation=(1, 1), groups=1, block_size=32, act_bits=8,
+                   fuse_silu=False))  # fmt: skip
+    torch.ops.dsconv_ext.dsconv2d_out(x, *_conv_args(q, alpha), buf[:, 32:])
+    assert torch.equal(buf[:, 32:], want) and torch.equal(buf[:, :32], x_before)
+    buf[:, 32:] = 0
+    dsconv_ext.dsconv2d(x, q, alpha, padding=1, out=buf[:, 32:])
+    assert torch.equal(buf[:, 32:], want) and torch.equal(buf[:, :32], x_before)
+
+
+@pytest.mark.parametrize("N", [1, 2])
+def test_out_op_copies_x_when_it_cannot_tell(N):
+    """x strided within an image (every other channel of a buffer) whose range holds out:
+    the op cannot tell cheaply whether they share a byte, so it reads a copy of x, and the
+    result is that of separate memory, whether they really share bytes (out = a channel x
+    reads) or not (out = a channel between two that x reads)."""
+    g = torch.Generator().manual_seed(20 + N)
+    q, alpha, _ = quantize_weight(torch.randn(1, 16, 3, 3, generator=g), 8, 32)
+    for out_ch in (2, 3):  # 2: one of x's channels; 3: between two of them
+        buf = torch.randn(N, 34, 5, 6, generator=g)
+        x = buf[:, 0:32:2]
+        x_before = x.clone()
+        want = op(dict(x=x_before, intweight=q, alpha=alpha, stride=(1, 1), padding=(1, 1),
+                       dilation=(1, 1), groups=1, block_size=32, act_bits=8,
+                       fuse_silu=False))  # fmt: skip
+        out = buf[:, out_ch : out_ch + 1]
+        torch.ops.dsconv_ext.dsconv2d_out(x, *_conv_args(q, alpha), out)
+        assert torch.equal(out, want), out_ch
+        buf2 = buf.clone()
+        buf2[:, 0:32:2] = x_before
+        # The wrapper lets it through to the op (only a certain overlap is refused there).
+        dsconv_ext.dsconv2d(buf2[:, 0:32:2], q, alpha, padding=1, out=buf2[:, out_ch : out_ch + 1])
+        assert torch.equal(buf2[:, out_ch : out_ch + 1], want), out_ch
+
+
+def test_overlap_status_python_matches_the_op():
+    """checks.overlap_status (the wrapper's test) and the op's C++ test give the same answers."""
+    from dsconv_ext.dsconv.checks import overlap_status
+
+    buf = torch.zeros(2, 64, 4, 4)
+    assert overlap_status(buf[:, 32:], buf[:, :32]) == "none"
+    assert overlap_status(buf[:, 32:], buf) == "overlap"
+    assert overlap_status(buf[:, 32:], buf[:, 16:48]) == "overlap"
+    assert overlap_status(buf[:, 3:4], buf[:, 0:32:2]) == "unknown"
+    assert overlap_status(buf[1:, 32:], buf[:1, :]) == "none"  # image 1's out, image 0's x
+    assert overlap_status(buf[:, 32:], torch.zeros(2, 32, 4, 4)) == "none"
 
 
 def _good_args():

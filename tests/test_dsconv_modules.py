@@ -348,3 +348,91 @@ def test_fast_path_bad_input_gives_the_clear_errors():
     # fp16 / bf16 input: the validated path, output in x's dtype.
     y = m(torch.randn(1, 8, 5, 5).bfloat16())
     assert y.dtype == torch.bfloat16 and y.shape == (1, 8, 3, 3)
+
+
+# --- the CPU kernel's packed-weight cache against every way of changing the weights ----------
+# The cache (csrc/cpu/weight_pack.cpp) is keyed on tensor identity and version counters, which
+# writes through `.data` or numpy do not bump: it also checks alpha / KDSb in full and a sampled
+# hash of intweight. After each write below the frozen module must give the fallback's output
+# on the new weights (it used to give the old weights' output, off by 2.6 to 4.7).
+
+
+def _write_bn(m):
+    bn = nn.BatchNorm2d(m.out_channels).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+    m.fold_bn(bn)
+
+
+def _load_other(m):
+    other = DSConv2d(64, 32, 3, padding=1, bias=True, block_size=16, KDSBias=True, CDS=True)
+    m.load_state_dict(other.freeze().state_dict())
+
+
+def _numpy_neg(t):
+    a = t.numpy()
+    a[...] = -a
+
+
+WRITES = {
+    "alpha.data.mul_": lambda m: m.alpha.data.mul_(2),
+    "intweight.data.neg_": lambda m: m.intweight.data.neg_(),
+    "KDSb.data.add_": lambda m: m.KDSb.data.add_(0.05),
+    "numpy alpha": lambda m: m.alpha.numpy().__imul__(3),
+    "numpy intweight": lambda m: _numpy_neg(m.intweight),
+    "numpy KDSb": lambda m: m.KDSb.numpy().__iadd__(0.05),
+    "numpy one intweight output channel": lambda m: m.intweight[5].numpy().__imul__(-1),
+    ".data = (alpha)": lambda m: setattr(m.alpha, "data", m.alpha * 2),
+    "alpha.mul_ (tracked)": lambda m: m.alpha.mul_(2),
+    "intweight.copy_ (tracked)": lambda m: m.intweight.copy_(-m.intweight),
+    "load_state_dict": _load_other,
+    "_apply": lambda m: m._apply(lambda t: -t if t.dtype == torch.int8 else t),
+    ".to() / .half().float()": lambda m: m.to("cpu").half().float(),
+    "new alpha buffer (attribute)": lambda m: setattr(m, "alpha", m.alpha * 2),
+    "new intweight buffer (register_buffer)": lambda m: m.register_buffer(
+        "intweight", -m.intweight
+    ),
+    "fold_bn": _write_bn,
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("write", list(WRITES))
+def test_frozen_module_follows_every_weight_write(write):
+    from dsconv_compare import assert_close
+
+    from dsconv_ext.dsconv.fallback import dsconv2d_fallback
+
+    torch.manual_seed(3)
+    m = DSConv2d(64, 32, 3, padding=1, bias=True, block_size=16, KDSBias=True, CDS=True).freeze()
+    x = realistic_activations(2, 64, 9, 9, seed=3)
+    with torch.no_grad():
+        y0 = m(x)  # packs the weights, and caches them
+        m(x)  # served from the cache
+        WRITES[write](m)
+        y = m(x)
+    assert m._fast, "the frozen CPU fp32 call should take the fast path"
+    want = dsconv2d_fallback(x, *_op_args(m), fuse_silu=m.fuse_silu)
+    assert_close(y, want, write)
+    assert_close(_validated(m, x), want, write)
+    if write != ".to() / .half().float()":  # the one write that keeps the weights
+        assert not torch.equal(y, y0), f"{write} did not change the output: nothing tested"
+
+
+@needs_kernel
+def test_new_module_at_a_freed_modules_address():
+    """A module freed and another built in its place (the allocator may reuse the addresses of
+    its tensors) never gets the first one's packed weights."""
+    from dsconv_compare import assert_close
+
+    from dsconv_ext.dsconv.fallback import dsconv2d_fallback
+
+    x = realistic_activations(1, 32, 8, 8, seed=4)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        m = DSConv2d(32, 16, 3, padding=1, block_size=8).freeze()
+        with torch.no_grad():
+            assert_close(m(x), dsconv2d_fallback(x, *_op_args(m)), f"seed {seed}")
+        del m

@@ -1,7 +1,6 @@
 // CPU implementation of dsconv_ext::dsconv2d: argument checks, the band split, the parallel loop
 // over (image, group, band, output-channel chunk) tasks and the ISA dispatch. The maths lives in
 // the per-ISA files; see dsconv2d_cpu.h for the layouts.
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +11,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "cpu/dsconv2d_cpu.h"
@@ -113,6 +113,65 @@ void check_param(const c10::optional<at::Tensor>& t, const char* name, c10::IntA
               " must be a floating-point tensor, got ", t->scalar_type());
   TORCH_CHECK(t->sizes() == shape, "dsconv2d: ", name, " must have shape ", shape, ", got ",
               t->sizes());
+}
+
+// Whether `out` shares memory with `x`, decided from byte ranges instead of
+// at::get_overlap_status, which answers "too hard" for any non-contiguous tensor, and so let
+// through every overlapping channel slice of a batch > 1 (the op is also reached directly, by
+// torch.compile and by DSConv2d.forward_into, without the Python wrapper's check).
+enum class Overlap { kNone, kYes, kMaybe };
+
+struct ByteSpan {
+  uintptr_t lo, hi;  // [lo, hi)
+};
+
+// Bytes covered by dims [d0, dim) of t, starting at `base` (torch strides are >= 0).
+ByteSpan span_from(uintptr_t base, const at::Tensor& t, int64_t d0) {
+  int64_t last = 0;
+  for (int64_t d = d0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {base, base + uintptr_t(last + 1) * uintptr_t(t.element_size())};
+}
+
+// Whether one image of a 4-D tensor ([C, H, W], any dim order) is non-overlapping and dense:
+// then every element slot between its first and last byte belongs to it.
+bool image_dense(const at::Tensor& t) {
+  std::pair<int64_t, int64_t> dims[3];  // (stride, size) of the dims of size > 1
+  int n = 0;
+  for (int64_t d = 1; d < 4; ++d)
+    if (t.size(d) != 1) dims[n++] = {t.stride(d), t.size(d)};
+  std::sort(dims, dims + n);
+  int64_t expect = 1;
+  for (int i = 0; i < n; ++i) {
+    if (dims[i].first != expect) return false;
+    expect *= dims[i].second;
+  }
+  return true;
+}
+
+// `out` is per-image dense with disjoint images (checked before). Compares per-image byte
+// ranges, so that channel slices of one buffer (x = buf[:, :32], out = buf[:, 32:]: whole spans
+// interleaved at batch > 1, images disjoint) pass. Intersecting image ranges are a real overlap
+// when x's image is dense too (both cover every slot of their range); otherwise (x strided
+// within an image) it cannot tell cheaply: kMaybe.
+Overlap out_overlap(const at::Tensor& out, const at::Tensor& x) {
+  if (out.numel() == 0 || x.numel() == 0) return Overlap::kNone;
+  const uintptr_t o0 = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t x0 = reinterpret_cast<uintptr_t>(x.data_ptr());
+  const ByteSpan ow = span_from(o0, out, 0), xw = span_from(x0, x, 0);
+  if (ow.hi <= xw.lo || xw.hi <= ow.lo) return Overlap::kNone;
+  const int64_t N = out.size(0), esize = out.element_size();
+  const uintptr_t olen = uintptr_t(out.size(1) * out.size(2) * out.size(3) * esize);
+  const uintptr_t ostep = N == 1 ? 0 : uintptr_t(out.stride(0) * esize);  // >= olen
+  for (int64_t n = 0; n < x.size(0); ++n) {
+    const ByteSpan xi = span_from(x0 + uintptr_t(n * x.stride(0) * x.element_size()), x, 1);
+    if (xi.hi <= o0) continue;
+    // Out's images are sorted and disjoint: only the last one starting before xi.hi can reach
+    // past xi.lo.
+    const int64_t m = ostep == 0 ? 0 : std::min<int64_t>(N - 1, (xi.hi - 1 - o0) / ostep);
+    if (o0 + uintptr_t(m) * ostep + olen > xi.lo)
+      return image_dense(x) ? Overlap::kYes : Overlap::kMaybe;
+  }
+  return Overlap::kNone;
 }
 
 // Per-thread packed band: about this many bytes, so that it stays in a core's L2.
@@ -284,6 +343,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   const IsaKernels& kern = kernels_for(isa);
   const int64_t N = x_in.size(0);
   at::Tensor y;
+  Overlap overlap = Overlap::kNone;
   if (out == nullptr) {
     y = at::empty({N, O, Ho, Wo}, x_in.options());
   } else {
@@ -300,14 +360,19 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
                     (O == 1 || y.stride(1) == Ho * Wo) && (N == 1 || y.stride(0) >= O * Ho * Wo),
                 "dsconv2d_out: out must hold each image's [O, Ho, Wo] densely (strides [>= ",
                 O * Ho * Wo, ", ", Ho * Wo, ", ", Wo, ", 1]), got strides ", y.strides());
-    const at::MemOverlapStatus overlap = at::get_overlap_status(y, x_in);
-    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
-                "dsconv2d_out: out must not overlap x");
+    overlap = out_overlap(y, x_in);
+    TORCH_CHECK(overlap != Overlap::kYes,
+                "dsconv2d_out: out must not overlap x: they share memory, and x would be "
+                "overwritten while it is read (x: sizes ",
+                x_in.sizes(), ", strides ", x_in.strides(), "; out: strides ", y.strides(), ")");
   }
   if (y.numel() == 0) return y;
   const int64_t y_nstride = N == 1 ? 0 : y.stride(0);
 
-  const at::Tensor x = x_in.contiguous();
+  // Where the overlap test cannot tell (x strided within an image, its range meeting out's), x
+  // is copied first: the result is then that of a call on separate memory, whatever the layout.
+  const at::Tensor x =
+      overlap == Overlap::kMaybe ? x_in.clone(at::MemoryFormat::Contiguous) : x_in.contiguous();
   const bool with_kdsb = KDSb.has_value();
   const bool depthwise = C == groups && kern.depthwise != nullptr;
   int64_t ochunks = 1;

@@ -147,7 +147,9 @@ inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* 
     const int32_t m = c < r.nch && finite ? bfp_mantissa(px[c * r.x_cstride], e, lim) : 0;
     msum += m;
     if (kfloat) {
-      out_vals[c] = float(m) * scale;
+      // ldexpf rather than m * 2^E: 2^E underflows to 0 below 2^-149 while m * 2^E does not
+      // (a block whose max |x| is below 2^(-149 + mant_bits - 2) lost all its values).
+      out_vals[c] = finite ? ldexpf(float(m), e) : NAN;
     } else {
       uint32_t& w = words[c / 4];
       if (c % 4 == 0) w = 0;

@@ -2,11 +2,13 @@
 //
 // Packing costs about one pass over O * C/g * kh * kw bytes, which for the larger YOLO layers is
 // longer than the convolution itself at batch 1, so streams are cached across calls. An entry is
-// valid while the very same tensors (same storage, offset, sizes, strides, dtype) are passed and
-// their version counters have not moved (in-place updates such as `copy_` bump them). The cache
-// holds weak references to the storages: a freed tensor's entry can never match a new tensor that
-// reuses its address, because a weakly referenced StorageImpl is not deallocated. Inference
-// tensors have no version counter and are packed on every call.
+// valid while the very same tensors (same storage, offset, sizes, strides, dtype) are passed,
+// their version counters have not moved (in-place updates such as `copy_` bump them), and their
+// contents still match what was packed (content_check.h: writes through `.data` or numpy do not
+// bump the counter). The cache holds weak references to the storages: a freed tensor's entry can
+// never match a new tensor that reuses its address, because a weakly referenced StorageImpl is
+// not deallocated. Inference tensors have no version counter, and non-contiguous weights have no
+// cheap content check: both are packed on every call.
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
@@ -15,6 +17,7 @@
 #include <mutex>
 #include <optional>
 
+#include "cpu/content_check.h"
 #include "cpu/dsconv2d_cpu.h"
 #include "cpu/weight_pack.h"
 
@@ -32,7 +35,29 @@ struct TensorId {
   bool present = false;
 };
 
-bool trackable(const at::Tensor& t) { return !t.is_inference() && t.has_storage(); }
+// Contiguous, so that the content check below reads exactly the tensor's bytes.
+bool trackable(const at::Tensor& t) {
+  return !t.is_inference() && t.has_storage() && t.is_contiguous();
+}
+
+size_t byte_size(const at::Tensor& t) { return size_t(t.numel()) * t.element_size(); }
+
+// A byte copy of a small tensor (alpha, KDSb), compared in full on every hit.
+std::vector<uint8_t> bytes_of(const at::Tensor* t) {
+  if (t == nullptr) return {};
+  const uint8_t* p = static_cast<const uint8_t*>(t->data_ptr());
+  return std::vector<uint8_t>(p, p + byte_size(*t));
+}
+
+bool same_bytes(const std::vector<uint8_t>& saved, const at::Tensor* t) {
+  if (t == nullptr) return saved.empty();
+  return saved.size() == byte_size(*t) &&
+         (saved.empty() || std::memcmp(saved.data(), t->data_ptr(), saved.size()) == 0);
+}
+
+uint64_t weight_hash(const at::Tensor& intweight) {
+  return sampled_hash(intweight.data_ptr(), byte_size(intweight));
+}
 
 TensorId make_id(const at::Tensor* t) {
   TensorId id;
@@ -57,11 +82,29 @@ bool same(const TensorId& id, const at::Tensor* t) {
          id.version == t->_version();
 }
 
+// What was packed (see content_check.h): alpha's and KDSb's bytes, intweight's sampled hash.
+struct Fingerprint {
+  std::vector<uint8_t> alpha_bytes, kdsb_bytes;
+  uint64_t w_hash = 0;
+
+  Fingerprint(const at::Tensor& intweight, const at::Tensor& alpha, const at::Tensor* kb)
+      : alpha_bytes(bytes_of(&alpha)), kdsb_bytes(bytes_of(kb)), w_hash(weight_hash(intweight)) {}
+
+  bool matches(const at::Tensor& intweight, const at::Tensor& alpha, const at::Tensor* kb) const {
+    return same_bytes(alpha_bytes, &alpha) && same_bytes(kdsb_bytes, kb) &&
+           w_hash == weight_hash(intweight);
+  }
+};
+
 struct Entry {
   TensorId w, a, b;
   int64_t block, elem_bytes, groups;
   bool amx_weights;
   std::shared_ptr<const PackedWeights> packed;
+  std::shared_ptr<const Fingerprint> fp;
+  size_t bytes() const {
+    return packed->data.size() + fp->alpha_bytes.size() + fp->kdsb_bytes.size();
+  }
 };
 
 constexpr size_t kMaxEntries = 512;
@@ -182,6 +225,8 @@ std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
       trackable(intweight) && trackable(alpha) && (!KDSb.has_value() || trackable(*KDSb));
   if (!cacheable) return pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
   const at::Tensor* kb = KDSb.has_value() ? &*KDSb : nullptr;
+  std::shared_ptr<const PackedWeights> hit;
+  std::shared_ptr<const Fingerprint> hit_fp;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     for (auto it = g_entries.begin(); it != g_entries.end(); ++it) {
@@ -189,19 +234,37 @@ std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
           it->amx_weights == amx_weights && it->groups == lay.g.groups && same(it->w, &intweight) &&
           same(it->a, &alpha) && same(it->b, kb)) {
         g_entries.splice(g_entries.begin(), g_entries, it);
-        return g_entries.front().packed;
+        hit = it->packed;
+        hit_fp = it->fp;
+        break;
       }
     }
   }
-  // Pack outside the lock; a concurrent miss on the same weights packs twice, harmlessly.
-  std::shared_ptr<const PackedWeights> packed =
-      pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
+  if (hit) {
+    // The same tensors at the same versions: still the same contents? Checked outside the lock
+    // (a memcmp of alpha and KDSb, a sampled hash of intweight: content_check.h).
+    if (hit_fp->matches(intweight, alpha, kb)) return hit;
+    // Written behind the version counter's back: drop the entry, it can never match again.
+    std::lock_guard<std::mutex> lock(g_mutex);
+    for (auto it = g_entries.begin(); it != g_entries.end(); ++it) {
+      if (it->fp == hit_fp) {
+        g_bytes -= it->bytes();
+        g_entries.erase(it);
+        break;
+      }
+    }
+  }
+  // Pack outside the lock; a concurrent miss on the same weights packs twice, harmlessly. The
+  // contents are fingerprinted before packing, so a write racing with the pack can only make
+  // the next call miss, never make a stale pack look current.
+  auto fp = std::make_shared<const Fingerprint>(intweight, alpha, kb);
+  std::shared_ptr<const PackedWeights> packed = pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_entries.push_front(Entry{make_id(&intweight), make_id(&alpha), make_id(kb), lay.g.block,
-                             elem_bytes, lay.g.groups, amx_weights, packed});
-  g_bytes += packed->data.size();
+                             elem_bytes, lay.g.groups, amx_weights, packed, std::move(fp)});
+  g_bytes += g_entries.front().bytes();
   while (g_entries.size() > 1 && (g_entries.size() > kMaxEntries || g_bytes > kMaxBytes)) {
-    g_bytes -= g_entries.back().packed->data.size();
+    g_bytes -= g_entries.back().bytes();
     g_entries.pop_back();
   }
   return packed;
