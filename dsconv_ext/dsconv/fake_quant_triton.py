@@ -49,10 +49,13 @@ __all__ = [
 ]
 
 # Channels of one block held in registers at once. Wider blocks (block_size > 64) take two
-# passes over the block (max, then quantise), re-reading it from L2.
+# passes over the block (max, then quantise), re-reading it from L2, in 32 x 32 chunks (ptxas for
+# sm_90 spilled 4 bytes of the bfloat16 two-pass kernel at 64 x 32 and 32 x 64).
 _MAX_CHUNK_C = 64
-# Pixels per program: 32 channels x 128 pixels is 16 KiB of float32 over 4 warps.
-_BLOCK_P = 128
+_TWO_PASS_CHUNK = 32
+# Elements per program of the activation kernel: channels x pixels = 2048 is 16 values a thread
+# over 4 warps (ptxas: 60-100 registers, no spills; 64 x 128 tiles took 150 registers).
+_TILE = 2048
 _NUM_WARPS = 4
 
 
@@ -87,6 +90,21 @@ def _round_half_even(y):
     d = y - fl.to(y.dtype)
     up = (d > 0.5) | ((d == 0.5) & ((fl & 1) != 0))
     return fl + up.to(tl.int32)
+
+
+@triton.jit
+def _cast_out(x, DTYPE: tl.constexpr):
+    """float32 x in the output dtype, rounded to nearest even as torch's .to(dtype) does. bfloat16
+    by the bits (the float32 bits plus 0x7FFF plus the kept lowest bit, NaN kept quiet): Triton's
+    interpreter rounds float32 -> bfloat16 conversions half up, the GPU to nearest even."""
+    if DTYPE == tl.bfloat16:
+        nan = x != x
+        bits = tl.where(nan, 0, x.to(tl.int32, bitcast=True))
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(nan, 0x7FC0, r)
+        return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
@@ -160,7 +178,7 @@ def _bfp_fake_quant_kernel(
         out = _bfp_values(v, finite, e[None, :], MANT_BITS)
         out = tl.where(block_ok[None, :], out, float("nan"))
         tl.store(y_base + offs_c[:, None] * syc + yo[None, :],
-                 out.to(Y.dtype.element_ty), mask=mask)
+                 _cast_out(out, Y.dtype.element_ty), mask=mask)
     else:
         amax = tl.zeros([BLOCK_P], dtype=tl.float32)
         bad = tl.zeros([BLOCK_P], dtype=tl.int32)
@@ -183,7 +201,7 @@ def _bfp_fake_quant_kernel(
             out = _bfp_values(v, finite, e[None, :], MANT_BITS)
             out = tl.where(block_ok[None, :], out, float("nan"))
             tl.store(y_base + cc[:, None] * syc + yo[None, :],
-                     out.to(Y.dtype.element_ty), mask=mask)
+                     _cast_out(out, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -231,7 +249,7 @@ def _weight_fake_quant_kernel(
         # dequantize_weight: float32(q) * float32(alpha), a float32 product.
         out = q.to(tl.float32) * alpha.to(tl.float32)[None, :]
         out = tl.where(tap_ok[None, :], out, float("nan"))
-        tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+        tl.store(Out + offs, _cast_out(out, Out.dtype.element_ty), mask=mask)
     else:
         # Wide blocks: max, then the sums, then the values, one chunk of channels at a time.
         wmax = tl.zeros([BLOCK_T], dtype=tl.float64)
@@ -268,7 +286,7 @@ def _weight_fake_quant_kernel(
             q = tl.minimum(tl.maximum(q, QMIN), QMAX)
             out = q.to(tl.float32) * alpha[None, :]
             out = tl.where((bad == 0)[None, :], out, float("nan"))
-            tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+            tl.store(Out + offs, _cast_out(out, Out.dtype.element_ty), mask=mask)
 # fmt: on
 
 
@@ -289,10 +307,11 @@ def bfp_launch_meta(x: torch.Tensor, block_size: int, groups: int) -> dict:
     nblk = -(-Cg // block_size)
     width = min(block_size, Cg)
     one_pass = width <= _MAX_CHUNK_C
-    block_c = _pow2_at_least(width) if one_pass else _MAX_CHUNK_C
-    tiles = N * groups * nblk * triton.cdiv(H * W, _BLOCK_P)
+    block_c = _pow2_at_least(width) if one_pass else _TWO_PASS_CHUNK
+    block_p = min(1024, _TILE // block_c) if one_pass else _TWO_PASS_CHUNK
+    tiles = N * groups * nblk * triton.cdiv(H * W, block_p)
     return dict(
-        grid=(tiles,), nblk=nblk, BLOCK_C=block_c, BLOCK_P=_BLOCK_P, ONE_PASS=one_pass,
+        grid=(tiles,), nblk=nblk, BLOCK_C=block_c, BLOCK_P=block_p, ONE_PASS=one_pass,
         X_FLAT=_flat_hw(x), num_warps=_NUM_WARPS,
     )  # fmt: skip
 
