@@ -303,7 +303,10 @@ def test_cuda_library_keeps_subnormals(tmp_path):
                          timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "dsconv_gemm_kernel" in out.stdout, "no DSConv kernels in the library's SASS"
-    ftz = sorted({m for m in re.findall(r"\b[A-Z0-9]+(?:\.[A-Z0-9_]+)*\.FTZ\b[.\w]*", out.stdout)})
+    ftz = set(re.findall(r"\b[A-Z0-9]+(?:\.[A-Z0-9_]+)*\.FTZ\b[.\w]*", out.stdout))
+    # F2I.FTZ (float -> integer) is the compiler's own integer division (MUFU.RCP + F2I, for the
+    # index arithmetic); a subnormal truncates to integer 0 with or without the flush.
+    ftz = sorted(op for op in ftz if not op.startswith("F2I."))
     assert not ftz, f"flush-to-zero instructions in the CUDA kernels: {ftz}"
 
 
