@@ -167,7 +167,7 @@ def test_weight_random_bit_identical(seed):
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_weightspecial_blocks(bits):
+def test_weight_special_blocks(bits):
     """Rounding ties (max |w| = qmax makes the step exactly 1), all-zero blocks, subnormal
     weights, a block of several register chunks (1024 channels of 3x3), 2 blocks with a partial
     one."""
@@ -176,7 +176,7 @@ def test_weightspecial_blocks(bits):
     w = torch.randn(6, 20, 3, 3, generator=g)
     w[0, :, 0, 0] = 0.5
     w[0, 0, 0, 0] = float(qmax)
-    w[0, 1:6, 0, 0] = torch.tensor([1.5, -2.5, 0.5, -0.5, qmax - 0.5])
+    w[0, 1:6, 0, 0] = torch.tensor([0.5, -0.5, qmax - 0.5, -(qmax - 0.5), min(2.5, qmax - 0.5)])
     w[1] = 0.0  # an all-zero output channel
     w[2] *= 1e-40  # subnormal weights: the float32 alpha * q products are subnormal too
     w[3, :, 1, 1] = torch.tensor([2.0**-149, -(2.0**-149)] * 10)
