@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from typing import Dict, List
@@ -248,6 +249,10 @@ def main(argv=None) -> int:
     print(f"# device {args.device}; forward + backward; medians of {rounds} interleaved rounds")
     rows = layer_rows(args.device, batch, rounds, args.layers)
     print_table(rows, [c for c in LAYER_COLUMNS if any(c in r for r in rows)])
+    for col in ("x torch", "x triton"):
+        vals = [r[col] for r in rows if col in r]
+        if vals:
+            print(f"# geomean {col}: {math.exp(sum(map(math.log, vals)) / len(vals)):.2f}")
     payload = {"environment": env, "layers": rows}
     if args.model:
         amp = cuda and not args.no_amp
