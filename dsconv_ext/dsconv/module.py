@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .checks import check_dsconv2d_args, pair, per_image_dense
 from .ops import dsconv2d, dsconv2d_backend
 from .quant_primitives import (
+    FUSED_DTYPES,
     check_bits,
     check_block_size,
     fake_quant_backend,
@@ -316,11 +317,7 @@ class DSConv2d(nn.Module):
         PyTorch weight quantiser."""
         if fake_quant_backend(x) == "triton":
             xq = fake_quantize_bfp_fused(x, self.block_size, self.act_bits, self.groups)
-            if self.KDSBias or self.weight.dtype not in (
-                torch.float32,
-                torch.float16,
-                torch.bfloat16,
-            ):
+            if self.KDSBias or self.weight.dtype not in FUSED_DTYPES:
                 w = fake_quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
             else:
                 w = fake_quantize_weight_fused(self.weight, self.bits, self.block_size)

@@ -47,6 +47,7 @@ __all__ = [
     "fake_quantize_bfp",
     "FAKE_QUANT_BACKENDS",
     "FAKE_QUANT_ENV",
+    "FUSED_DTYPES",
     "fake_quant_backend",
     "fake_quantize_bfp_fused",
     "fake_quantize_weight_fused",
