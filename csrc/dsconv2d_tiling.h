@@ -124,6 +124,47 @@ DSCONV_HD float fold_segment(float acc, float sum, float alpha, float scale, boo
 }
 
 // ---------------------------------------------------------------------------------------------
+// Block exponents on the GPU.
+//
+// The CUDA build keeps subnormals (nvcc --use_fast_math --ftz=false, setup.py). With
+// flush-to-zero a subnormal |x| reads as 0 in the block maximum (the block quantised to zeros),
+// 2^E below 2^-126 and any alpha or fold product below FLT_MIN became 0: every block whose
+// maximum lies below 2^(m-128) (7.5e-37 at m = 8) dropped out of the output, and outputs below
+// FLT_MIN were 0. With subnormals kept, the remaining difference was 2^E itself, which has no
+// float32 below 2^-149, while E reaches -155 for a subnormal block. Such a block (max |x| below
+// 2^(m-150)) holds multiples of 2^-149 whose mantissas x / 2^E are exact integers, so it is
+// stored with E = -149 instead: mantissas x / 2^-149, also exact integers of no larger
+// magnitude, and mantissa * 2^E is the same x, as in the reference. Every scale 2^E is then a
+// float32 (subnormal below 2^-126), built from its bits.
+
+// Smallest exponent the CUDA quantiser stores (2^-149 is the smallest subnormal float32).
+constexpr int32_t kMinScaleExponent = -149;
+
+// floor(log2 a) for a finite float a > 0, subnormals included, from the bits alone.
+DSCONV_HD int32_t floor_log2_bits(float a) {
+  const uint32_t bits = float_to_bits(a);
+  const int32_t biased = static_cast<int32_t>((bits >> 23) & 0xffu);
+  if (biased != 0) return biased - 127;
+  // A subnormal is frac * 2^-149; frac < 2^23 converts to float exactly, and normal.
+  const uint32_t frac = bits & 0x7fffffu;
+  return static_cast<int32_t>((float_to_bits(static_cast<float>(frac)) >> 23) & 0xffu) - 127 - 149;
+}
+
+// bfp_exponent (floor(log2 amax) - (m - 2), 0 for an all-zero block) but at least -149.
+DSCONV_HD int32_t cuda_bfp_exponent(float amax, int mant_bits) {
+  if (float_to_bits(amax) == 0u) return 0;  // amax >= 0: only +0 has zero bits
+  const int32_t e = floor_log2_bits(amax) - (mant_bits - 2);
+  return e < kMinScaleExponent ? kMinScaleExponent : e;
+}
+
+// 2^e (e in [-149, 127]) from its bits, NaN for a non-finite block.
+DSCONV_HD float cuda_bfp_scale(int32_t e) {
+  if (e == kNonFiniteExponent) return bits_to_float(0x7fc00000u);
+  if (e >= -126) return bits_to_float(static_cast<uint32_t>(e + 127) << 23);
+  return bits_to_float(1u << (e - kMinScaleExponent));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Geometry of the packed operands.
 
 struct PackedGeometry {
@@ -252,7 +293,7 @@ DSCONV_HD void bfp_quantize_thread(const PackedGeometry& p, const in_t* x, int8_
       amax = fmaxf(amax, fabsf(v));
     }
   }
-  const int32_t e = finite ? bfp_exponent(amax, p.mant_bits) : kNonFiniteExponent;
+  const int32_t e = finite ? cuda_bfp_exponent(amax, p.mant_bits) : kNonFiniteExponent;
   const int32_t lim = mantissa_limit(p.mant_bits);
   const int64_t pixel = n * p.HW + pix;
   int8_t* dst = xq + act_offset(p, pixel, gb);
@@ -270,7 +311,7 @@ DSCONV_HD void bfp_quantize_thread(const PackedGeometry& p, const in_t* x, int8_
       store_u32(dst + k0, pack4_mantissas(src, p.xsC, k0, len, finite, e, lim, msum));
     }
   }
-  xs[scale_index(p, pixel, gb)] = bfp_scale(e);
+  xs[scale_index(p, pixel, gb)] = cuda_bfp_scale(e);
   if (xm != nullptr) xm[scale_index(p, pixel, gb)] = msum;
 }
 
@@ -441,6 +482,53 @@ struct TileCoord {
   int64_t n0;  // first output channel of the CTA within its group
   int64_t g;   // group
 };
+
+// ---------------------------------------------------------------------------------------------
+// Launch geometry. CUDA allows 2^31 - 1 blocks on grid x but only 65535 on y and z, so every
+// launch is one-dimensional: the elementwise kernels stride over their items, and the GEMM's
+// tiles (M tiles x N tiles x groups, which overflowed y / z with more than 65535 groups or N
+// tiles) are numbered on x, M fastest as before, each CTA looping over tiles when there are
+// more than 2^31 - 1. The host emulator launches through the same functions.
+
+constexpr int kElementwiseThreads = 256;
+constexpr int64_t kMaxElementwiseBlocks = int64_t{1} << 20;
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Blocks of a grid-stride loop over `total` items.
+inline int64_t elementwise_blocks(int64_t total) {
+  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
+  return blocks < 1 ? 1 : blocks > kMaxElementwiseBlocks ? kMaxElementwiseBlocks : blocks;
+}
+
+struct GemmGrid {
+  int64_t tiles_m;  // ceil(M / BM)
+  int64_t tiles_n;  // ceil(Og / BN)
+  int64_t tiles;    // tiles_m * tiles_n * groups
+  int64_t blocks;   // CTAs launched on grid x: min(tiles, max_blocks)
+};
+
+// max_blocks: kMaxGridX on the device; the emulator passes fewer to exercise the tile loop.
+template <class Tile>
+inline GemmGrid gemm_grid(const PackedGeometry& p, int64_t max_blocks = kMaxGridX) {
+  GemmGrid gg;
+  gg.tiles_m = (p.M + Tile::BM - 1) / Tile::BM;
+  gg.tiles_n = (p.c.Og + Tile::BN - 1) / Tile::BN;
+  gg.tiles = gg.tiles_m * gg.tiles_n * p.c.groups;
+  gg.blocks = gg.tiles < max_blocks ? gg.tiles : max_blocks;
+  return gg;
+}
+
+// Tile number t in [0, gg.tiles) -> its CTA coordinates (t = (g * tiles_n + n) * tiles_m + m).
+template <class Tile>
+DSCONV_HD TileCoord gemm_tile(const GemmGrid& gg, int64_t t) {
+  TileCoord tc;
+  const int64_t r = t / gg.tiles_m;
+  tc.m0 = (t - r * gg.tiles_m) * Tile::BM;
+  tc.n0 = (r % gg.tiles_n) * Tile::BN;
+  tc.g = r / gg.tiles_n;
+  return tc;
+}
 
 // Global -> shared copies. Invalid sources are zero-filled and never dereferenced.
 DSCONV_HD void copy16(char* dst, const void* src, bool valid) {

@@ -145,22 +145,85 @@ struct HostCta {
   }
 };
 
+// The GEMM launch as dsconv_gemm_kernel runs it: CTA b of gg.blocks takes tiles b, b + blocks...
+// (max_blocks below the tile count makes CTAs loop, as on the device beyond 2^31 - 1 tiles).
 template <int WARPS_N, typename out_t>
 void emulate_gemm(const PackedGeometry& p, const OperandPtrs& q, const EpiloguePtrs<out_t>& e,
-                  bool tensor_cores) {
+                  bool tensor_cores, int64_t max_blocks) {
   using Tile = GemmTile<WARPS_N>;
-  const int64_t gx = (p.M + Tile::BM - 1) / Tile::BM;
-  const int64_t gy = (p.c.Og + Tile::BN - 1) / Tile::BN;
-  for (int64_t g = 0; g < p.c.groups; ++g) {
-    for (int64_t by = 0; by < gy; ++by) {
-      for (int64_t bx = 0; bx < gx; ++bx) {
-        HostCta<Tile> cta(p, q, TileCoord{bx * Tile::BM, by * Tile::BN, g}, tensor_cores);
-        tiling::gemm_mainloop(cta, static_cast<int32_t>(p.Ktot / tiling::kBK),
-                              static_cast<int32_t>(p.KB / tiling::kBK));
-        cta.epilogue(e);
-      }
+  const tiling::GemmGrid gg = tiling::gemm_grid<Tile>(p, max_blocks);
+  for (int64_t b = 0; b < gg.blocks; ++b) {
+    for (int64_t t = b; t < gg.tiles; t += gg.blocks) {
+      HostCta<Tile> cta(p, q, tiling::gemm_tile<Tile>(gg, t), tensor_cores);
+      tiling::gemm_mainloop(cta, static_cast<int32_t>(p.Ktot / tiling::kBK),
+                            static_cast<int32_t>(p.KB / tiling::kBK));
+      cta.epilogue(e);
     }
   }
+}
+
+// Launch plan of a dsconv2d call on the GPU, from the same functions the CUDA launcher uses:
+// {grid x, y, z} of the BFP quantiser, the weight repack, the parameter repack and the main
+// kernel ("direct" or a GEMM tile width: "gemm32" / "gemm64" / "gemm128"), then the main kernel's
+// work items (outputs or tiles) and, where there are at most 2^22 tiles, 1 if every CTA's tile
+// walk covers each tile exactly once with valid coordinates (else 0; -1 when not checked).
+template <int WARPS_N>
+std::vector<int64_t> gemm_plan(const PackedGeometry& p, int64_t max_blocks) {
+  using Tile = GemmTile<WARPS_N>;
+  const tiling::GemmGrid gg = tiling::gemm_grid<Tile>(p, max_blocks);
+  int64_t covered = -1;
+  if (gg.tiles <= (int64_t{1} << 22)) {
+    std::vector<char> seen(static_cast<size_t>(gg.tiles), 0);
+    covered = 1;
+    for (int64_t b = 0; b < gg.blocks; ++b) {
+      for (int64_t t = b; t < gg.tiles; t += gg.blocks) {
+        const TileCoord tc = tiling::gemm_tile<Tile>(gg, t);
+        const bool valid = tc.m0 >= 0 && tc.m0 < p.M && tc.m0 % Tile::BM == 0 && tc.n0 >= 0 &&
+                           tc.n0 < p.c.Og && tc.n0 % Tile::BN == 0 && tc.g >= 0 &&
+                           tc.g < p.c.groups;
+        const int64_t id =
+            valid ? (tc.g * gg.tiles_n + tc.n0 / Tile::BN) * gg.tiles_m + tc.m0 / Tile::BM : 0;
+        if (!valid || seen[static_cast<size_t>(id)]++) covered = 0;
+      }
+    }
+    for (char c : seen) covered = c == 1 ? covered : 0;
+  }
+  return {gg.blocks, 1, 1, gg.tiles, covered};
+}
+
+std::vector<int64_t> cuda_launch_plan(at::IntArrayRef x_shape, at::IntArrayRef w_shape,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t groups, int64_t block_size,
+                                      c10::string_view kernel_sv, int64_t max_blocks) {
+  const std::string kernel(kernel_sv);
+  TORCH_CHECK(x_shape.size() == 4 && w_shape.size() == 4 && stride.size() == 2 &&
+                  padding.size() == 2 && dilation.size() == 2 && max_blocks >= 1,
+              "cuda_launch_plan: bad arguments");
+  const bool direct = kernel == "direct";
+  TORCH_CHECK(direct || kernel == "gemm32" || kernel == "gemm64" || kernel == "gemm128",
+              "cuda_launch_plan: unknown kernel '", kernel, "'");
+  const ConvGeometry c = tiling::make_conv_geometry(
+      x_shape[0], x_shape[1], x_shape[2], x_shape[3], w_shape[0], w_shape[2], w_shape[3], stride[0],
+      stride[1], padding[0], padding[1], dilation[0], dilation[1], groups, block_size);
+  const PackedGeometry p = tiling::make_packed_geometry(c, direct ? 4 : tiling::kBK, 8, false,
+                                                        c.C * c.H * c.W, c.H * c.W, c.W, 1);
+  std::vector<int64_t> plan;
+  for (int64_t items : {c.N * p.GB * p.HW, c.O * p.Ktot, c.O * p.S}) {
+    plan.insert(plan.end(), {tiling::elementwise_blocks(items), 1, 1});
+  }
+  std::vector<int64_t> main;
+  if (direct) {
+    const int64_t total = c.N * c.O * c.Ho * c.Wo;
+    main = {tiling::elementwise_blocks(total), 1, 1, total, -1};
+  } else if (kernel == "gemm32") {
+    main = gemm_plan<1>(p, max_blocks);
+  } else if (kernel == "gemm64") {
+    main = gemm_plan<2>(p, max_blocks);
+  } else {
+    main = gemm_plan<4>(p, max_blocks);
+  }
+  plan.insert(plan.end(), main.begin(), main.end());
+  return plan;
 }
 
 template <class F>
@@ -195,7 +258,15 @@ at::Tensor cuda_tiling_selftest(const at::Tensor& x, const at::Tensor& intweight
                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                 int64_t block_size, int64_t act_bits, bool fuse_silu,
                                 c10::string_view kernel_sv) {
-  const std::string kernel(kernel_sv);
+  std::string kernel(kernel_sv);
+  // "...@B": launch at most B CTAs (each then walks several tiles).
+  int64_t max_blocks = tiling::kMaxGridX;
+  const size_t at = kernel.find('@');
+  if (at != std::string::npos) {
+    max_blocks = std::stoll(kernel.substr(at + 1));
+    TORCH_CHECK(max_blocks >= 1, "cuda_tiling_selftest: bad block count in '", kernel, "'");
+    kernel.resize(at);
+  }
   const bool direct = kernel == "direct";
   int warps_n = 0;
   bool tensor_cores = false;
@@ -260,11 +331,11 @@ at::Tensor cuda_tiling_selftest(const at::Tensor& x, const at::Tensor& intweight
     if (direct) {
       for (int64_t i = 0; i < y.numel(); ++i) tiling::direct_thread(p, q, e, i);
     } else if (warps_n == 1) {
-      emulate_gemm<1, out_t>(p, q, e, tensor_cores);
+      emulate_gemm<1, out_t>(p, q, e, tensor_cores, max_blocks);
     } else if (warps_n == 2) {
-      emulate_gemm<2, out_t>(p, q, e, tensor_cores);
+      emulate_gemm<2, out_t>(p, q, e, tensor_cores, max_blocks);
     } else {
-      emulate_gemm<4, out_t>(p, q, e, tensor_cores);
+      emulate_gemm<4, out_t>(p, q, e, tensor_cores, max_blocks);
     }
   });
   return y;
@@ -274,11 +345,17 @@ at::Tensor cuda_tiling_selftest(const at::Tensor& x, const at::Tensor& intweight
 }  // namespace dsconv_ext
 
 TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
-  // Host emulation of the CUDA kernels (tests): kernel "direct" or "gemm{32,64,128}-{dp4a,mma}".
+  // Host emulation of the CUDA kernels (tests): kernel "direct" or "gemm{32,64,128}-{dp4a,mma}",
+  // optionally "@B" (at most B CTAs, each walking several tiles).
   m.def(
       "cuda_tiling_selftest(Tensor x, Tensor intweight, Tensor alpha, Tensor? KDSb, "
       "Tensor? CDSw, Tensor? CDSb, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int block_size, int act_bits, bool fuse_silu, str kernel) -> Tensor");
+  // The CUDA launcher's grids for a problem, computed on the host (tests): see cuda_launch_plan.
+  m.def(
+      "cuda_launch_plan(int[] x_shape, int[] w_shape, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, int block_size, str kernel, int max_blocks) -> int[]",
+      &dsconv_ext::cuda_launch_plan);
 }
 
 TORCH_LIBRARY_IMPL(dsconv_ext, CPU, m) {

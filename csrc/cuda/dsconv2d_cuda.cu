@@ -22,13 +22,14 @@
 namespace dsconv_ext {
 namespace {
 
+using tiling::elementwise_blocks;
 using tiling::EpiloguePtrs;
+using tiling::GemmGrid;
 using tiling::GemmTile;
+using tiling::kElementwiseThreads;
 using tiling::OperandPtrs;
 using tiling::PackedGeometry;
 using tiling::TileCoord;
-
-constexpr int kElementwiseThreads = 256;
 
 // f(scalar_t{}) for the activation / output dtypes the op supports.
 template <class F>
@@ -45,10 +46,10 @@ void dispatch_float(at::ScalarType t, F&& f) {
   }
 }
 
-// Grid for a grid-stride loop over `total` items.
-unsigned elementwise_blocks(int64_t total) {
-  const int64_t blocks = (total + kElementwiseThreads - 1) / kElementwiseThreads;
-  return static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 1 << 20));
+// A one-dimensional grid (tiling::elementwise_blocks and tiling::gemm_grid stay within x's limit).
+dim3 grid_x(int64_t blocks) {
+  TORCH_INTERNAL_ASSERT(blocks >= 1 && blocks <= tiling::kMaxGridX, "grid of ", blocks, " blocks");
+  return dim3(static_cast<unsigned>(blocks));
 }
 
 #define DSCONV_GRID_STRIDE_LOOP(idx, total)                                                      \
@@ -91,11 +92,8 @@ struct DeviceThread {
   float facc[Tile::kMTiles][Tile::kNTiles][4];
 
   __device__ __forceinline__ DeviceThread(const PackedGeometry& p_, const OperandPtrs& q_,
-                                          char* smem_)
-      : p(p_), q(q_), smem(smem_) {
-    tc.m0 = static_cast<int64_t>(blockIdx.x) * Tile::BM;
-    tc.n0 = static_cast<int64_t>(blockIdx.y) * Tile::BN;
-    tc.g = blockIdx.z;
+                                          char* smem_, const TileCoord& tc_)
+      : p(p_), q(q_), tc(tc_), smem(smem_) {
     tid = threadIdx.x;
     warp = tid / 32;
     lane = tid % 32;
@@ -137,13 +135,18 @@ struct DeviceThread {
 
 template <int WARPS_N, typename out_t>
 __global__ void __launch_bounds__(GemmTile<WARPS_N>::kThreads)
-    dsconv_gemm_kernel(PackedGeometry p, OperandPtrs q, EpiloguePtrs<out_t> e) {
+    dsconv_gemm_kernel(PackedGeometry p, OperandPtrs q, EpiloguePtrs<out_t> e, GemmGrid gg) {
   using Tile = GemmTile<WARPS_N>;
   __shared__ __align__(16) char smem[Tile::kSmemBytes];
-  DeviceThread<Tile> th(p, q, smem);
-  tiling::gemm_mainloop(th, static_cast<int32_t>(p.Ktot / tiling::kBK),
-                        static_cast<int32_t>(p.KB / tiling::kBK));
-  tiling::epilogue_thread<Tile, out_t>(p, e, th.tc, th.warp, th.lane, th.facc);
+  // One tile per CTA unless there are more than 2^31 - 1 (see tiling::gemm_grid).
+  for (int64_t t = blockIdx.x; t < gg.tiles; t += gridDim.x) {
+    DeviceThread<Tile> th(p, q, smem, tiling::gemm_tile<Tile>(gg, t));
+    tiling::gemm_mainloop(th, static_cast<int32_t>(p.Ktot / tiling::kBK),
+                          static_cast<int32_t>(p.KB / tiling::kBK));
+    tiling::epilogue_thread<Tile, out_t>(p, e, th.tc, th.warp, th.lane, th.facc);
+    // The next tile's first copies overwrite stages that slower warps may still be reading.
+    __syncthreads();
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,14 +251,8 @@ template <int WARPS_N, typename out_t>
 void launch_gemm(const PackedGeometry& p, const OperandPtrs& q, const EpiloguePtrs<out_t>& e,
                  cudaStream_t stream) {
   using Tile = GemmTile<WARPS_N>;
-  const int64_t gx = (p.M + Tile::BM - 1) / Tile::BM;
-  const int64_t gy = (p.c.Og + Tile::BN - 1) / Tile::BN;
-  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max() && gy <= 65535 && p.c.groups <= 65535,
-              "dsconv_ext::dsconv2d: problem too large for one launch (", gx, " x ", gy, " x ",
-              p.c.groups, " tiles)");
-  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
-                  static_cast<unsigned>(p.c.groups));
-  dsconv_gemm_kernel<WARPS_N, out_t><<<grid, Tile::kThreads, 0, stream>>>(p, q, e);
+  const GemmGrid gg = tiling::gemm_grid<Tile>(p);
+  dsconv_gemm_kernel<WARPS_N, out_t><<<grid_x(gg.blocks), Tile::kThreads, 0, stream>>>(p, q, e, gg);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -314,15 +311,16 @@ at::Tensor dsconv2d_cuda_impl(const at::Tensor& x, const at::Tensor& intweight,
   const int64_t nq = c.N * p.GB * p.HW;
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    bfp_quantize_kernel<scalar_t><<<elementwise_blocks(nq), kElementwiseThreads, 0, stream>>>(
-        p, x.data_ptr<scalar_t>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-        has_kds ? xm.data_ptr<int32_t>() : nullptr, nq);
+    bfp_quantize_kernel<scalar_t>
+        <<<grid_x(elementwise_blocks(nq)), kElementwiseThreads, 0, stream>>>(
+            p, x.data_ptr<scalar_t>(), xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
+            has_kds ? xm.data_ptr<int32_t>() : nullptr, nq);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
   const at::Tensor w = intweight.contiguous();
   at::Tensor wp = at::empty({c.O * p.Ktot}, opts.dtype(at::kChar));
-  pack_weight_kernel<<<elementwise_blocks(wp.numel()), kElementwiseThreads, 0, stream>>>(
+  pack_weight_kernel<<<grid_x(elementwise_blocks(wp.numel())), kElementwiseThreads, 0, stream>>>(
       p, w.data_ptr<int8_t>(), wp.data_ptr<int8_t>(), wp.numel());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
@@ -330,7 +328,7 @@ at::Tensor dsconv2d_cuda_impl(const at::Tensor& x, const at::Tensor& intweight,
   const c10::optional<at::Tensor> kd = as_float(KDSb);
   at::Tensor ap = at::empty({c.O * p.S}, opts.dtype(at::kFloat));
   at::Tensor kp = has_kds ? at::empty({c.O * p.S}, opts.dtype(at::kFloat)) : at::Tensor();
-  pack_params_kernel<<<elementwise_blocks(ap.numel()), kElementwiseThreads, 0, stream>>>(
+  pack_params_kernel<<<grid_x(elementwise_blocks(ap.numel())), kElementwiseThreads, 0, stream>>>(
       p, a.data_ptr<float>(), ptr_or_null(kd), ap.data_ptr<float>(),
       has_kds ? kp.data_ptr<float>() : nullptr, ap.numel());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -346,7 +344,7 @@ at::Tensor dsconv2d_cuda_impl(const at::Tensor& x, const at::Tensor& intweight,
     if (direct) {
       const int64_t total = y.numel();
       dsconv_direct_kernel<scalar_t>
-          <<<elementwise_blocks(total), kElementwiseThreads, 0, stream>>>(p, q, e, total);
+          <<<grid_x(elementwise_blocks(total)), kElementwiseThreads, 0, stream>>>(p, q, e, total);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else if (variant == "gemm32") {
       launch_gemm<1, scalar_t>(p, q, e, stream);

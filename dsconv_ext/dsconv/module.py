@@ -25,10 +25,14 @@ import torch.nn.functional as F
 from .checks import check_dsconv2d_args, pair, per_image_dense
 from .ops import dsconv2d, dsconv2d_backend
 from .quant_primitives import (
+    FUSED_DTYPES,
     check_bits,
     check_block_size,
+    fake_quant_backend,
     fake_quantize_bfp,
+    fake_quantize_bfp_fused,
     fake_quantize_weight,
+    fake_quantize_weight_fused,
     num_blocks,
     pack_intweight,
     packed_bits,
@@ -286,8 +290,7 @@ class DSConv2d(nn.Module):
             )
         if self.frozen:
             return self._kernel_call(x)
-        w = fake_quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
-        xq = fake_quantize_bfp(x, self.block_size, self.act_bits, self.groups)
+        w, xq = self._fake_quantize(x)
         y = F.conv2d(
             xq,
             w.to(xq.dtype) if not torch.is_autocast_enabled() else w,
@@ -303,6 +306,24 @@ class DSConv2d(nn.Module):
         if self.bias is not None:
             y = y + self.bias.view(shape).to(y.dtype)
         return F.silu(y) if self.fuse_silu else y
+
+    def _fake_quantize(self, x: torch.Tensor):
+        """QAT: the fake-quantised shadow weight and input, both with straight-through gradients.
+
+        CUDA tensors take one fused Triton kernel each (bit-identical to the PyTorch primitives;
+        ``DSCONV_EXT_FAKE_QUANT=torch`` forces the primitives): the primitives cost a dozen
+        elementwise ops, a float64 pass and a host sync per call. The weight kernel has no KDS
+        bias (the least-squares line's sums are not exact in float64): KDSBias layers keep the
+        PyTorch weight quantiser."""
+        if fake_quant_backend(x) == "triton":
+            xq = fake_quantize_bfp_fused(x, self.block_size, self.act_bits, self.groups)
+            if self.KDSBias or self.weight.dtype not in FUSED_DTYPES:
+                w = fake_quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
+            else:
+                w = fake_quantize_weight_fused(self.weight, self.bits, self.block_size)
+            return w, xq
+        w = fake_quantize_weight(self.weight, self.bits, self.block_size, self.KDSBias)
+        return w, fake_quantize_bfp(x, self.block_size, self.act_bits, self.groups)
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``self(x)`` written into ``out`` (a channel slice of a concatenation, say) and

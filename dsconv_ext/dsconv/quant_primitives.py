@@ -23,7 +23,8 @@ Blocks cut the input channels *of each group* into runs of ``block_size`` consec
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import os
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,12 @@ __all__ = [
     "packed_bits",
     "fake_quantize_weight",
     "fake_quantize_bfp",
+    "FAKE_QUANT_BACKENDS",
+    "FAKE_QUANT_ENV",
+    "FUSED_DTYPES",
+    "fake_quant_backend",
+    "fake_quantize_bfp_fused",
+    "fake_quantize_weight_fused",
 ]
 
 # Per-block integer sums must stay exact in float32 (the fallback) and int32 (the kernels):
@@ -355,3 +362,114 @@ def fake_quantize_bfp(
         mant, expo = bfp_quantize(x, block_size, mant_bits, groups)
         xq = bfp_dequantize(mant, expo, block_size, groups).to(x.dtype)
     return _StraightThrough.apply(x, xq)
+
+
+# ------------------------------------------------------------------ fused (Triton) fake quant
+# The same numbers as fake_quantize_bfp / fake_quantize_weight (bit for bit), each one Triton
+# kernel (dsconv_ext/dsconv/fake_quant_triton.py) instead of a chain of PyTorch ops with a host
+# sync. DSConv2d's QAT forward takes them for CUDA tensors; DSCONV_EXT_FAKE_QUANT=torch forces
+# the PyTorch primitives, =triton forces the kernels (on CPU tensors under TRITON_INTERPRET=1).
+
+FAKE_QUANT_ENV = "DSCONV_EXT_FAKE_QUANT"
+FAKE_QUANT_BACKENDS = ("auto", "torch", "triton")
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_triton_ok: Dict[Tuple[str, Optional[int]], str] = {}
+
+
+def _triton_interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _fused_status(device: torch.device) -> str:
+    """'ok' when the fused kernels can run on ``device``, else why not (cached per device)."""
+    key = (device.type, device.index)
+    if key in _triton_ok:
+        return _triton_ok[key]
+    why = "ok"
+    if device.type == "cuda":
+        if torch.version.hip is None and torch.cuda.get_device_capability(device) < (7, 5):
+            why = "Triton needs CUDA compute capability 7.5 or newer"
+    elif device.type == "cpu":
+        if not _triton_interpret_env():
+            why = "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"
+    else:
+        why = f"no Triton fake quantisation for {device.type} tensors"
+    if why == "ok":
+        try:
+            from . import fake_quant_triton
+        except Exception as e:  # CPU-only torch builds ship no triton
+            why = f"triton not importable ({type(e).__name__}: {e})"
+        else:
+            if device.type == "cpu" and not fake_quant_triton.INTERPRETED:
+                why = "the kernels were decorated before TRITON_INTERPRET=1 was set"
+    _triton_ok[key] = why
+    return why
+
+
+def fake_quant_backend(x: torch.Tensor) -> str:
+    """'triton' or 'torch': which fake quantisation DSConv2d's QAT forward runs for input ``x``.
+
+    ``DSCONV_EXT_FAKE_QUANT``: ``auto`` (default: the Triton kernels for float32 / float16 /
+    bfloat16 CUDA tensors where Triton runs, else PyTorch), ``torch`` or ``triton`` (an error
+    where the kernels cannot run)."""
+    env = os.environ.get(FAKE_QUANT_ENV, "").strip().lower() or "auto"
+    if env not in FAKE_QUANT_BACKENDS:
+        raise ValueError(f"{FAKE_QUANT_ENV} must be one of {FAKE_QUANT_BACKENDS}, got {env!r}")
+    if env == "torch":
+        return "torch"
+    if env == "auto":
+        if x.is_cuda and x.dtype in FUSED_DTYPES and _fused_status(x.device) == "ok":
+            return "triton"
+        return "torch"
+    why = _fused_status(x.device)
+    if why != "ok":
+        raise RuntimeError(f"{FAKE_QUANT_ENV}=triton cannot run on {x.device} tensors: {why}")
+    if x.dtype not in FUSED_DTYPES:
+        raise TypeError(f"{FAKE_QUANT_ENV}=triton needs float32/16 or bfloat16, got {x.dtype}")
+    return "triton"
+
+
+class _FusedStraightThrough(torch.autograd.Function):
+    """Forward runs a fused fake quantiser ``op(x, *args)``, backward passes the gradient through
+    unchanged (the straight-through estimator of fake_quantize_bfp / fake_quantize_weight).
+    Nothing is saved for backward."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, op, *args) -> torch.Tensor:
+        return op(x, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.num_args = len(inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad,) + (None,) * (ctx.num_args - 1)
+
+
+def fake_quantize_bfp_fused(
+    x: torch.Tensor, block_size: int, mant_bits: int, groups: int = 1
+) -> torch.Tensor:
+    """:func:`fake_quantize_bfp` as one Triton kernel: bit-identical values (float32, float16 or
+    bfloat16 ``x``, any memory format, kept), straight-through gradient."""
+    check_bits(mant_bits, "mant_bits")
+    check_block_size(block_size)
+    if x.dim() != 4 or x.shape[1] % groups:
+        raise ValueError(f"x must be [N, C, H, W] with C divisible by {groups}, got {x.shape}")
+    from .fake_quant_triton import bfp_fake_quant
+
+    return _FusedStraightThrough.apply(x, bfp_fake_quant, block_size, mant_bits, groups)
+
+
+def fake_quantize_weight_fused(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """:func:`fake_quantize_weight` without KDS bias as one Triton kernel: bit-identical values,
+    straight-through gradient. A (block, tap) holding a NaN / Inf weight comes out NaN instead of
+    raising (raising would need a host sync per layer and call)."""
+    check_bits(bits)
+    check_block_size(block_size)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
+    from .fake_quant_triton import weight_fake_quant
+
+    return _FusedStraightThrough.apply(weight, weight_fake_quant, bits, block_size)
