@@ -309,7 +309,7 @@ class BiLevelRoutingAttention(nn.Module):
         """The fast path; returns NHWC ``[N, H, W, C]`` (contiguous).
 
         ``traced``: the graph of a tracing exporter (ONNX, OpenVINO) is recorded. Then the
-        projections are plain ``F.linear`` (see :func:`_linear`) and the pad / crop to whole
+        projections are plain ``F.linear`` (see :func:`_traced`) and the pad / crop to whole
         windows is always in the graph (amounts computed from the traced sizes, zero when the
         size divides), so that a model exported with dynamic sizes pads at every size. Eager
         calls are unchanged.
