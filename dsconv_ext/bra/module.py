@@ -31,6 +31,21 @@ _KV_MODES = ("ada_avgpool", "ada_maxpool", "maxpool", "avgpool", "identity")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _traced() -> bool:
+    """Whether a tracing exporter records this call (``torch.jit.trace``, which OpenVINO's
+    PyTorch frontend and ultralytics' TorchScript export use, or the TorchScript ONNX exporter).
+
+    Those graphs must hold plain ops, each projection one ``F.linear``. The CPU path's
+    :func:`linear_cl` (a channels-last 1x1 convolution, then a ``reshape`` to the sizes of its
+    input) broke OpenVINO: its graph transformations (``apply_moc_transformations``, also
+    run by the CPU plugin on dynamic shapes) give the window-padded map cropped back to the input
+    size (``out[:, :h_in, :w_in]``) the symbolic sizes of the padded map, so the ``reshape``
+    after the output projection asked for the padded size (``[1, 14, 14, C]`` from 64 pixels at
+    8 x 8) and shape inference failed. ``F.linear`` needs no reshape there.
+    """
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 class TopkRouting(nn.Module):
     """Region-to-region routing: top-k of window-mean affinities.
 
@@ -266,16 +281,19 @@ class BiLevelRoutingAttention(nn.Module):
             raise NotImplementedError(
                 "diff_routing=True without soft_routing ('hard' routing) is not implemented"
             )
-        backend = resolve_backend(self.backend, x)
+        traced = _traced()
+        # Tracing exporters record the torch backend's ops (a Triton launch has no graph form).
+        backend = "torch" if traced and self.backend != "reference" else None
+        backend = backend or resolve_backend(self.backend, x)
         if ret_attn_mask or backend == "reference":
             return bra_forward_naive(self, x, ret_attn_mask)
-        if backend == "torch" and x.device.type == "cpu" and self._split_batch(x):
+        if backend == "torch" and x.device.type == "cpu" and not traced and self._split_batch(x):
             # Inference on large CPU maps: one image at a time keeps the temporaries cache- and
             # allocator-friendly (fresh multi-MB buffers are page-faulted in on every call);
             # small maps go whole, where per-op overheads dominate instead.
             out = torch.cat([self._forward_fast(xi, backend) for xi in x.split(1)])
             return out.permute(0, 3, 1, 2)
-        return self._forward_fast(x, backend).permute(0, 3, 1, 2)
+        return self._forward_fast(x, backend, traced).permute(0, 3, 1, 2)
 
     def _split_batch(self, x: Tensor) -> bool:
         if x.shape[0] < 2 or (
@@ -287,13 +305,22 @@ class BiLevelRoutingAttention(nn.Module):
         pixels = -(-x.shape[2] // nw) * -(-x.shape[3] // nw) * nw * nw
         return pixels * (2 * self.qk_dim + self.dim) * x.element_size() >= 16 << 20
 
-    def _forward_fast(self, x: Tensor, backend: str) -> Tensor:
-        """The fast path; returns NHWC ``[N, H, W, C]`` (contiguous)."""
+    def _forward_fast(self, x: Tensor, backend: str, traced: bool = False) -> Tensor:
+        """The fast path; returns NHWC ``[N, H, W, C]`` (contiguous).
+
+        ``traced``: the graph of a tracing exporter (ONNX, OpenVINO) is recorded. Then the
+        projections are plain ``F.linear`` (see :func:`_traced`) and the pad / crop to whole
+        windows is always in the graph (amounts computed from the traced sizes, zero when the
+        size divides), so that a model exported with dynamic sizes pads at every size. Eager
+        calls are unchanged.
+        """
         n, c, h_in, w_in = x.shape
         nw, qk = self.n_win, self.qk_dim
+        linear = F.linear if traced else linear_cl
         pad_r = (nw - w_in % nw) % nw if self.auto_pad else 0
         pad_b = (nw - h_in % nw) % nw if self.auto_pad else 0
-        if pad_r or pad_b:
+        padded = (self.auto_pad and traced) or bool(pad_r or pad_b)
+        if padded:
             x = F.pad(x, (0, pad_r, 0, pad_b))
         h, w = x.shape[2:]
         wh, ww = h // nw, w // nw
@@ -305,8 +332,8 @@ class BiLevelRoutingAttention(nn.Module):
         # q and kv as two dense tensors (two products on row slices of the one weight): the CPU
         # gathers then copy whole contiguous rows, which stays fast when the cores are shared.
         wt, bias = self.qkv.qkv.weight, self.qkv.qkv.bias
-        q = linear_cl(xw, wt[:qk], None if bias is None else bias[:qk])
-        kv = linear_cl(xw, wt[qk:], None if bias is None else bias[qk:])
+        q = linear(xw, wt[:qk], None if bias is None else bias[:qk])
+        kv = linear(xw, wt[qk:], None if bias is None else bias[qk:])
         r_weight, r_idx = self.router(q.mean(2), kv[..., :qk].mean(2))
         if not isinstance(self.kv_down, nn.Identity):
             ckv = kv.shape[-1]
@@ -335,10 +362,10 @@ class BiLevelRoutingAttention(nn.Module):
             # The pixel-ordered operand first: the sum then comes out pixel-ordered (NHWC).
             out = lepe.permute(0, 2, 3, 1).reshape(n, nw, wh, nw, ww, c) + out
         out = out.reshape(n, h, w, c)
-        if pad_r or pad_b:
+        if padded:
             out = out[:, :h_in, :w_in]
         if isinstance(self.wo, nn.Linear):
-            return linear_cl(out, self.wo.weight, self.wo.bias)
+            return linear(out, self.wo.weight, self.wo.bias)
         return out.contiguous()
 
     def backend_for(self, x: Optional[Tensor] = None) -> str:

@@ -8,8 +8,8 @@ of a ~19 ms converted yolo11n forward at 2 threads. The compiled op ``dfl_expect
 bins and a matmul with the same weights (~0.23 ms).
 
 Same maths, not the same rounding order: outputs agree to float rounding (the tests bound the
-difference from a float64 reference). Autograd, ONNX export and TorchScript get the inherited
-forward.
+difference from a float64 reference). Autograd, tracing (ONNX, OpenVINO and TorchScript export)
+and TorchScript get the inherited forward.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ class FastDFL(DFL):
         if (
             (torch.is_grad_enabled() and x.requires_grad)
             or torch.jit.is_scripting()
+            or torch.jit.is_tracing()  # OpenVINO's and TorchScript's exporters trace
             or torch.onnx.is_in_onnx_export()
             or x.dim() != 3
             or self.conv.bias is not None

@@ -10,9 +10,9 @@ added in place, and ``C3k``'s own concatenation is built the same way. Outputs a
 (the same ops on the same values, only the destination changes).
 
 :func:`use_in_place_concat` swaps the class of each such block for a subclass that only
-overrides ``forward`` (so ``isinstance`` checks and ``state_dict`` keys are unchanged). The in-place
-forward runs only without autograd, outside ONNX export and TorchScript; otherwise, and for
-bottleneck types it does not know, it is the inherited forward.
+overrides ``forward`` (so ``isinstance`` checks and ``state_dict`` keys are unchanged). The
+in-place forward runs only without autograd, outside tracing (ONNX, OpenVINO export) and
+TorchScript; otherwise, and for bottleneck types it does not know, it is the inherited forward.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def _active(x: torch.Tensor) -> bool:
     return not (
         torch.is_grad_enabled()
         or torch.jit.is_scripting()
+        # traced (ONNX, OpenVINO, TorchScript export): writes into views of a buffer are no
+        # graph an exporter should see
+        or torch.jit.is_tracing()
         or torch.onnx.is_in_onnx_export()
         or x.dim() != 4
     )

@@ -12,7 +12,7 @@ almost no arithmetic cost more than a tenth of a converted yolo11n forward:
 Both replacements give bit-identical outputs (a maximum and a copy round nothing; NaN propagates
 as in ``max_pool2d``). The max pool takes over only where no gradient is recorded (ties would route
 gradients differently from ``max_pool2d``), and both call the original functional op while
-exporting to ONNX, so that exported graphs keep their MaxPool / Resize nodes.
+traced (ONNX and OpenVINO export), so that exported graphs keep their MaxPool / Resize nodes.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class SeparableMaxPool2d(nn.Module):
             or not x.is_floating_point()
             or x.dim() not in (3, 4)
             or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_tracing()
             or torch.jit.is_scripting()
         ):
             return F.max_pool2d(x, self.kernel_size, 1, self.padding)
@@ -134,7 +135,12 @@ class NearestUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale_factor
-        if x.dim() != 4 or torch.onnx.is_in_onnx_export() or torch.jit.is_scripting():
+        if (
+            x.dim() != 4
+            or torch.onnx.is_in_onnx_export()
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+        ):
             return F.interpolate(x, scale_factor=float(s), mode="nearest")
         n, c, h, w = x.shape
         out = None

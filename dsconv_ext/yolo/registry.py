@@ -10,7 +10,8 @@ What :func:`register` changes (all undone by :func:`unregister`; nothing on disk
 - ``get_flops`` counts DSConv layers (``model.info()``; thop has no rule for them).
 - ``generate_ddp_file`` makes DDP workers register too, even without the ``.pth`` hook.
 - ``torch_safe_load`` names the layers when a checkpoint has another DSConv format version.
-- ``Exporter.export_onnx`` (once the exporter is imported) exports DSConv as standard ONNX ops.
+- ``Exporter.export_onnx`` and ``Exporter.export_openvino`` (once the exporter is imported) export
+  DSConv as standard operators (:mod:`dsconv_ext.yolo.export`).
 - our classes join torch's safe globals, so ``ULTRALYTICS_SAFE_LOAD=1`` loads our checkpoints.
 """
 
@@ -427,22 +428,26 @@ def _register() -> None:
 
 
 def _patch_exporter(module) -> None:
-    from .onnx_export import wrap_export_onnx
+    from .export import EXPORT_METHODS, wrap_export
 
     with _lock:
         if not _state or "exporter" in _state:
             return
-        fn = inspect.getattr_static(getattr(module, "Exporter", None), "export_onnx", None)
-        if fn is None:
-            warnings.warn(
-                f"dsconv_ext: {_shape_error('Exporter.export_onnx is missing')}; ONNX export of "
-                "DSConv layers will fail",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        module.Exporter.export_onnx = wrap_export_onnx(fn)
-        _state["exporter"] = (module.Exporter, fn)
+        exporter = getattr(module, "Exporter", None)
+        wrapped = []
+        for attr in EXPORT_METHODS:
+            fn = inspect.getattr_static(exporter, attr, None)
+            if not inspect.isfunction(fn):
+                warnings.warn(
+                    f"dsconv_ext: {_shape_error(f'Exporter.{attr} is missing')}; that export of "
+                    "DSConv layers will fail",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            setattr(exporter, attr, wrap_export(fn, attr))
+            wrapped.append((attr, fn))
+        _state["exporter"] = (exporter, wrapped)
 
 
 _MISSING = object()
@@ -469,7 +474,9 @@ def unregister() -> None:
         for owner, attr, fn in _state["wrapped"]:
             setattr(owner, attr, fn)
         if "exporter" in _state:
-            _state["exporter"][0].export_onnx = _state["exporter"][1]
+            exporter, wrapped = _state["exporter"]
+            for attr, fn in wrapped:
+                setattr(exporter, attr, fn)
         _state.clear()
 
 
