@@ -195,7 +195,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _worker_env(args, work: Path) -> Dict[str, str]:
+def _worker_env(args) -> Dict[str, str]:
     """Environment of a worker process: imports the dsconv_ext this process imported, offline,
     every runtime's OpenMP pool (if any) sized like the rest."""
     import dsconv_ext
@@ -204,9 +204,6 @@ def _worker_env(args, work: Path) -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
     env.update(YOLO_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
-    # One inductor cache per benchmark run: the first torch.compile process compiles cold (the
-    # time reported), the later ones find its kernels.
-    env["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-cache")
     return env
 
 
@@ -251,9 +248,11 @@ def time_model(name: str, man: Dict, args, env: Dict[str, str]):
     keys = [k for k in ["float", *args.variants] if k not in man["skipped"]]
     results: Dict[str, List[Dict]] = {k: [] for k in keys}
     failed: Dict[str, str] = {}
-    cache = Path(env["TORCHINDUCTOR_CACHE_DIR"])
-    # The compile time reported is a cold one only if no earlier run left kernels in the cache.
+    # An inductor cache of this model's own: its first torch.compile process compiles cold unless
+    # an earlier run (same --work) left the kernels there; the later processes find them.
+    cache = Path(args.work) / "inductor-cache" / f"{name}-{args.imgsz}"
     cache_state = "warm (earlier run)" if cache.is_dir() and any(cache.iterdir()) else "cold"
+    env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     for cycle in range(args.cycles):
         for key in keys:
             if key in failed:
@@ -489,7 +488,7 @@ def main(argv=None) -> int:
     if args.accuracy:
         n_train, n_val = (32, 8) if args.quick else (256, 64)
         data = make_dataset(work / "shapes", n_train, n_val)
-    env = _worker_env(args, work)
+    env = _worker_env(args)
     t0 = time.perf_counter()
     rows, interleaved, manifests = [], {}, {}
     for name in args.models:
