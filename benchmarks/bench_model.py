@@ -502,8 +502,8 @@ def main(argv=None) -> int:
     info = environment()
     info["peers"] = _runtimes.versions()
     info["load average before"], info["load average after"] = load_before, load_after
-    cols = ["model", "variant", "precision", "latency ms", "spread %", "speed-up vs float eager",
-            "dsconv_ext int8 vs this", "model file MiB"]  # fmt: skip
+    cols = ["model", "variant", "precision", "latency ms", "spread %", "best process ms",
+            "speed-up vs float eager", "dsconv_ext int8 vs this", "model file MiB"]  # fmt: skip
     if args.accuracy:
         cols += ["mAP50 (labels)", "mAP50 vs float preds", "mean IoU vs float"]
     cols.append("note")
@@ -515,10 +515,17 @@ def main(argv=None) -> int:
     print(f"# {args.imgsz} px, batch 1, {args.threads} threads in every runtime; each runtime in "
           f"its own processes ({args.cycles} cycles A B C ... A B C): {args.warmup} warm-up calls, "
           f"median of {args.rounds} calls; latency = median of the per-process medians, spread = "
-          f"(max - min) / median of them; 'dsconv_ext int8 vs this' = this latency / int8's "
-          f"(above 1: int8 faster)")  # fmt: skip
+          f"(max - min) / median of them, best process = the lowest of them; 'dsconv_ext int8 "
+          f"vs this' = this latency / int8's (above 1: int8 faster)")  # fmt: skip
     for name, man in manifests.items():
-        print(f"# {name} weights: {man['weights']}")
+        loads = [p["load average 1 min"] for r in rows if r["model"] == name
+                 for p in r.get("per process", ())]  # fmt: skip
+        seen = (
+            f"; 1-min load average {min(loads):.1f}-{max(loads):.1f} as its workers ended"
+            if loads
+            else ""
+        )
+        print(f"# {name} weights: {man['weights']}{seen}")
     print(f"# load average (1/5/15 min) before {' '.join(f'{v:.2f}' for v in load_before)}, "
           f"after {' '.join(f'{v:.2f}' for v in load_after)}; "
           f"{time.perf_counter() - t0:.0f} s\n")  # fmt: skip

@@ -55,6 +55,7 @@ def test_rows_are_well_formed(bench):
         medians = row["process medians ms"]
         assert len(medians) == CYCLES and all(m > 0 for m in medians)
         assert row["latency ms"] == pytest.approx(float(np.median(medians)))
+        assert row["best process ms"] == min(medians)
         assert row["spread %"] >= 0 and row["model file MiB"] > 0
         for proc in row["per process"]:
             assert len(proc["samples ms"]) == 2 and proc["info"]["threads"] == 1
