@@ -12,6 +12,20 @@ from typing import List, Optional
 
 
 def _info(as_json: bool) -> int:
+    import contextlib
+
+    # Whatever the imports print (ultralytics announces a new settings file on stdout) goes to
+    # stderr, so that ``info --json`` prints JSON only.
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _info_report()
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    _print_info(report)
+    return 0
+
+
+def _info_report() -> dict:
     import torch
 
     from . import __version__
@@ -39,6 +53,12 @@ def _info(as_json: bool) -> int:
     except Exception as e:  # report, don't crash: info is what users run when things are broken
         report["bilevel_routing_attention"] = {"error": f"{type(e).__name__}: {e}"}
     try:
+        from .dsconv.quant_primitives import fake_quant_report
+
+        report["dsconv2d_qat_fake_quant"] = fake_quant_report()
+    except Exception as e:
+        report["dsconv2d_qat_fake_quant"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         from .yolo.speed_check import conversion_policy
 
         policy, why = conversion_policy()
@@ -59,9 +79,10 @@ def _info(as_json: bool) -> int:
         report["ultralytics"] = yolo.integration_report()
     except Exception as e:
         report["ultralytics"] = {"error": f"{type(e).__name__}: {e}"}
-    if as_json:
-        print(json.dumps(report, indent=2, default=str))
-        return 0
+    return report
+
+
+def _print_info(report: dict) -> None:
     print(
         f"dsconv_ext {report['dsconv_ext']}  torch {report['torch']}  python "
         f"{report['python']}  CUDA device: {'yes' if report['cuda_available'] else 'no'}"
@@ -76,6 +97,13 @@ def _info(as_json: bool) -> int:
         extra = "".join(f", {k}={entry[k]}" for k in ("isa", "archs", "note") if k in entry)
         why = f" ({entry['why']})" if entry.get("why") else ""
         print(f"  {dev:5s} -> {entry['backend']}{why}{extra}")
+    print("DSConv2d QAT fake quantisation (training):")
+    for dev, entry in report["dsconv2d_qat_fake_quant"].items():
+        if not isinstance(entry, dict):
+            print(f"  {dev}: {entry}")
+            continue
+        extra = "".join(f" ({entry[k]})" for k in ("why", "note") if k in entry)
+        print(f"  {dev:5s} -> {entry['backend']}{extra}")
     print("BiLevelRoutingAttention:")
     bra = report["bilevel_routing_attention"]
     for k, v in bra.items():
@@ -90,7 +118,6 @@ def _info(as_json: bool) -> int:
     print("ultralytics integration:")
     for k, v in report["ultralytics"].items():
         print(f"  {k}: {v}")
-    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -36,10 +36,24 @@ def test_info_reports_each_op_backend():
     if report["dsconv2d"]["cpu"]["backend"] == "fallback":
         assert report["dsconv2d"]["cpu"]["why"]  # never a silent fallback
     assert "bilevel_routing_attention" in report
+    fq = report["dsconv2d_qat_fake_quant"]
+    assert fq["cpu"] == {"backend": "torch"}
+    assert fq["cuda"]["backend"] in ("triton", "torch")
+    if fq["cuda"]["backend"] == "torch":
+        assert fq["cuda"]["why"]
     dfl = report["dfl_expectation"]
     assert dfl.get("cpu float32") in ("kernel", "torch (no compiled op)") or "error" in dfl
     text = _run(["info"])
     assert text.returncode == 0 and "dsconv2d:" in text.stdout
+    assert "QAT fake quantisation" in text.stdout
+
+
+def test_info_reports_forced_torch_fake_quant():
+    report = json.loads(_run(["info", "--json"], env={"DSCONV_EXT_FAKE_QUANT": "torch"}).stdout)
+    fq = report["dsconv2d_qat_fake_quant"]
+    assert fq["cuda"] == {"backend": "torch", "why": "DSCONV_EXT_FAKE_QUANT=torch"}
+    bad = json.loads(_run(["info", "--json"], env={"DSCONV_EXT_FAKE_QUANT": "fast"}).stdout)
+    assert "DSCONV_EXT_FAKE_QUANT" in bad["dsconv2d_qat_fake_quant"]["error"]
 
 
 def test_forced_fallback_is_reported(monkeypatch):

@@ -258,7 +258,8 @@ std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
   // contents are fingerprinted before packing, so a write racing with the pack can only make
   // the next call miss, never make a stale pack look current.
   auto fp = std::make_shared<const Fingerprint>(intweight, alpha, kb);
-  std::shared_ptr<const PackedWeights> packed = pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
+  std::shared_ptr<const PackedWeights> packed =
+      pack(intweight, alpha, KDSb, lay, elem_bytes, amx_weights);
   std::lock_guard<std::mutex> lock(g_mutex);
   g_entries.push_front(Entry{make_id(&intweight), make_id(&alpha), make_id(kb), lay.g.block,
                              elem_bytes, lay.g.groups, amx_weights, packed, std::move(fp)});

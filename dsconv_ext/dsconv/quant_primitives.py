@@ -430,6 +430,25 @@ def fake_quant_backend(x: torch.Tensor) -> str:
     return "triton"
 
 
+def fake_quant_report() -> dict:
+    """Which fake quantisation a training DSConv2d runs per device kind (for ``info``): the
+    device's entry says ``triton`` or ``torch`` and, for ``torch`` where Triton was possible,
+    why not."""
+    env = os.environ.get(FAKE_QUANT_ENV, "").strip().lower() or "auto"
+    report = {"cpu": {"backend": "torch"}}
+    if env not in FAKE_QUANT_BACKENDS:
+        report["error"] = f"{FAKE_QUANT_ENV} must be one of {FAKE_QUANT_BACKENDS}, got {env!r}"
+        return report
+    if env == "torch":
+        report["cuda"] = {"backend": "torch", "why": f"{FAKE_QUANT_ENV}=torch"}
+    elif not torch.cuda.is_available():
+        report["cuda"] = {"backend": "triton", "note": "expected; no CUDA device here"}
+    else:
+        why = _fused_status(torch.device("cuda", torch.cuda.current_device()))
+        report["cuda"] = {"backend": "triton"} if why == "ok" else {"backend": "torch", "why": why}
+    return report
+
+
 class _FusedStraightThrough(torch.autograd.Function):
     """Forward runs a fused fake quantiser ``op(x, *args)``, backward passes the gradient through
     unchanged (the straight-through estimator of fake_quantize_bfp / fake_quantize_weight).
