@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from yolo_helpers import ROOT, offline_fonts, subprocess_env
+from yolo_helpers import ROOT, subprocess_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import _runtimes  # noqa: E402
@@ -28,7 +28,6 @@ CYCLES = 2
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    offline_fonts()
     tmp = tmp_path_factory.mktemp("bench_model")
     out = tmp / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--models", "yolo11n",

@@ -44,7 +44,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from yolo_helpers import CONFIGS, IMGSZ, offline_fonts
+from yolo_helpers import CONFIGS, IMGSZ
 
 ov = pytest.importorskip("openvino")
 ort = pytest.importorskip("onnxruntime")
@@ -63,7 +63,6 @@ CANDIDATES = 12  # images tried before the model comparison gives up (see the mo
 def setup():
     import dsconv_ext.yolo as dy
 
-    offline_fonts()
     dy.register()
 
 
