@@ -15,6 +15,13 @@ Backward (deterministic, no atomics):
   on the device (a stable sort), so each program walks, in a fixed order, the query windows that
   routed to its region and owns its dK/dV tile outright.
 
+Head-dim chunks (constexpr ``CHUNKS`` > 1, chosen by the resource model only where no tile fits
+the whole head dim, e.g. fp32 head dim 192): grid axis 0 holds tiles x chunks; the scores sum
+q.k over ``BLOCK_DK``-wide chunks loaded inside the tile loop, and each program owns one
+``BLOCK_DK``/``BLOCK_DV``-wide chunk of the output, dQ or dK and dV, recomputing the scores and
+softmax statistics; the first chunk program stores the shared outputs (lse, routing-weight
+partial sums). ``CHUNKS == 1`` is the unchunked code.
+
 Layout: ``q [B, P, Wq, H*DK]``, ``kv [B, P, Wk, H*DK + H*DV]`` (keys then values), head ``h``
 at channel offset ``h*D``, any strides over the first three dims, channels contiguous.
 
