@@ -371,6 +371,10 @@ def choose(
                 # 32x16: 11 KB spilled); tf32/16-bit take up to 16x32 here.
                 if budget is LAST_RESORT_BUDGET and bm * bn > (256 if precision == "ieee" else 512):
                     continue
+                # Chunked ieee: 32x16 compiles clean, 64x16 spills (sm_86, head dim 144 in
+                # 5 chunks of 32: 56 B), above what the register estimate sees.
+                if c > 1 and precision == "ieee" and bm * bn > 512:
+                    continue
                 # The inner loop walks keys (fwd, dq) or queries (dkdv): stage only when it
                 # iterates.
                 trips = -(-wk // bn) if kernel in ("fwd", "bwd_dq") else -(-wq // bm)
