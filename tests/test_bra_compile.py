@@ -29,7 +29,7 @@ def _row(arch, kernel, dtype, d, wq, wk=None):
     assert cfg is not None, (arch, kernel, dtype, d, wq)
     row = cc.Row(arch, kernel, dtype, d, d, str(wq), str(wk or wq), cfg.block_m, cfg.block_n,
                  cfg.num_warps, cfg.num_stages, limit=ARCH_SHARED_LIMIT[arch],
-                 pred_shared=cfg.shared, pred_regs=cfg.regs)  # fmt: skip
+                 pred_shared=cfg.shared, pred_regs=cfg.regs, chunks=cfg.chunks)  # fmt: skip
     return cc.compile_config(row)
 
 
@@ -48,6 +48,13 @@ SAMPLE = [
     (90, "fwd", "fp32-ieee", 128, 36),
     (80, "bwd_preprocess", "fp32-tf32", 128, 361),
     (86, "fwd", "fp16", 24, 4),
+    # head dim 192 in fp32: chunked head dims (3 x 64), exact and TF32, 99 KB and 227 KB parts
+    (86, "fwd", "fp32-ieee", 192, 361),
+    (89, "bwd_dq", "fp32-ieee", 192, 144),
+    (86, "bwd_dkdv", "fp32-ieee", 192, 36),
+    (89, "bwd_dkdv", "fp32-tf32", 192, 361),
+    (90, "bwd_dkdv", "fp32-tf32", 192, 144),
+    (80, "fwd", "fp32-ieee", 192, 36),
 ]
 
 
@@ -83,21 +90,38 @@ def test_every_problem_of_the_grid_gets_a_config_within_the_model_limits():
             for k in KERNELS:
                 cfg = choose(k, dtype=dt, dk=pb.dk, dv=pb.dv, wq=pb.wq, wk=pb.wk,
                              precision=prec, arch=arch)  # fmt: skip
-                if cfg is None:
-                    # Only fp32 backward with head dims padded to 256 falls back to torch.
-                    assert (
-                        dt == "fp32"
-                        and max(pb.dk, pb.dv) > 128
-                        and k != "fwd"
-                        or (prec == "ieee" and max(pb.dk, pb.dv) > 128)
-                    ), (arch, k, pb)
-                    continue
+                # every problem gets a Triton config: no torch fallback
+                assert cfg is not None, (arch, k, pb)
+                # chunked head dims only where no unchunked candidate fits
+                whole = choose(k, dtype=dt, dk=pb.dk, dv=pb.dv, wq=pb.wq, wk=pb.wk,
+                               precision=prec, arch=arch, chunks=1)  # fmt: skip
+                assert (cfg.chunks > 1) == (whole is None), (arch, k, pb, cfg)
+                if cfg.chunks == 1:
+                    assert cfg == whole
                 assert cfg.shared + launch_config.SHARED_MARGIN <= ARCH_SHARED_LIMIT[arch]
                 assert cfg.regs <= max(
                     REG_BUDGET[cfg.num_warps],
                     launch_config.LAST_RESORT_BUDGET.get(cfg.num_warps, 0),
                 )
                 assert cfg.block_m >= 16 and cfg.block_n >= 16
+
+
+def test_chunk_widths_and_the_choice_for_head_dim_192():
+    assert launch_config.chunk_widths(192, 192, 1) == (256, 256)
+    assert launch_config.chunk_widths(192, 192, 3) == (64, 64)
+    assert launch_config.chunk_widths(160, 96, 3) == (64, 32)
+    assert launch_config.chunk_widths(24, 24, 4) == (16, 16)  # tl.dot's minimum width
+    for arch in (80, 86, 89, 90):
+        cfg = choose("fwd", dtype="fp32", dk=192, dv=192, wq=361, wk=361, precision="ieee",
+                     arch=arch)  # fmt: skip
+        assert (cfg.chunks, cfg.block_dk, cfg.block_dv, cfg.num_stages) == (3, 64, 64, 2)
+    # what fits unchunked stays unchunked (fp16 at 192; fp32 at 128)
+    assert choose("bwd_dkdv", dtype="fp16", dk=192, dv=192, wq=361, wk=361, arch=86).chunks == 1
+    fp32 = choose("fwd", dtype="fp32", dk=128, dv=128, wq=361, wk=361, precision="ieee", arch=86)
+    assert fp32.chunks == 1
+    # bwd_preprocess has no dot and never chunks
+    pre = choose("bwd_preprocess", dtype="fp32", dk=192, dv=192, wq=361, wk=361, chunks=3)
+    assert pre.chunks == 1 and pre.block_dv == 256
 
 
 def test_stages_only_when_the_inner_loop_iterates():
@@ -142,14 +166,14 @@ def test_guard_decision_with_faked_devices():
     ok, why = backend.triton_fits(rtx3090, dtype=torch.float32, dk=96, dv=96, wq=361, wk=361,
                                   backward=True, allow_tf32=False)  # fmt: skip
     assert ok, why
-    # x scale, fp32 training (head dim 192) on a 99 KB card: the forward fits, the backward not.
-    ok, why = backend.triton_fits(rtx3090, dtype=torch.float32, dk=192, dv=192, wq=361, wk=361,
-                                  backward=False, allow_tf32=True)  # fmt: skip
-    assert ok, why
-    ok, why = backend.triton_fits(rtx3090, dtype=torch.float32, dk=192, dv=192, wq=361, wk=361,
-                                  backward=True, allow_tf32=True)  # fmt: skip
-    assert not ok and why.startswith("bwd_") and "no tile configuration" in why
-    tiny = _props(8, 0, 8 * 1024)
+    # x scale, fp32 training (head dim 192) on a 99 KB card: forward and backward fit, exact and
+    # TF32 (chunked head dims).
+    for allow_tf32 in (False, True):
+        ok, why = backend.triton_fits(rtx3090, dtype=torch.float32, dk=192, dv=192, wq=361,
+                                      wk=361, backward=True, allow_tf32=allow_tf32)  # fmt: skip
+        assert ok, why
+    # below the smallest chunked tiles' shared memory (fp16 head dim 64: 16-wide chunks, 6 KB)
+    tiny = _props(8, 0, 4 * 1024)
     ok, why = backend.triton_fits(tiny, dtype=torch.float16, dk=64, dv=64, wq=144, wk=144,
                                   backward=False)  # fmt: skip
     assert not ok and "fwd" in why
@@ -160,7 +184,7 @@ def test_guard_decision_with_faked_devices():
 
 
 def test_guard_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: _props(8, 0, 8 * 1024))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: _props(8, 0, 4 * 1024))
     backend._WARNED.clear()
 
     def fake(shape):  # only what the guard reads of a CUDA tensor

@@ -36,6 +36,7 @@ from .launch_config import (
     KERNELS,
     SPILL_ALLOWANCE,
     choose,
+    chunk_widths,
 )
 
 __all__ = [
@@ -102,6 +103,7 @@ class Row:
     pred_regs: int = 0
     status: str = ""  # ok / ok (spill N <= allowance) / SPILL / OVERFLOW / ERROR / NO CONFIG
     detail: str = ""
+    chunks: int = 1  # programs per tile along the head dims (CHUNKS)
 
     @property
     def failed(self) -> bool:
@@ -188,11 +190,12 @@ def config_grid(
                     wins[key][1].add(pb.wk)
                     continue
                 key = (arch, kernel, pb.dtype, pb.dk, pb.dv, cfg.block_m, cfg.block_n,
-                       cfg.num_warps, cfg.num_stages)  # fmt: skip
+                       cfg.num_warps, cfg.num_stages, cfg.chunks)  # fmt: skip
                 if key not in grid:
                     grid[key] = Row(arch, kernel, pb.dtype, pb.dk, pb.dv, "", "", cfg.block_m,
                                     cfg.block_n, cfg.num_warps, cfg.num_stages, limit=limit,
-                                    pred_shared=cfg.shared, pred_regs=cfg.regs)  # fmt: skip
+                                    pred_shared=cfg.shared, pred_regs=cfg.regs,
+                                    chunks=cfg.chunks)  # fmt: skip
                     wins[key] = (set(), set())
                 wins[key][0].add(pb.wq)
                 wins[key][1].add(pb.wk)
@@ -304,10 +307,11 @@ def compile_config(row: Row) -> Row:
 
     fn = _kernels()[row.kernel]
     dt, prec = _split_dtype(row.dtype)
-    bdk, bdv = max(16, triton.next_power_of_2(row.dk)), max(16, triton.next_power_of_2(row.dv))
+    bdk, bdv = chunk_widths(row.dk, row.dv, row.chunks)
     names = {p.name for p in fn.params}
     const = dict(H=8, DK=row.dk, DV=row.dv, BLOCK_M=row.block_m, BLOCK_N=row.block_n,
-                 BLOCK_DK=bdk, BLOCK_DV=bdv, SOFT=False, NEED_DW=False, PRECISION=prec)  # fmt: skip
+                 BLOCK_DK=bdk, BLOCK_DV=bdv, SOFT=False, NEED_DW=False, PRECISION=prec,
+                 CHUNKS=row.chunks)  # fmt: skip
     const = {k: v for k, v in const.items() if k in names}
     sig, attrs = _signature(fn, dt, soft=False)
     # sm_86 / sm_89 code is sm_80 code (same mma, same layouts); ptxas then targets each.
@@ -336,7 +340,7 @@ def compile_config(row: Row) -> Row:
 
 def _cache_key(row: Row, src: str) -> str:
     return "|".join(map(str, (src, row.arch, row.kernel, row.dtype, row.dk, row.dv, row.block_m,
-                              row.block_n, row.num_warps, row.num_stages)))  # fmt: skip
+                              row.block_n, row.num_warps, row.num_stages, row.chunks)))  # fmt: skip
 
 
 def default_cache_dir() -> str:
@@ -415,7 +419,7 @@ def representative(problems: Sequence[Problem]) -> List[Problem]:
 
 def _order(r: Row):
     return (r.arch, DTYPES.index(r.dtype), r.dk, r.dv, KERNELS.index(r.kernel), r.block_m,
-            r.block_n)  # fmt: skip
+            r.block_n, r.chunks)  # fmt: skip
 
 
 _COLS = ("arch", "kernel", "dtype", "dk", "dv", "wq", "wk", "tiles", "warps", "stages", "regs",
@@ -424,7 +428,8 @@ _COLS = ("arch", "kernel", "dtype", "dk", "dv", "wq", "wk", "tiles", "warps", "s
 
 def _cells(r: Row) -> List[str]:
     return [f"sm_{r.arch}", r.kernel, r.dtype, str(r.dk), str(r.dv), r.wq, r.wk,
-            f"{r.block_m}x{r.block_n}" if r.block_m else "-", str(r.num_warps or "-"),
+            (f"{r.block_m}x{r.block_n}" + (f"x{r.chunks}ch" if r.chunks > 1 else ""))
+            if r.block_m else "-", str(r.num_warps or "-"),
             str(r.num_stages or "-"), str(r.regs), str(r.spill), str(r.shared), str(r.limit),
             r.status + (f": {r.detail}" if r.detail else "")]  # fmt: skip
 

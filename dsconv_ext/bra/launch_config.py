@@ -31,6 +31,18 @@ How the numbers were found (triton 3.8, ptxas 13; see ``compile_check``):
   fp32 with ``input_precision="ieee"`` runs ``tl.dot`` on FMA units with operands re-read into
   registers: ptxas spills far sooner (thousands of bytes at tiles tf32 handles), so its demand is
   weighted by :data:`IEEE_WEIGHT`.
+* **Head-dim chunks.** fp32 head dims padded to 256 (192, the x scale) fit no tile with the whole
+  head dim in one program, above all on the exact (``ieee``) path. There the kernels split the
+  head dims into ``chunks`` (a constexpr ``CHUNKS``; widths ``BLOCK_DK``/``BLOCK_DV`` from
+  :func:`chunk_widths`, 3 x 64 for 192): the scores sum over key chunks loaded inside the tile
+  loop, and each program owns one chunk of the output / dQ / dK and dV accumulators (grid axis 0
+  holds tiles x chunks), recomputing the scores the other chunk programs compute too. That costs
+  up to ``chunks`` times the score work, so chunks are chosen only when no unchunked candidate
+  fits. The model prices a chunked variant with its chunk widths. Its loop always gets two
+  stages: Triton 3.8 then keeps every unrolled chunk load's operand in shared memory, one buffer
+  each (not one per stage: compiled sm_86 fp32 head dim 192, 16x16 tiles, 29-58 KB), and the
+  threads hold 56-96 registers; with one stage the same tiles reach 226-255 registers and the
+  exact path spills.
 * **Stages.** Pipelining (``num_stages=2``) only pays when the inner key/query loop runs at least
   twice; when one tile covers the window it would only double the K/V buffers (issue 12).
 
@@ -51,6 +63,7 @@ __all__ = [
     "LaunchConfig",
     "choose",
     "choose_all",
+    "chunk_widths",
     "device_fits",
     "predict_regs",
     "predict_shared",
@@ -118,12 +131,14 @@ class LaunchConfig:
     num_stages: int
     shared: int  # predicted bytes of shared memory per block
     regs: int  # predicted 32-bit registers per thread
+    chunks: int = 1  # programs per tile along the head dims (block_dk/block_dv: chunk widths)
 
     def meta(self) -> Dict[str, int]:
         """Keyword arguments of the kernel launch (constexprs and launch options)."""
         return dict(
             BLOCK_M=self.block_m,
             BLOCK_N=self.block_n,
+            CHUNKS=self.chunks,
             num_warps=self.num_warps,
             num_stages=self.num_stages,
         )
@@ -142,16 +157,31 @@ def predict_shared(
     bn: int,
     stages: int,
     precision: str = "tf32",
+    chunks: int = 1,
+    dk: int = 0,
+    dv: int = 0,
 ) -> int:
     """Upper bound of the shared memory (bytes) Triton allocates for one block.
 
-    ``elem``: bytes per input element; ``bdk``/``bdv``: padded head dims; ``bm``/``bn``: query
-    and key tiles; ``stages``: ``num_stages``. See the module docstring for the reasoning.
+    ``elem``: bytes per input element; ``bdk``/``bdv``: padded head dims, or the chunk widths
+    when ``chunks > 1`` (then ``dk``/``dv``, the head dims, give the number of chunk loads);
+    ``bm``/``bn``: query and key tiles; ``stages``: ``num_stages``. See the module docstring.
     """
     if kernel == "bwd_preprocess":
         return 8 * bm  # no dot; the row sums' cross-warp reduction scratch (compiled: 4 * bm)
     pe = 4 if elem == 4 else elem  # probabilities are converted to the input dtype for the dot
     scratch = 1024
+    if chunks > 1:
+        # Each unrolled chunk load of the score sums has its own buffer (see the docstring).
+        nk, nv = -(-max(dk, 1) // bdk), -(-max(dv, 1) // bdv)
+        q, do = bm * bdk * elem, bm * bdv * elem
+        k, v, p = bn * bdk * elem, bn * bdv * elem, bm * bn * pe
+        if kernel == "fwd":
+            return nk * (q + k) + v + p + scratch
+        if kernel == "bwd_dq":
+            return nk * (q + k) + nv * (do + v) + k + p + scratch
+        if kernel == "bwd_dkdv":
+            return nk * (q + k) + nv * (do + v) + q + do + 2 * p + scratch
     if kernel == "fwd":
         q, k, v, p = bm * bdk * elem, bdk * bn * elem, bn * bdv * elem, bm * bn * pe
         if arch >= 90 or precision == "ieee":
@@ -179,8 +209,12 @@ def predict_regs(
     bn: int,
     num_warps: int,
     precision: str = "tf32",
+    chunks: int = 1,
 ) -> int:
     """32-bit registers per thread the kernel's main loop keeps live (an estimate).
+
+    ``chunks > 1``: ``bdk``/``bdv`` are the chunk widths; the score sums over chunks add one
+    fp32 score tile, and no q or k/v tile is held across the loop.
 
     Sums the tiles a thread holds: fp32 accumulators and score tiles (one value each), the
     probabilities converted into a dot operand (``elem / 4`` each: q, k, v and dO operands are
@@ -200,7 +234,19 @@ def predict_regs(
 
     if kernel == "bwd_preprocess":
         return 24 + int(2 * bm * bdv / t)  # o and dO rows, fp32
-    if kernel == "fwd":
+    if chunks > 1:
+        if kernel == "fwd":
+            tiles = 3 * acc(bm, bn) + op_a(bm, bn)
+            vals = acc(bm, bdv) + tiles + w * (bm * bdk + (bdk + bdv) * bn) / t
+        elif kernel == "bwd_dq":
+            tiles = 5 * acc(bm, bn) + op_a(bm, bn)
+            vals = acc(bm, bdk) + tiles + w * (bm * (bdk + bdv) + (2 * bdk + bdv) * bn) / t
+        elif kernel == "bwd_dkdv":
+            tiles = 5 * acc(bn, bm) + 2 * op_a(bn, bm)
+            vals = acc(bn, bdk) + acc(bn, bdv) + tiles + w * 2 * (bdk + bdv) * (bm + bn) / t
+        else:
+            raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
+    elif kernel == "fwd":
         tiles = 2 * acc(bm, bn) + op_a(bm, bn)
         # q is loaded once; Triton may keep part of its operand fragments in registers (seen:
         # fp32 head dim 96, 64x16 tiles, 8 warps: 128 registers + 44 B spilled without this).
@@ -231,6 +277,30 @@ def _tile_candidates(n: int) -> List[int]:
     return [b for b in _TILES if b <= best]
 
 
+def chunk_widths(dk: int, dv: int, chunks: int) -> Tuple[int, int]:
+    """(BLOCK_DK, BLOCK_DV) of the kernels for ``chunks`` programs along the head dims: the
+    padded head dims for one chunk, else the power of two covering each dim in ``chunks``
+    pieces (192 in 3: 64, no padding)."""
+    if chunks <= 1:
+        return _pow2(dk), _pow2(dv)
+    return _pow2(-(-dk // chunks)), _pow2(-(-dv // chunks))
+
+
+def _chunk_candidates(dk: int, dv: int) -> List[int]:
+    """Chunk counts worth trying, the least padding first, then the fewest chunks (each chunk
+    program recomputes the scores); widths below 16 (tl.dot's minimum) are not tried."""
+    seen, out = set(), []
+    for c in range(2, 9):
+        widths = chunk_widths(dk, dv, c)
+        cover = [-(-d // b) for d, b in zip((dk, dv), widths)]
+        if widths in seen or max(cover) < c:  # no chunk may be empty in both dims
+            continue
+        seen.add(widths)
+        out.append(c)
+    waste = {c: max(c * b - d for d, b in zip((dk, dv), chunk_widths(dk, dv, c))) for c in out}
+    return sorted(out, key=lambda c: (waste[c], c))
+
+
 def _warps(kernel: str, bm: int, bn: int, bd: int) -> Tuple[int, ...]:
     # 4 warps suffice for tiles of up to 64x64 outputs per dot; larger padded head dims spread
     # their accumulators over 8 warps. Both are tried, the preferred first.
@@ -249,6 +319,7 @@ def choose(
     precision: str = "tf32",
     arch: Optional[int] = None,
     smem_limit: Optional[int] = None,
+    chunks: Optional[int] = None,
 ) -> Optional[LaunchConfig]:
     """The launch configuration of ``kernel`` for this problem, or None when none fits.
 
@@ -261,6 +332,8 @@ def choose(
         arch: compute capability as an int (86 for sm_86); picks the shared-memory limit and
             the sm_90 model.
         smem_limit: shared memory per block in bytes (overrides the arch's table entry).
+        chunks: only configurations with this many head-dim chunks (None: unchunked if any
+            fits, else the chunked variants; ``bwd_preprocess`` is never chunked).
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; one of {KERNELS}")
@@ -286,22 +359,36 @@ def choose(
         # the most work per program first; at equal area the candidates' own order (less waste)
         key=lambda mn: (-(mn[0] * mn[1]), ms.index(mn[0]) + ns.index(mn[1])),
     )
-    for budget in (REG_BUDGET, LAST_RESORT_BUDGET):
-        for bm, bn in pairs:
-            # ieee (FMA) dots blow up in ptxas beyond 16x16 at padded head dim 256 (sm_90, 32x16:
-            # 11 KB spilled); tf32/16-bit take up to 16x32 here.
-            if budget is LAST_RESORT_BUDGET and bm * bn > (256 if precision == "ieee" else 512):
-                continue
-            # The inner loop walks keys (fwd, dq) or queries (dkdv): stage only when it iterates.
-            trips = -(-wk // bn) if kernel in ("fwd", "bwd_dq") else -(-wq // bm)
-            stages = 2 if trips >= 2 else 1
-            for warps in _warps(kernel, bm, bn, max(bdk, bdv)):
-                if warps not in budget:
+    if chunks is None:
+        counts = [1] + _chunk_candidates(dk, dv)
+    else:
+        counts = [max(1, int(chunks))]
+    for c in counts:
+        cbdk, cbdv = chunk_widths(dk, dv, c)
+        for budget in (REG_BUDGET, LAST_RESORT_BUDGET):
+            for bm, bn in pairs:
+                # ieee (FMA) dots blow up in ptxas beyond 16x16 at padded head dim 256 (sm_90,
+                # 32x16: 11 KB spilled); tf32/16-bit take up to 16x32 here.
+                if budget is LAST_RESORT_BUDGET and bm * bn > (256 if precision == "ieee" else 512):
                     continue
-                shared = predict_shared(kernel, arch, elem, bdk, bdv, bm, bn, stages, precision)
-                regs = predict_regs(kernel, elem, bdk, bdv, bm, bn, warps, precision)
-                if shared + SHARED_MARGIN <= smem_limit and regs <= budget[warps]:
-                    return LaunchConfig(kernel, bm, bn, bdk, bdv, warps, stages, shared, regs)
+                # Chunked ieee: 32x16 compiles clean, 64x16 spills (sm_86, head dim 144 in
+                # 5 chunks of 32: 56 B), above what the register estimate sees.
+                if c > 1 and precision == "ieee" and bm * bn > 512:
+                    continue
+                # The inner loop walks keys (fwd, dq) or queries (dkdv): stage only when it
+                # iterates.
+                trips = -(-wk // bn) if kernel in ("fwd", "bwd_dq") else -(-wq // bm)
+                # Chunked loops: two stages whatever the trips (operands in shared memory).
+                stages = 2 if trips >= 2 or c > 1 else 1
+                for warps in _warps(kernel, bm, bn, max(cbdk, cbdv)):
+                    if warps not in budget:
+                        continue
+                    shared = predict_shared(kernel, arch, elem, cbdk, cbdv, bm, bn, stages,
+                                            precision, c, dk, dv)  # fmt: skip
+                    regs = predict_regs(kernel, elem, cbdk, cbdv, bm, bn, warps, precision, c)
+                    if shared + SHARED_MARGIN <= smem_limit and regs <= budget[warps]:
+                        return LaunchConfig(kernel, bm, bn, cbdk, cbdv, warps, stages, shared,
+                                            regs, c)  # fmt: skip
     return None
 
 

@@ -15,6 +15,13 @@ Backward (deterministic, no atomics):
   on the device (a stable sort), so each program walks, in a fixed order, the query windows that
   routed to its region and owns its dK/dV tile outright.
 
+Head-dim chunks (constexpr ``CHUNKS`` > 1, chosen by the resource model only where no tile fits
+the whole head dim, e.g. fp32 head dim 192): grid axis 0 holds tiles x chunks; the scores sum
+q.k over ``BLOCK_DK``-wide chunks loaded inside the tile loop, and each program owns one
+``BLOCK_DK``/``BLOCK_DV``-wide chunk of the output, dQ or dK and dV, recomputing the scores and
+softmax statistics; the first chunk program stores the shared outputs (lse, routing-weight
+partial sums). ``CHUNKS == 1`` is the unchunked code.
+
 Layout: ``q [B, P, Wq, H*DK]``, ``kv [B, P, Wk, H*DK + H*DV]`` (keys then values), head ``h``
 at channel offset ``h*D``, any strides over the first three dims, channels contiguous.
 
@@ -48,6 +55,9 @@ __all__ = [
 # CUDA allows at most 65535 blocks on grid axes 1 and 2; B*P goes on axis 1 in chunks this big
 # (a module attribute so that tests can force the split on tiny shapes).
 MAX_GRID_Y = 65535
+# Head-dim chunk count for every kernel instead of the resource model's choice (None: the
+# model's). Tests set it to run the chunked kernels on shapes small enough for the interpreter.
+FORCED_CHUNKS: Optional[int] = None
 
 
 # fmt: off
@@ -59,16 +69,21 @@ def _bra_fwd(
     P, WQ, WK, TOPK, BP_OFF,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFT: tl.constexpr, PRECISION: tl.constexpr,
+    SOFT: tl.constexpr, PRECISION: tl.constexpr, CHUNKS: tl.constexpr = 1,
 ):
     # Axis 1 holds at most 65535 programs: the launcher splits B*P into chunks at BP_OFF.
-    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
+    # CHUNKS > 1: axis 0 also walks the value head dim in BLOCK_DV-wide chunks, one per program,
+    # and the scores sum q.k over BLOCK_DK-wide chunks (head dims too big for registers at once).
+    pid_mc, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
+    pid_m, chunk = pid_mc // CHUNKS, pid_mc % CHUNKS
     b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
     mask_m = offs_m < WQ
-    q = tl.load(Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK
-                + offs_dk[None, :], mask=mask_m[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    q_rows = Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK
+    if CHUNKS == 1:
+        q = tl.load(q_rows + offs_dk[None, :], mask=mask_m[:, None] & (offs_dk < DK)[None, :],
+                    other=0.0)
     qk_scale = sm_scale * 1.4426950408889634  # softmax in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -82,9 +97,21 @@ def _bra_fwd(
         for start_n in range(0, WK, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < WK
-            kT = tl.load(kv_base + offs_n[None, :] * stride_kn + h * DK + offs_dk[:, None],
-                         mask=mask_n[None, :] & (offs_dk < DK)[:, None], other=0.0)
-            s = tl.dot(q, kT, input_precision=PRECISION) * (qk_scale * w)
+            if CHUNKS == 1:
+                kT = tl.load(kv_base + offs_n[None, :] * stride_kn + h * DK + offs_dk[:, None],
+                             mask=mask_n[None, :] & (offs_dk < DK)[:, None], other=0.0)
+                s = tl.dot(q, kT, input_precision=PRECISION)
+            else:
+                s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for c in tl.static_range((DK + BLOCK_DK - 1) // BLOCK_DK):
+                    offs_c = c * BLOCK_DK + offs_dk
+                    q_c = tl.load(q_rows + offs_c[None, :],
+                                  mask=mask_m[:, None] & (offs_c < DK)[None, :], other=0.0)
+                    kT_c = tl.load(kv_base + offs_n[None, :] * stride_kn + h * DK
+                                   + offs_c[:, None],
+                                   mask=mask_n[None, :] & (offs_c < DK)[:, None], other=0.0)
+                    s += tl.dot(q_c, kT_c, input_precision=PRECISION)
+            s = s * (qk_scale * w)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             # -- online softmax: rescale what was accumulated so far to the new row maximum --
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -99,8 +126,9 @@ def _bra_fwd(
     tl.store(Out + b * stride_ob + p * stride_op + offs_m[:, None] * stride_om + h * DV
              + offs_dv[None, :], acc.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & (offs_dv < DV)[None, :])
+    # every chunk program has the same statistics: the first one stores them
     tl.store(LSE + (pid_bp.to(tl.int64) * H + h) * WQ + offs_m, m_i + tl.math.log2(l_i),
-             mask=mask_m)
+             mask=mask_m & (chunk == 0))
 
 
 @triton.jit(do_not_specialize=["BP_OFF"])
@@ -131,18 +159,23 @@ def _bra_bwd_dq(
     P, WQ, WK, TOPK, N_MBLOCKS, BP_OFF,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFT: tl.constexpr, NEED_DW: tl.constexpr, PRECISION: tl.constexpr,
+    SOFT: tl.constexpr, NEED_DW: tl.constexpr, PRECISION: tl.constexpr, CHUNKS: tl.constexpr = 1,
 ):
-    pid_m, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
+    # CHUNKS > 1: each program owns one BLOCK_DK-wide chunk of dQ and recomputes the scores and
+    # dO.v over all chunks of the head dims (as the forward does).
+    pid_mc, pid_bp, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
+    pid_m, chunk = pid_mc // CHUNKS, pid_mc % CHUNKS
     b, p = (pid_bp // P).to(tl.int64), (pid_bp % P).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+    offs_dk, offs_dv = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
     mask_m = offs_m < WQ
     mask_q = mask_m[:, None] & (offs_dk < DK)[None, :]
-    q = tl.load(Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK
-                + offs_dk[None, :], mask=mask_q, other=0.0)
-    do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
-                 + offs_dv[None, :], mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    q_rows = Q + b * stride_qb + p * stride_qp + offs_m[:, None] * stride_qm + h * DK
+    do_rows = DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
+    if CHUNKS == 1:
+        q = tl.load(q_rows + offs_dk[None, :], mask=mask_q, other=0.0)
+        do = tl.load(do_rows + offs_dv[None, :], mask=mask_m[:, None] & (offs_dv < DV)[None, :],
+                     other=0.0)
     row = (pid_bp.to(tl.int64) * H + h) * WQ + offs_m
     lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))  # padded rows: probabilities 0
     delta = tl.load(Delta + row, mask=mask_m, other=0.0)
@@ -158,20 +191,41 @@ def _bra_bwd_dq(
         for start_n in range(0, WK, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < WK
-            k = tl.load(kv_base + offs_n[:, None] * stride_kn + h * DK + offs_dk[None, :],
-                        mask=mask_n[:, None] & (offs_dk < DK)[None, :], other=0.0)
-            vT = tl.load(kv_base + offs_n[None, :] * stride_kn + H * DK + h * DV + offs_dv[:, None],
-                         mask=mask_n[None, :] & (offs_dv < DV)[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            k_rows = kv_base + offs_n[:, None] * stride_kn + h * DK
+            v_cols = kv_base + offs_n[None, :] * stride_kn + H * DK + h * DV
+            k = tl.load(k_rows + offs_dk[None, :], mask=mask_n[:, None] & (offs_dk < DK)[None, :],
+                        other=0.0)
+            if CHUNKS == 1:
+                vT = tl.load(v_cols + offs_dv[:, None],
+                             mask=mask_n[None, :] & (offs_dv < DV)[:, None], other=0.0)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                dp = tl.dot(do, vT, input_precision=PRECISION)  # dO . v, before the routing weight
+            else:
+                qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for c in tl.static_range((DK + BLOCK_DK - 1) // BLOCK_DK):
+                    offs_c = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+                    q_c = tl.load(q_rows + offs_c[None, :],
+                                  mask=mask_m[:, None] & (offs_c < DK)[None, :], other=0.0)
+                    k_c = tl.load(k_rows + offs_c[None, :],
+                                  mask=mask_n[:, None] & (offs_c < DK)[None, :], other=0.0)
+                    qk += tl.dot(q_c, tl.trans(k_c), input_precision=PRECISION)
+                dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for c in tl.static_range((DV + BLOCK_DV - 1) // BLOCK_DV):
+                    offs_c = c * BLOCK_DV + offs_dv
+                    do_c = tl.load(do_rows + offs_c[None, :],
+                                   mask=mask_m[:, None] & (offs_c < DV)[None, :], other=0.0)
+                    vT_c = tl.load(v_cols + offs_c[:, None],
+                                   mask=mask_n[None, :] & (offs_c < DV)[:, None], other=0.0)
+                    dp += tl.dot(do_c, vT_c, input_precision=PRECISION)
             pr = tl.math.exp2(qk * (qk_scale * w) - lse[:, None])
             pr = tl.where(mask_n[None, :], pr, 0.0)
-            dp = tl.dot(do, vT, input_precision=PRECISION)  # dO . v, before the routing weight
             ds = pr * (dp * w - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * (sm_scale * w)
             if NEED_DW:  # d/dw of logits (w * scale * q.k) and of values (w * v)
                 dw += tl.sum(ds * qk * sm_scale + pr * dp, 1)
-        if NEED_DW:
-            tl.store(DW + ((pid_bp * TOPK + t) * H + h) * N_MBLOCKS + pid_m, tl.sum(dw, 0))
+        if NEED_DW:  # the same in every chunk program: the first one stores it
+            tl.store(DW + ((pid_bp * TOPK + t) * H + h) * N_MBLOCKS + pid_m, tl.sum(dw, 0),
+                     mask=chunk == 0)
     tl.store(DQ + b * stride_gb + p * stride_gp + offs_m[:, None] * stride_gm + h * DK
              + offs_dk[None, :], dq.to(DQ.dtype.element_ty), mask=mask_q)
 
@@ -184,19 +238,23 @@ def _bra_bwd_dkdv(
     P, WQ, WK, TOPK, BP_OFF,
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SOFT: tl.constexpr, PRECISION: tl.constexpr,
+    SOFT: tl.constexpr, PRECISION: tl.constexpr, CHUNKS: tl.constexpr = 1,
 ):
-    # br: batch and key region
-    pid_n, pid_br, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
+    # br: batch and key region. CHUNKS > 1: each program owns chunk ``chunk`` of dK
+    # (BLOCK_DK wide) and of dV (BLOCK_DV wide), recomputing the scores over all chunks.
+    pid_nc, pid_br, h = tl.program_id(0), tl.program_id(1) + BP_OFF, tl.program_id(2)
+    pid_n, chunk = pid_nc // CHUNKS, pid_nc % CHUNKS
     b, r = (pid_br // P).to(tl.int64), (pid_br % P).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_dk, offs_dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+    offs_dk = chunk * BLOCK_DK + tl.arange(0, BLOCK_DK)
+    offs_dv = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
     mask_n = offs_n < WK
     mask_k = mask_n[:, None] & (offs_dk < DK)[None, :]
     mask_v = mask_n[:, None] & (offs_dv < DV)[None, :]
     kv_rows = KV + b * stride_kb + r * stride_kp + offs_n[:, None] * stride_kn
-    k = tl.load(kv_rows + h * DK + offs_dk[None, :], mask=mask_k, other=0.0)
-    v = tl.load(kv_rows + H * DK + h * DV + offs_dv[None, :], mask=mask_v, other=0.0)
+    if CHUNKS == 1:
+        k = tl.load(kv_rows + h * DK + offs_dk[None, :], mask=mask_k, other=0.0)
+        v = tl.load(kv_rows + H * DK + h * DV + offs_dv[None, :], mask=mask_v, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -211,19 +269,39 @@ def _bra_bwd_dkdv(
         for start_m in range(0, WQ, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < WQ
-            qT = tl.load(Q + b * stride_qb + p * stride_qp + offs_m[None, :] * stride_qm + h * DK
-                         + offs_dk[:, None], mask=mask_m[None, :] & (offs_dk < DK)[:, None],
+            q_cols = Q + b * stride_qb + p * stride_qp + offs_m[None, :] * stride_qm + h * DK
+            do_rows = DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm + h * DV
+            qT = tl.load(q_cols + offs_dk[:, None], mask=mask_m[None, :] & (offs_dk < DK)[:, None],
                          other=0.0)
-            do = tl.load(DO + b * stride_db + p * stride_dp + offs_m[:, None] * stride_dm
-                         + h * DV + offs_dv[None, :],
+            do = tl.load(do_rows + offs_dv[None, :],
                          mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
             row = ((b * P + p) * H + h) * WQ + offs_m
             lse = tl.load(LSE + row, mask=mask_m, other=float("inf"))
             delta = tl.load(Delta + row, mask=mask_m, other=0.0)
-            pT = tl.math.exp2(tl.dot(k, qT, input_precision=PRECISION) * (qk_scale * w)
-                              - lse[None, :])
+            if CHUNKS == 1:
+                kq = tl.dot(k, qT, input_precision=PRECISION)
+            else:
+                kq = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for c in tl.static_range((DK + BLOCK_DK - 1) // BLOCK_DK):
+                    offs_c = c * BLOCK_DK + tl.arange(0, BLOCK_DK)
+                    k_c = tl.load(kv_rows + h * DK + offs_c[None, :],
+                                  mask=mask_n[:, None] & (offs_c < DK)[None, :], other=0.0)
+                    qT_c = tl.load(q_cols + offs_c[:, None],
+                                   mask=mask_m[None, :] & (offs_c < DK)[:, None], other=0.0)
+                    kq += tl.dot(k_c, qT_c, input_precision=PRECISION)
+            pT = tl.math.exp2(kq * (qk_scale * w) - lse[None, :])
             dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION) * w
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if CHUNKS == 1:
+                dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            else:
+                dpT = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+                for c in tl.static_range((DV + BLOCK_DV - 1) // BLOCK_DV):
+                    offs_c = c * BLOCK_DV + tl.arange(0, BLOCK_DV)
+                    v_c = tl.load(kv_rows + H * DK + h * DV + offs_c[None, :],
+                                  mask=mask_n[:, None] & (offs_c < DV)[None, :], other=0.0)
+                    do_c = tl.load(do_rows + offs_c[None, :],
+                                   mask=mask_m[:, None] & (offs_c < DV)[None, :], other=0.0)
+                    dpT += tl.dot(v_c, tl.trans(do_c), input_precision=PRECISION)
             dsT = pT * (dpT * w - delta[None, :])
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION) * (sm_scale * w)
     g_rows = DKV + b * stride_gb + r * stride_gp + offs_n[:, None] * stride_gn
@@ -266,7 +344,8 @@ def launch_configs(q: torch.Tensor, kv: torch.Tensor, num_heads: int, kernels=No
         arch = _arch(q.device)
         smem = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
     kw = dict(dtype=q.dtype, dk=dk, dv=dv, wq=q.shape[2], wk=kv.shape[2],
-              precision=_precision(q.dtype), arch=arch, smem_limit=smem)  # fmt: skip
+              precision=_precision(q.dtype), arch=arch, smem_limit=smem,
+              chunks=FORCED_CHUNKS)  # fmt: skip
     return {k: choose(k, **kw) for k in (kernels or KERNELS)}
 
 
@@ -277,13 +356,13 @@ def _meta(cfg: Optional[LaunchConfig], num_heads: int, dk: int, dv: int, on_gpu:
             "backend='torch' (BiLevelRoutingAttention falls back by itself)"
         )
     meta = dict(H=num_heads, DK=dk, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv)  # fmt: skip
+                BLOCK_DK=cfg.block_dk, BLOCK_DV=cfg.block_dv, CHUNKS=cfg.chunks)  # fmt: skip
     if on_gpu:  # the interpreter takes no launch options
         meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return meta
 
 
-def _chunks(n: int):
+def _grid_y_pieces(n: int):
     """(offset, count) pieces of ``n`` programs on grid axis 1."""
     step = max(1, int(MAX_GRID_Y))
     for off in range(0, n, step):
@@ -323,8 +402,8 @@ def bra_attention_fwd(
     meta = _meta(cfg, h, dk, dv, q.device.type != "cpu")
     out = q.new_empty((b, p, wq, h * dv))
     lse = q.new_empty((b, p, h, wq), dtype=torch.float32)
-    n_m = triton.cdiv(wq, meta["BLOCK_M"])
-    for off, n in _chunks(b * p):
+    n_m = triton.cdiv(wq, meta["BLOCK_M"]) * meta["CHUNKS"]
+    for off, n in _grid_y_pieces(b * p):
         wrap_triton(_bra_fwd)[(n_m, n, h)](
             q, kv, r_idx, r_weight if r_weight is not None else r_idx, out, lse, scale,
             *_strides(q), *_strides(kv), *_strides(out), p, wq, kv.shape[2], r_idx.shape[-1],
@@ -376,7 +455,7 @@ def bra_attention_bwd(
 
     delta = torch.empty_like(lse)
     meta = _meta(cfgs["bwd_preprocess"], h, dk, dv, on_gpu)
-    for off, n in _chunks(b * p):
+    for off, n in _grid_y_pieces(b * p):
         wrap_triton(_bra_bwd_preprocess)[(triton.cdiv(wq, meta["BLOCK_M"]), n, h)](
             out, do, delta, *_strides(out), *_strides(do), p, wq, off,
             H=h, DV=dv, BLOCK_M=meta["BLOCK_M"], BLOCK_DV=meta["BLOCK_DV"],
@@ -388,8 +467,8 @@ def bra_attention_bwd(
     n_mblocks = triton.cdiv(wq, meta["BLOCK_M"])
     dq = q.new_empty((b, p, wq, ck))
     dw_part = lse.new_empty((b, p, topk, h, n_mblocks) if need_dw else (0,))
-    for off, n in _chunks(b * p):
-        wrap_triton(_bra_bwd_dq)[(n_mblocks, n, h)](
+    for off, n in _grid_y_pieces(b * p):
+        wrap_triton(_bra_bwd_dq)[(n_mblocks * meta["CHUNKS"], n, h)](
             q, kv, r_idx, rw, do, lse, delta, dq, dw_part, scale,
             *_strides(q), *_strides(kv), *_strides(do), *_strides(dq),
             p, wq, wk, topk, n_mblocks, off, SOFT=soft, NEED_DW=need_dw, PRECISION=prec, **meta,
@@ -398,8 +477,8 @@ def bra_attention_bwd(
     offsets, entries = invert_routing(r_idx)
     dkv = kv.new_empty(kv.shape)
     meta = _meta(cfgs["bwd_dkdv"], h, dk, dv, on_gpu)
-    for off, n in _chunks(b * p):
-        wrap_triton(_bra_bwd_dkdv)[(triton.cdiv(wk, meta["BLOCK_N"]), n, h)](
+    for off, n in _grid_y_pieces(b * p):
+        wrap_triton(_bra_bwd_dkdv)[(triton.cdiv(wk, meta["BLOCK_N"]) * meta["CHUNKS"], n, h)](
             q, kv, rw, do, lse, delta, dkv, offsets, entries, scale,
             *_strides(q), *_strides(kv), *_strides(do), *_strides(dkv),
             p, wq, wk, topk, off, SOFT=soft, PRECISION=prec, **meta,
