@@ -285,6 +285,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
                                     c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                     int64_t groups, int64_t block_size, int64_t act_bits,
                                     bool fuse_silu, const at::Tensor* out) {
+  settle_c_allocator_once();
   TORCH_CHECK(x_in.device().is_cpu(), "dsconv2d: x must be a CPU tensor, got ", x_in.device());
   TORCH_CHECK(x_in.scalar_type() == at::kFloat,
               "dsconv2d: the CPU kernel takes float32 x (dsconv_ext.dsconv2d casts float16 / "

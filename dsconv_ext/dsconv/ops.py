@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
+import sys
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -157,6 +159,20 @@ def dsconv2d(
     return y if out is None else out.copy_(y)
 
 
+def _cpu_allocator_state() -> str:
+    """What the first CPU call does (did) to glibc's malloc: csrc/cpu/c_allocator.cpp."""
+    if not hasattr(torch.ops.dsconv_ext, "cpu_allocator_state"):
+        return "left alone (library without the settle)"
+    state = torch.ops.dsconv_ext.cpu_allocator_state()
+    if not state.startswith("pending"):
+        return state
+    if os.environ.get("DSCONV_EXT_SETTLE_ALLOCATOR") == "0":
+        return "left alone (DSCONV_EXT_SETTLE_ALLOCATOR=0)"
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return "left alone (not glibc)"
+    return "glibc malloc settled on the first call (DSCONV_EXT_SETTLE_ALLOCATOR=0 leaves it)"
+
+
 def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
     """Per device type: which backend runs dsconv2d and why (for ``python -m dsconv_ext info``)."""
     status = load_library()
@@ -166,6 +182,7 @@ def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
         entry = {"backend": "kernel" if ok else "fallback", "why": why}
         if ok and dev == "cpu" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
             entry["isa"] = torch.ops.dsconv_ext.cpu_isa()
+            entry["allocator"] = _cpu_allocator_state()
         if ok and dev == "cuda" and hasattr(torch.ops.dsconv_ext, "cuda_archs"):
             entry["archs"] = torch.ops.dsconv_ext.cuda_archs()
         if ok:
