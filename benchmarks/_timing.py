@@ -3,12 +3,12 @@
 Candidates are timed round-robin (A B C A B C ...) so that a slow phase of the machine (another
 process, frequency change) hits every candidate alike; the median of the rounds is reported.
 
-Before the first timing, the C allocator is put in the state a model reaches after its first
-forward pass (``warm_allocator``). glibc serves a block of more than 128 KB with a fresh mmap and
-gives it back on free, until a freed mmapped block raises that threshold (up to 32 MB); until
-then every call pays for faulting its output pages in. A benchmark whose first layer is the
-largest was measuring page faults, not convolutions: F.conv2d on the YOLO11n stem took 2.7-4.8 ms
-cold and 0.46 ms warm.
+Before the first timing, the C allocator is put in the state a model reaches in a user's process
+(``warm_allocator``): dsconv_ext's first CPU call raises glibc's mmap and trim thresholds
+(csrc/cpu/c_allocator.cpp), and every candidate, float ones and other runtimes included, is timed
+in that same state. Without it, glibc serves blocks of more than 128 KB with fresh mmaps and a
+benchmark whose first layer is the largest measured page faults, not convolutions: F.conv2d on
+the YOLO11n stem took 2.7-4.8 ms cold and 0.46 ms warm.
 """
 
 from __future__ import annotations
@@ -40,13 +40,21 @@ _ALLOCATOR_WARM = False
 
 
 def warm_allocator(megabytes: int = 31) -> None:
-    """Allocate and free one block just under glibc's largest dynamic mmap threshold (32 MB), so
-    that later tensors up to that size come from the heap, as in a model's steady state. Larger
-    tensors (batch 8 at high resolution) stay mmapped for every candidate alike. Harmless with
-    other allocators. Runs once per process."""
+    """Put glibc's malloc in the state dsconv_ext leaves it in after its first CPU call (one tiny
+    DSConv call), for every candidate alike; where the compiled kernel is missing, or
+    DSCONV_EXT_SETTLE_ALLOCATOR=0, allocate and free one block just under glibc's largest dynamic
+    mmap threshold (32 MB) instead, so that tensors up to that size come from the heap. Harmless
+    with other allocators. Runs once per process."""
     global _ALLOCATOR_WARM
     if _ALLOCATOR_WARM:
         return
+    if dsconv_ext.dsconv2d_backend("cpu") == "kernel":
+        x = torch.zeros(1, 4, 3, 3)
+        w = torch.zeros(4, 4, 1, 1, dtype=torch.int8)
+        torch.ops.dsconv_ext.dsconv2d(
+            x, w, torch.ones(4, 1, 1, 1), None, None, None, None,
+            [1, 1], [0, 0], [1, 1], 1, 4, 8, False,
+        )  # fmt: skip
     block = torch.empty(megabytes << 18, dtype=torch.float32)  # megabytes MiB
     block.fill_(0)
     del block

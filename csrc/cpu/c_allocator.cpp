@@ -1,16 +1,20 @@
 // Puts glibc's malloc into the state a model's steady state needs, once, on the first CPU call.
 //
-// glibc serves every block above its mmap threshold (128 KiB at start) with a fresh mmap and
-// unmaps it on free; the threshold only rises, to the size of a freed mmapped block (at most
-// 32 MiB), when such a block is freed, and the heap's free top is returned to the OS beyond twice
-// the threshold. A detection model's activations are a few MiB each, so a process that has not
-// yet freed a block near the cap keeps faulting its outputs in anew on every forward: converted
-// yolo11n at 640 px on two Zen 5 cores paid 4,800-6,700 page faults and 19-23 ms per forward,
-// against none and 14-16 ms once settled (and the float model 49-56 ms against 33-41 ms). One
-// malloc/free of a block just under the cap is what glibc would see after any larger tensor:
-// blocks up to 31 MiB then come from the heap, which is trimmed past 62 MiB of free top. Other
-// allocators (jemalloc, tcmalloc preloaded) take the call as an ordinary allocation.
-// DSCONV_EXT_SETTLE_ALLOCATOR=0 leaves the allocator alone.
+// By default glibc serves every block above its mmap threshold (128 KiB at start, raised to the
+// size of a freed mmapped block, at most 32 MiB) with a fresh mmap that is unmapped on free, and
+// returns the heap's free top to the OS beyond twice that threshold. A detection model's
+// activations are MiBs each, so a process keeps faulting its outputs in anew on every forward:
+// the faults cost more than the convolutions. Converted yolo11n at 640 px on two Zen 5 cores in
+// a plain script: batch 1, up to 8,100 page faults and 25 ms per forward against none and
+// 14-15 ms here; batch 8, 208-227 ms against 105-123 ms (the 32 MiB cap leaves batch-8
+// activations mmapped however the dynamic threshold moves, hence mallopt).
+//
+// So the first CPU call sets the mmap threshold to 256 MiB and the trim threshold to 512 MiB:
+// blocks up to 256 MiB come from the heap and stay mapped for reuse, and at most 512 MiB of free
+// heap top is kept from the OS. This is a process-wide choice, so it is skipped when the user has
+// tuned malloc through glibc's environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
+// GLIBC_TUNABLES) and when DSCONV_EXT_SETTLE_ALLOCATOR=0; other allocators (jemalloc, tcmalloc
+// preloaded) do not read glibc's settings and are left as they are.
 #include <torch/library.h>
 
 #include <atomic>
@@ -19,21 +23,26 @@
 #include <mutex>
 #include <string>
 
-#include "cpu/dsconv2d_cpu.h"
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include "cpu/c_allocator.h"
 
 namespace dsconv_ext {
 namespace cpu {
 
 namespace {
 
-constexpr size_t kSettleBytes = size_t(31) << 20;
+constexpr int kMmapThresholdBytes = 256 << 20;
+constexpr int kTrimThresholdBytes = 512 << 20;
 
 std::once_flag settle_once;
 std::atomic<const char*> settle_state{"pending: no CPU DSConv call yet"};
 
-bool disabled_by_env() {
-  const char* env = std::getenv("DSCONV_EXT_SETTLE_ALLOCATOR");
-  return env != nullptr && std::strcmp(env, "0") == 0;
+bool env_set(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0';
 }
 
 }  // namespace
@@ -41,14 +50,24 @@ bool disabled_by_env() {
 void settle_c_allocator_once() {
   std::call_once(settle_once, [] {
 #if defined(__GLIBC__)
-    if (disabled_by_env()) {
+    const char* env = std::getenv("DSCONV_EXT_SETTLE_ALLOCATOR");
+    if (env != nullptr && std::strcmp(env, "0") == 0) {
       settle_state = "left alone (DSCONV_EXT_SETTLE_ALLOCATOR=0)";
       return;
     }
-    // volatile: the compiler may otherwise drop a malloc whose block is never used.
-    void* volatile block = std::malloc(kSettleBytes);
-    std::free(block);
-    settle_state = "settled (glibc: blocks up to 31 MiB from the heap)";
+    const char* tunables = std::getenv("GLIBC_TUNABLES");
+    if (env_set("MALLOC_MMAP_THRESHOLD_") || env_set("MALLOC_TRIM_THRESHOLD_") ||
+        (tunables != nullptr && std::strstr(tunables, "glibc.malloc.") != nullptr)) {
+      settle_state = "left alone (malloc tuned through the environment)";
+      return;
+    }
+    // The trim threshold first: setting either turns glibc's dynamic threshold off.
+    if (mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes) == 1 &&
+        mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes) == 1) {
+      settle_state = "settled (glibc: blocks up to 256 MiB from the heap, trim above 512 MiB)";
+    } else {
+      settle_state = "left alone (glibc refused the thresholds)";
+    }
 #else
     settle_state = "left alone (not glibc)";
 #endif

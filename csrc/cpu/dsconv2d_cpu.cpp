@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/c_allocator.h"
 #include "cpu/dsconv2d_cpu.h"
 #include "cpu/weight_pack.h"
 #include "cpu/parallel.h"

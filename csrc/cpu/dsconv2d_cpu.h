@@ -85,10 +85,6 @@ Isa select_isa();
 // tile data, requested here); if not, why not in *why.
 bool amx_usable(const char** why);
 
-// First CPU call of the process: move glibc's malloc to a model's steady state (c_allocator.cpp).
-void settle_c_allocator_once();
-const char* c_allocator_state();
-
 // Output channels per int8 microkernel tile, for every ISA (the weight streams are laid out
 // for it), and per float-family tile (1 instead for groups with a single output channel).
 constexpr int64_t kOTile = 4;

@@ -170,7 +170,15 @@ def _cpu_allocator_state() -> str:
         return "left alone (DSCONV_EXT_SETTLE_ALLOCATOR=0)"
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return "left alone (not glibc)"
-    return "glibc malloc settled on the first call (DSCONV_EXT_SETTLE_ALLOCATOR=0 leaves it)"
+    env = os.environ
+    if env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_"):
+        return "left alone (malloc tuned through the environment)"
+    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
+        return "left alone (malloc tuned through the environment)"
+    return (
+        "settled on the first call (glibc: blocks up to 256 MiB from the heap, trim above "
+        "512 MiB; DSCONV_EXT_SETTLE_ALLOCATOR=0 leaves it)"
+    )
 
 
 def dsconv_backend_report() -> Dict[str, Dict[str, str]]:

@@ -1,0 +1,12 @@
+// glibc's malloc settled for a model's steady state on the first CPU call; see c_allocator.cpp.
+#pragma once
+
+namespace dsconv_ext {
+namespace cpu {
+
+// First CPU call of the process: move glibc's malloc to a model's steady state.
+void settle_c_allocator_once();
+const char* c_allocator_state();
+
+}  // namespace cpu
+}  // namespace dsconv_ext
