@@ -37,50 +37,62 @@ namespace {
 constexpr int kMmapThresholdBytes = 256 << 20;
 constexpr int kTrimThresholdBytes = 512 << 20;
 
+constexpr const char* kSettled =
+    "settled (glibc: blocks up to 256 MiB from the heap, trim above 512 MiB)";
+
 std::once_flag settle_once;
-std::atomic<const char*> settle_state{"pending: no CPU DSConv call yet"};
+std::atomic<const char*> settle_state{nullptr};
 
 bool env_set(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0';
 }
 
+// Why the allocator is to be left alone, or null where the settle applies.
+const char* reason_to_leave_alone() {
+#if defined(__GLIBC__)
+  const char* env = std::getenv("DSCONV_EXT_SETTLE_ALLOCATOR");
+  if (env != nullptr && std::strcmp(env, "0") == 0)
+    return "left alone (DSCONV_EXT_SETTLE_ALLOCATOR=0)";
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  if (env_set("MALLOC_MMAP_THRESHOLD_") || env_set("MALLOC_TRIM_THRESHOLD_") ||
+      (tunables != nullptr && std::strstr(tunables, "glibc.malloc.") != nullptr))
+    return "left alone (malloc tuned through the environment)";
+  return nullptr;
+#else
+  return "left alone (not glibc)";
+#endif
+}
+
 }  // namespace
 
 void settle_c_allocator_once() {
   std::call_once(settle_once, [] {
+    const char* why = reason_to_leave_alone();
 #if defined(__GLIBC__)
-    const char* env = std::getenv("DSCONV_EXT_SETTLE_ALLOCATOR");
-    if (env != nullptr && std::strcmp(env, "0") == 0) {
-      settle_state = "left alone (DSCONV_EXT_SETTLE_ALLOCATOR=0)";
-      return;
-    }
-    const char* tunables = std::getenv("GLIBC_TUNABLES");
-    if (env_set("MALLOC_MMAP_THRESHOLD_") || env_set("MALLOC_TRIM_THRESHOLD_") ||
-        (tunables != nullptr && std::strstr(tunables, "glibc.malloc.") != nullptr)) {
-      settle_state = "left alone (malloc tuned through the environment)";
-      return;
-    }
     // The trim threshold first: setting either turns glibc's dynamic threshold off.
-    if (mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes) == 1 &&
-        mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes) == 1) {
-      settle_state = "settled (glibc: blocks up to 256 MiB from the heap, trim above 512 MiB)";
-    } else {
-      settle_state = "left alone (glibc refused the thresholds)";
-    }
-#else
-    settle_state = "left alone (not glibc)";
+    if (why == nullptr)
+      why = mallopt(M_TRIM_THRESHOLD, kTrimThresholdBytes) == 1 &&
+                    mallopt(M_MMAP_THRESHOLD, kMmapThresholdBytes) == 1
+                ? kSettled
+                : "left alone (glibc refused the thresholds)";
 #endif
+    settle_state = why;
   });
 }
 
-const char* c_allocator_state() { return settle_state.load(); }
+std::string c_allocator_state() {
+  if (const char* done = settle_state.load()) return done;
+  // Before the first call: what it will do.
+  const char* why = reason_to_leave_alone();
+  return why != nullptr ? why : std::string("pending: ") + kSettled + " on the first CPU call";
+}
 
 }  // namespace cpu
 }  // namespace dsconv_ext
 
 TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
-  // What settle_c_allocator_once did in this process, for `info` and tests.
+  // What settle_c_allocator_once did in this process, or will do on the first CPU call.
   m.def("cpu_allocator_state() -> str",
         []() -> std::string { return dsconv_ext::cpu::c_allocator_state(); });
 }

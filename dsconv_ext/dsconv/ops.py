@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
-import sys
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -163,22 +161,7 @@ def _cpu_allocator_state() -> str:
     """What the first CPU call does (did) to glibc's malloc: csrc/cpu/c_allocator.cpp."""
     if not hasattr(torch.ops.dsconv_ext, "cpu_allocator_state"):
         return "left alone (library without the settle)"
-    state = torch.ops.dsconv_ext.cpu_allocator_state()
-    if not state.startswith("pending"):
-        return state
-    if os.environ.get("DSCONV_EXT_SETTLE_ALLOCATOR") == "0":
-        return "left alone (DSCONV_EXT_SETTLE_ALLOCATOR=0)"
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return "left alone (not glibc)"
-    env = os.environ
-    if env.get("MALLOC_MMAP_THRESHOLD_") or env.get("MALLOC_TRIM_THRESHOLD_"):
-        return "left alone (malloc tuned through the environment)"
-    if "glibc.malloc." in env.get("GLIBC_TUNABLES", ""):
-        return "left alone (malloc tuned through the environment)"
-    return (
-        "settled on the first call (glibc: blocks up to 256 MiB from the heap, trim above "
-        "512 MiB; DSCONV_EXT_SETTLE_ALLOCATOR=0 leaves it)"
-    )
+    return torch.ops.dsconv_ext.cpu_allocator_state()
 
 
 def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
