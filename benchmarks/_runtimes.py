@@ -412,7 +412,14 @@ def load(
     info: Dict[str, object] = {}
     if key in ("int8", "int4"):
         model = YOLO(path).model.float().eval()
-        info["precision"] = f"DSConv w{key[3:]}a8, float head/stem"
+        record = getattr(model, "dsconv_ext", {})
+        kept = len(record.get("kept_float", {}))
+        info["precision"] = f"DSConv w{key[3:]}a8, float head/stem" + (
+            f"; {kept} of {kept + len(record.get('converted', []))} convs kept float by the "
+            "speed check"
+            if kept
+            else ""
+        )
     else:
         model = YOLO(path).model.float().fuse(verbose=False).eval()
         info["precision"] = "fp32"
