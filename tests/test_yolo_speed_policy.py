@@ -113,3 +113,39 @@ def test_convert_cli_force(tmp_path, capsys, monkeypatch):
     assert "converted 86 convolutions" in out and "kept" not in out, out
     ckpt = torch.load(tmp_path / "a.pt", weights_only=False)
     assert ckpt["dsconv_ext"]["policy"].startswith("keep float")
+
+
+def test_convert_cli_times_at_the_deployed_size_and_batch(tmp_path, capsys, monkeypatch):
+    """`convert --imgsz 64 --batch 2`: the speed check times each layer on the input shape it sees
+    at that size and batch (a batch-8 deployment is served by batch-8 timings), and says so."""
+    from ultralytics import YOLO
+
+    src = tmp_path / "m.pt"
+    YOLO("yolo11n.yaml").save(str(src))
+    seen = {}
+
+    def fake_timings(pairs, shapes, rounds=11):
+        seen.update(shapes)
+        return {n: ((1.0, 2.0) if n == "model.1.conv" else (2.0, 1.0)) for n in pairs}
+
+    monkeypatch.setattr(convert_mod, "time_layers", fake_timings)
+    argv = [str(src), "-o", str(tmp_path / "a.pt"), "--imgsz", "64", "--batch", "2"]
+    monkeypatch.setattr(convert_mod, "conversion_policy", lambda force, check: ("time", "test"))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert tuple(seen["model.1.conv"]) == (2, 16, 32, 32)
+    assert tuple(seen["model.2.cv1.conv"]) == (2, 32, 16, 16)
+    assert "kept 1 convolutions in float" in out and "(timed at batch 2, 64 px)" in out, out
+    seen.clear()
+    assert main([str(src), "-o", str(tmp_path / "b.pt")]) == 0  # default: batch 1, 640 px
+    assert tuple(seen["model.1.conv"]) == (1, 16, 320, 320)
+    capsys.readouterr()
+    for flag, value, message in (
+        ("--imgsz", "100", "imgsz must be a multiple of 32"),
+        ("--imgsz", "0", "imgsz must be a positive integer, got 0"),
+        ("--batch", "-1", "batch must be a positive integer, got -1"),
+    ):
+        assert main([str(src), "-o", str(tmp_path / "c.pt"), flag, value]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (flag, value, err)
+        assert not (tmp_path / "c.pt").exists()

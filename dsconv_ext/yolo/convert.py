@@ -383,14 +383,27 @@ def convert_checkpoint(
     fast_dfl: bool = True,
     trust_pickle: bool = False,
     force: bool = False,
+    imgsz: Optional[int] = None,
+    batch: Optional[int] = None,
 ) -> Dict:
     """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record.
 
-    ``trust_pickle``: unpickle ``src`` without restriction (only for files you trust)."""
+    ``trust_pickle``: unpickle ``src`` without restriction (only for files you trust).
+    ``imgsz`` / ``batch``: the input the per-layer speed check times on (default 640 px, batch
+    1); the size and batch the model will run at give the decisions for that use."""
     from .checkpoint import checkpoint_model
 
+    for name, value in (("imgsz", imgsz), ("batch", batch)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if imgsz is not None and imgsz % 32:
+        raise ValueError(f"imgsz must be a multiple of 32 (YOLO's largest stride), got {imgsz}")
     model, ckpt = checkpoint_model(load_checkpoint(src, trust_pickle), src)
     model = model.float()
+    example_input = None
+    if imgsz is not None or batch is not None:
+        ch = model.yaml.get("ch", 3) if isinstance(getattr(model, "yaml", None), dict) else 3
+        example_input = torch.zeros(batch or 1, ch, imgsz or 640, imgsz or 640)
     quantize(
         model,
         bits,
@@ -405,6 +418,7 @@ def convert_checkpoint(
         in_place_concat=in_place_concat,
         fast_dfl=fast_dfl,
         force=force,
+        example_input=example_input,
     )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -497,6 +511,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         "stay float, and nothing is converted without a fast CPU path)",
     )
     p.add_argument(
+        "--imgsz",
+        type=int,
+        help="image size the per-layer speed check times at (default 640): the size you deploy at",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="batch the per-layer speed check times at (default 1): the batch you deploy at",
+    )
+    p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="unpickle the checkpoint without restriction (it can run code: only for files you "
@@ -527,6 +551,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 a.fast_dfl,
                 a.trust_pickle,
                 a.force,
+                a.imgsz,
+                a.batch,
             )
     except (ConversionError, ValueError, TypeError, OSError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -542,5 +568,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{a.checkpoint} ({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
     if rec["kept_float"]:
-        print(f"kept {len(rec['kept_float'])} convolutions in float: {_summary(rec['kept_float'])}")
+        timed = rec["policy"].startswith("time")
+        at = f" (timed at batch {a.batch or 1}, {a.imgsz or 640} px)" if timed else ""
+        print(
+            f"kept {len(rec['kept_float'])} convolutions in float: "
+            f"{_summary(rec['kept_float'])}{at}"
+        )
     return 0
