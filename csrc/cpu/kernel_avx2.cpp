@@ -81,8 +81,18 @@ DSCONV_AVX2 inline void store_vec(const Layout& lay, float* out, int64_t oh, int
 
 // --- Packing -------------------------------------------------------------------------------
 
-// Loads the 8 lanes x[w0 + l*sw] of channel c (0 outside [0, W)).
+// Loads the 8 lanes x[w0 + l*sw] of channel c (0 outside [0, W)). Lanes wholly inside the row
+// take plain loads (stride 2: two loads and a de-interleave): AMD Zen 2 microcodes the masked
+// load and the gather (one core, a 64-channel 160x160 stride-2 3x3 layer to 4 outputs, mostly
+// packing: 6.8 ms with them, 2.6 ms without).
 DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, int64_t W) {
+  if (w0 >= 0 && sw == 1 && w0 + kVec <= W) return _mm256_loadu_ps(row + w0);
+  if (w0 >= 0 && sw == 2 && w0 + 2 * kVec <= W) {
+    const __m256 a = _mm256_loadu_ps(row + w0), b = _mm256_loadu_ps(row + w0 + kVec);
+    // even elements, lane by lane: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs reordered
+    const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
   int64_t lo = -w0, hi = W - w0;  // lanes l with 0 <= w0 + l*sw < W
   if (sw != 1) {
     lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
@@ -127,6 +137,14 @@ DSCONV_AVX2 inline __m256i mantissa(__m256 v, __m256 inv_scale, __m256i lim) {
       _mm256_round_ps(_mm256_mul_ps(v, inv_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256i m = _mm256_cvttps_epi32(r);
   return _mm256_min_epi32(_mm256_max_epi32(m, _mm256_sub_epi32(_mm256_setzero_si256(), lim)), lim);
+}
+
+// Stores the lanes of mask st, all 8 when full (masked stores are microcoded on AMD Zen 2).
+DSCONV_AVX2 inline void store_lanes(float* dst, __m256 v, bool full, __m256i st) {
+  if (full)
+    _mm256_storeu_ps(dst, v);
+  else
+    _mm256_maskstore_ps(dst, st, v);
 }
 
 // Scalar lane of either pack: the header functions, for rows the vector path cannot take.
@@ -191,21 +209,25 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         const __m256 scale = pow2(e);
         const __m256 inv = pow2(_mm256_sub_epi32(_mm256_setzero_si256(), e));
         __m256i msum = _mm256_setzero_si256();
-        const int64_t nc = kFloat ? r.nch : lay.K4 * 4;
-        for (int64_t c = 0; c < nc; ++c) {
-          __m256i m = _mm256_setzero_si256();
-          if (row && c < r.nch) {
-            m = mantissa(load_lanes(row + c * r.x_cstride, w0, g.sw, g.W), inv, lim);
-          }
-          if (kFloat) {
-            _mm256_store_ps(vals[c], _mm256_mul_ps(_mm256_cvtepi32_ps(m), scale));
-          } else {
-            msum = _mm256_add_epi32(msum, m);
-            const __m256i byte = _mm256_slli_epi32(_mm256_add_epi32(m, _mm256_set1_epi32(128)),
-                                                   static_cast<int>(8 * (c % 4)));
-            __m256i* wd = reinterpret_cast<__m256i*>(words[c / 4]);
-            _mm256_store_si256(wd,
-                               c % 4 == 0 ? byte : _mm256_or_si256(_mm256_load_si256(wd), byte));
+        auto channel = [&](int64_t c) DSCONV_AVX2 {
+          return row && c < r.nch
+                     ? mantissa(load_lanes(row + c * r.x_cstride, w0, g.sw, g.W), inv, lim)
+                     : _mm256_setzero_si256();
+        };
+        if (kFloat) {
+          for (int64_t c = 0; c < r.nch; ++c)
+            _mm256_store_ps(vals[c], _mm256_mul_ps(_mm256_cvtepi32_ps(channel(c)), scale));
+        } else {
+          // Each word (4 channels' offset bytes) is built in a register and stored once.
+          for (int64_t k = 0; k < lay.K4; ++k) {
+            __m256i word = _mm256_setzero_si256();
+            for (int j = 0; j < 4; ++j) {
+              const __m256i m = channel(4 * k + j);
+              msum = _mm256_add_epi32(msum, m);
+              word = _mm256_or_si256(
+                  word, _mm256_slli_epi32(_mm256_add_epi32(m, _mm256_set1_epi32(128)), 8 * j));
+            }
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words[k]), word);
           }
         }
         _mm256_store_ps(esc, scale);
@@ -230,16 +252,21 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         }
       }
       const __m256i st = lane_mask(0, nl);
+      const bool full = nl == kVec;
       if (kFloat) {
         for (int64_t c = 0; c < r.nch; ++c)
-          _mm256_maskstore_ps(r.esc + c * kplane + base + x0, st, _mm256_load_ps(vals[c]));
+          store_lanes(r.esc + c * kplane + base + x0, _mm256_load_ps(vals[c]), full, st);
       } else {
         for (int64_t k = 0; k < lay.K4; ++k) {
-          _mm256_maskstore_epi32(reinterpret_cast<int*>(r.act + k * kplane + base + x0), st,
-                                 _mm256_load_si256(reinterpret_cast<const __m256i*>(words[k])));
+          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(words[k]));
+          int* dst = reinterpret_cast<int*>(r.act + k * kplane + base + x0);
+          if (full)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+          else
+            _mm256_maskstore_epi32(dst, st, v);
         }
-        _mm256_maskstore_ps(r.esc + base + x0, st, _mm256_load_ps(esc));
-        if (r.usum) _mm256_maskstore_ps(r.usum + base + x0, st, _mm256_load_ps(us));
+        store_lanes(r.esc + base + x0, _mm256_load_ps(esc), full, st);
+        if (r.usum) store_lanes(r.usum + base + x0, _mm256_load_ps(us), full, st);
       }
     }
   }
