@@ -7,7 +7,7 @@ against handing back a model slower than the float one.
 - The AVX2 path: whether it beats oneDNN depends on the CPU (on an AVX-512 machine forced onto it,
   converted yolo11n took 47 ms against 38 ms float; on an AMD Zen 2, whose one ``vpmaddwd`` per
   cycle matches its fp32 FMA rate, most dense layers are slower), so each layer is timed against
-  its float conv on its real input shape, and kept float where DSConv is slower (Zen 2: 38 of
+  its float conv on its real input shape, and kept float where DSConv is slower (Zen 2: 19-38 of
   yolo11n's 86 convs, the model then as fast as the float one).
 - AVX-512 VNNI: measured faster than oneDNN's float conv on every YOLO11n/s layer but the RGB
   stem (which the default policy already keeps float) on AMD Zen 5, and 1.7-1.9x in geometric
