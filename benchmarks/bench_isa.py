@@ -25,7 +25,13 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import dump_json, environment, print_header, print_table  # noqa: E402
+from _timing import (  # noqa: E402
+    _cpu_model_and_flags,
+    dump_json,
+    environment,
+    print_header,
+    print_table,
+)
 
 # name -> (required /proc/cpuinfo flags, instructions of one group (AT&T operands appended),
 # MACs per instruction)
@@ -82,17 +88,6 @@ int main(int argc, char** argv) {
 """
 
 
-def cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _source(ops, iters: int, reps: int) -> str:
     lines = [ops[r % len(ops)].format(r=r) for r in range(CHAINS)]
     body = " ".join('"' + line + '\\n"' for line in lines)
@@ -129,7 +124,7 @@ def main(argv=None) -> int:
     env = environment()
     print_header("bench_isa", env)
     print(f"# one core, {CHAINS} independent chains per loop, fastest of {args.reps} repetitions")
-    flags = cpu_flags()
+    _, flags = _cpu_model_and_flags()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (need, _, _) in KERNELS.items():

@@ -139,7 +139,8 @@ DSCONV_AVX2 inline __m256i mantissa(__m256 v, __m256 inv_scale, __m256i lim) {
   return _mm256_min_epi32(_mm256_max_epi32(m, _mm256_sub_epi32(_mm256_setzero_si256(), lim)), lim);
 }
 
-// Stores the lanes of mask st, all 8 when full (masked stores are microcoded on AMD Zen 2).
+// Stores the lanes of mask st (32-bit lanes of any type), all 8 when full (masked stores are
+// microcoded on AMD Zen 2).
 DSCONV_AVX2 inline void store_lanes(float* dst, __m256 v, bool full, __m256i st) {
   if (full)
     _mm256_storeu_ps(dst, v);
@@ -258,12 +259,8 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           store_lanes(r.esc + c * kplane + base + x0, _mm256_load_ps(vals[c]), full, st);
       } else {
         for (int64_t k = 0; k < lay.K4; ++k) {
-          const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(words[k]));
-          int* dst = reinterpret_cast<int*>(r.act + k * kplane + base + x0);
-          if (full)
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
-          else
-            _mm256_maskstore_epi32(dst, st, v);
+          store_lanes(reinterpret_cast<float*>(r.act + k * kplane + base + x0),
+                      _mm256_load_ps(reinterpret_cast<const float*>(words[k])), full, st);
         }
         store_lanes(r.esc + base + x0, _mm256_load_ps(esc), full, st);
         if (r.usum) store_lanes(r.usum + base + x0, _mm256_load_ps(us), full, st);
