@@ -93,6 +93,45 @@ def test_epilogue_options(isa, kdsb, cds, bias, silu):
         assert_close(op(case), dsconv2d_reference(**case), describe(case))
 
 
+def _silu_probe_values():
+    """y for the SiLU check: both signs over 1e-30..1e3 (dense around the exponent clamps and
+    the float32 overflow of e^-y near y = -88), zeros, a subnormal, and the non-finite values."""
+    mags = torch.cat([torch.logspace(-30, 3, 700, dtype=torch.float64),
+                      torch.linspace(80, 110, 301, dtype=torch.float64)])  # fmt: skip
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, math.inf, -math.inf, math.nan],
+                           dtype=torch.float64)  # fmt: skip
+    return torch.cat([mags, -mags, special]).float()
+
+
+@pytest.mark.parametrize("path", ["int8", "float", "depthwise"])
+def test_fused_silu_elementwise(isa, path):
+    """SiLU of the fused epilogue, element by element against float64: with zero weights every
+    output of channel o is SiLU(CDSb[o]), so each probe value has its own channel. Within 1e-5
+    relative (plus 1e-36 absolute: results below that, where e^-y overflows float32, may be 0),
+    NaN exactly where float64 SiLU gives NaN (NaN and -inf), +inf kept. The comparisons above
+    scale their tolerance by the largest output and cannot see a SiLU that is wrong only for
+    small or negative inputs."""
+    v = _silu_probe_values()
+    O = v.numel()
+    C, groups, block = {"int8": (64, 1, 32), "float": (3, 1, 32), "depthwise": (O, O, 32)}[path]
+    case = dict(x=torch.ones(1, C, 2, 3), intweight=torch.zeros(O, C // groups, 1, 1,
+                dtype=torch.int8), alpha=torch.ones(O, -(-C // groups // block), 1, 1),
+                CDSw=torch.ones(O), CDSb=v,
+                stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=groups, block_size=block,
+                act_bits=8, fuse_silu=True)  # fmt: skip
+    y = op(case)
+    ref = torch.nn.functional.silu(v.double())
+    for o in range(O):
+        got, want = y[0, o].double(), ref[o]
+        msg = f"{path}: SiLU({v[o].item()!r}) = {got.flatten().tolist()}, float64 {want.item()!r}"
+        if math.isnan(want):
+            assert torch.isnan(got).all(), msg
+        elif math.isinf(want):
+            assert (got == want).all(), msg
+        else:
+            assert ((got - want).abs() <= 1e-5 * abs(want) + 1e-36).all(), msg
+
+
 @pytest.mark.parametrize("stride", [1, 2, 3])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_nonfinite_activations_propagate(isa, value, stride):

@@ -31,30 +31,30 @@ DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
                           _mm256_or_si256(_mm256_cmpgt_epi32(idx, l), _mm256_cmpeq_epi32(idx, l)));
 }
 
-// e^x to about 2 ulp (Cephes expf polynomial), for x clamped to where 2^n is a normal float.
-DSCONV_AVX2 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e =
+// SiLU y / (1 + e^-y), 8 lanes: the AVX-512 silu_ps (avx512_common.h) with 2^n built in the
+// exponent bits instead of vscalefps. t = -y log2(e) is clamped to [-127, 128], where those bits
+// are (n + 127) << 23: n = -127 gives 0 and n = 128 gives +inf, so e^-y still overflows to inf
+// for y below about -88.7 (y / inf = -0, -inf / inf = NaN as float64 SiLU gives).
+DSCONV_AVX2 inline __m256 silu_ps(__m256 y) {
+  __m256 t = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504088896341f));
+  t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.3264656299725175e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671513922512531e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733953714371e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022242426872253e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470036506653e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i two_n =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }
 
 DSCONV_AVX2 inline __m256 epilogue(__m256 acc, float cdsw, float cb, bool silu) {
   const __m256 y = _mm256_fmadd_ps(acc, _mm256_set1_ps(cdsw), _mm256_set1_ps(cb));
-  if (!silu) return y;
-  const __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), y));
-  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+  return silu ? silu_ps(y) : y;
 }
 
 // Stores 8 q-space values, the first of which is output (oh, ow); see the AVX-512 store_vec.
