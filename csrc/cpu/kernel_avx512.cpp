@@ -301,6 +301,41 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
     return;
   }
 
+  if (g.sw == 2 && r.nch <= kStageChannels) {
+    // Per 16 q-columns: each channel's 32 input columns in two loads, split into the two phases
+    // into a column stage [phase][channel][16] while both phases' max |x| stay in registers,
+    // then the words of each phase from the stage (the stride-1 scheme; through the chunked
+    // stage below, with the maxima kept in memory and the loads' masks worked out per channel,
+    // it took 22 cycles per 16 input floats on one Zen 4 core).
+    alignas(64) float stage[2 * kStageChannels * kVec];
+    const __m512i even =
+        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const int64_t base0 = (r.ry * 2) * lay.Lq + r.yl * lay.Wq;
+    for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
+      const int64_t w0 = x0 * 2 - g.pw;
+      const __mmask32 m32 = columns_inside32(w0, g.W);
+      const __mmask16 mlo = static_cast<__mmask16>(m32), mhi = static_cast<__mmask16>(m32 >> 16);
+      __m512i amax0 = _mm512_setzero_si512(), amax1 = _mm512_setzero_si512();
+      const float* p = xrow + w0;  // may point before the row: masked
+      for (int64_t c = 0; c < r.nch; ++c, p += r.x_cstride) {
+        _mm_prefetch(reinterpret_cast<const char*>(p + 2 * kPrefetchInFloats), _MM_HINT_T0);
+        const __m512 lo = _mm512_maskz_loadu_ps(mlo, p);
+        const __m512 hi = _mm512_maskz_loadu_ps(mhi, p + kVec);
+        const __m512 v0 = _mm512_permutex2var_ps(lo, even, hi);
+        const __m512 v1 = _mm512_permutex2var_ps(lo, odd, hi);
+        _mm512_store_ps(stage + c * kVec, v0);
+        _mm512_store_ps(stage + (kStageChannels + c) * kVec, v1);
+        amax0 = _mm512_max_epi32(amax0, _mm512_and_si512(_mm512_castps_si512(v0), absmask));
+        amax1 = _mm512_max_epi32(amax1, _mm512_and_si512(_mm512_castps_si512(v1), absmask));
+      }
+      const __mmask16 st = lane_range(0, lay.Wq - x0);
+      pack_vector(r, k, stage, kVec, 0xFFFF, amax0, base0, x0, st);
+      pack_vector(r, k, stage + kStageChannels * kVec, kVec, 0xFFFF, amax1, base0 + lay.Lq, x0, st);
+    }
+    return;
+  }
+
   prefetch_next_input_row(r, hrow);
   // The row in chunks of `qc` q-columns whose stage, [channel][phase rx][qc] floats, fits in
   // about 16 KB of L1 beside the words going out; then [rx][qc] max |x| bit patterns.
