@@ -52,16 +52,13 @@ DSCONV_AVX512 inline __m512 exp_ps(__m512 x) {
 // (y / inf = -0, and -inf / inf = NaN as float64 SiLU gives), 2^-150 rounds to 0 (inf / 1 = inf);
 // a NaN y stays NaN through the division.
 DSCONV_AVX512 inline __m512 silu_ps(__m512 y) {
-  __m512 t = _mm512_mul_ps(y, _mm512_set1_ps(-1.44269504088896341f));
+  __m512 t = _mm512_mul_ps(y, _mm512_set1_ps(kNegLog2E));
   t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-150.f)), _mm512_set1_ps(150.f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.3264656299725175e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671513922512531e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733953714371e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022242426872253e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 5
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512 e = _mm512_scalef_ps(p, n);
   return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.f), e));
 }

@@ -200,6 +200,13 @@ struct ExponentRange {
 };
 constexpr int32_t kEscNonFinite = INT32_MIN;
 
+// The SIMD SiLU epilogues' 2^f on [-1/2, 1/2] (avx512_common.h silu_ps, kernel_avx2.cpp): a
+// degree-5 polynomial, highest power first, fitted for relative error (1.9e-7 in float32).
+constexpr float kExp2Poly[6] = {1.3264656299725175e-3f, 9.671513922512531e-3f,
+                                5.550733953714371e-2f,  2.4022242426872253e-1f,
+                                6.931470036506653e-1f,  1.f};
+constexpr float kNegLog2E = -1.44269504088896341f;
+
 // Phase row (ry, yq) of the padded input, written as row yl of the band's planes, for the block
 // at `x` (x[n, first channel of the block, 0, 0], `nch` channels). int8: every k4 plane, esc and
 // usum. Float: the BFP values of the block's channels, one P * Lq plane each from `esc`.

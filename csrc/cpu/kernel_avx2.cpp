@@ -36,16 +36,13 @@ DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
 // are (n + 127) << 23: n = -127 gives 0 and n = 128 gives +inf, so e^-y still overflows to inf
 // for y below about -88.7 (y / inf = -0, -inf / inf = NaN as float64 SiLU gives).
 DSCONV_AVX2 inline __m256 silu_ps(__m256 y) {
-  __m256 t = _mm256_mul_ps(y, _mm256_set1_ps(-1.44269504088896341f));
+  __m256 t = _mm256_mul_ps(y, _mm256_set1_ps(kNegLog2E));
   t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.3264656299725175e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.671513922512531e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550733953714371e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022242426872253e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931470036506653e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+#pragma GCC unroll 5
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[i]));
   const __m256i two_n =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));

@@ -244,10 +244,9 @@ DSCONV_AVX512 __attribute__((always_inline)) inline void prefetch_next_input_row
 // slower wherever H * W * 4 is a multiple of 4 KB (160x160, 320x320 maps), every channel's line
 // then sitting in one L1 set and evicted by the others' before its second read: one core, Zen 4,
 // 32 channels at 160x160 packed in 18.5 cycles per 16 floats in place, 14.5 staged (80x80,
-// where the lines spread over 4 sets: 12.3 and 11.9). Other strides first split
-// each channel's input row into its phases in a compact per-thread stage, channel after channel:
-// the channel rows of NCHW sit H*W*4 bytes apart, often a multiple of 4 KB, and reading across
-// the channels of a block at one column, twice per phase, made their loads fight over one L1 set.
+// where the lines spread over 4 sets: 12.3 and 11.9). Stride 2 does the same with both phases
+// of a column. Other strides, and blocks over kStageChannels, first split each channel's input
+// row into its phases in a compact per-thread stage, channel after channel.
 DSCONV_AVX512 void pack_row(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
@@ -301,6 +300,9 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
     return;
   }
 
+  // Stride 2: one pair of loads gives 16 columns of both phases, split by these lane indices.
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   if (g.sw == 2 && r.nch <= kStageChannels) {
     // Per 16 q-columns: each channel's 32 input columns in two loads, split into the two phases
     // into a column stage [phase][channel][16] while both phases' max |x| stay in registers,
@@ -308,9 +310,6 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
     // stage below, with the maxima kept in memory and the loads' masks worked out per channel,
     // it took 22 cycles per 16 input floats on one Zen 4 core).
     alignas(64) float stage[2 * kStageChannels * kVec];
-    const __m512i even =
-        _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const int64_t base0 = (r.ry * 2) * lay.Lq + r.yl * lay.Wq;
     for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
       const int64_t w0 = x0 * 2 - g.pw;
@@ -345,8 +344,6 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   float* stage =
       reinterpret_cast<float*>(scratch.get(size_t(r.nch * cstride + g.sw * qc) * sizeof(float)));
   int32_t* amax = reinterpret_cast<int32_t*>(stage + r.nch * cstride);
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   for (int64_t xc = 0; xc < lay.Wq; xc += qc) {
     const int64_t nv = (std::min(qc, lay.Wq - xc) + kVec - 1) / kVec;
     for (int64_t c = 0; c < r.nch; ++c) {
