@@ -426,9 +426,11 @@ def load(
         if key == "stand-ins":
             from dsconv_ext.yolo.convert import replace_pooling
             from dsconv_ext.yolo.fast_dfl import use_fast_dfl
+            from dsconv_ext.yolo.fast_stem import use_fast_stem
 
             replace_pooling(model)
             use_fast_dfl(model)
+            use_fast_stem(model)
         elif key == "compile":
             # The default: inductor backend, default mode (a user's first try).
             model = torch.compile(model)

@@ -12,6 +12,9 @@ float out including the BFP activation quantisation.
     python benchmarks/bench_conv.py                 # full CPU table
     python benchmarks/bench_conv.py --quick         # a few layers, batch 1
     python benchmarks/bench_conv.py --json out.json
+
+A second table times the float stem converted models keep (3 -> 16/32/64 channels, 3x3,
+stride 2, then SiLU): the fused ``stem_conv2d`` op (``FastStemConv``) against F.conv2d + SiLU.
 """
 
 from __future__ import annotations
@@ -147,6 +150,47 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
     return rows
 
 
+# Width of YOLO11's first conv per scale (3 RGB channels in, 3x3, stride 2).
+STEM_CHANNELS = {"n": 16, "s": 32, "m": 64, "l": 64, "x": 96}
+
+
+def bench_stem(scales, batches, rounds, size=640):
+    """The float stem: ``stem_conv2d`` with the SiLU fused vs F.conv2d + SiLU (oneDNN)."""
+    from dsconv_ext.yolo.fast_stem import kernel_is_faster
+
+    if not kernel_is_faster():
+        print("# float stem: no rows (the op is not used on this CPU path: oneDNN is faster)")
+        return []
+    rows = []
+    for scale in scales:
+        for batch in batches:
+            g = torch.Generator().manual_seed(0)
+            x = torch.rand(batch, 3, size, size, generator=g)  # an image in [0, 1]
+            o = STEM_CHANNELS[scale]
+            w = torch.randn(o, 3, 3, 3, generator=g) * (2 / 27) ** 0.5
+            b = torch.randn(o, generator=g) * 0.1
+            fns = {
+                "stem_op": lambda x=x, w=w, b=b: torch.ops.dsconv_ext.stem_conv2d(
+                    x, w, b, [2, 2], [1, 1], True
+                ),
+                "fp32": lambda x=x, w=w, b=b: F.silu(F.conv2d(x, w, b, 2, 1), inplace=True),
+            }
+            with torch.no_grad():
+                t = time_interleaved(fns, rounds=rounds, warmup=2)
+            rows.append(
+                {
+                    "scale": scale,
+                    "batch": batch,
+                    "layer": f"3->{o} s2 + SiLU",
+                    "HxW": f"{size}x{size}",
+                    "stem_op_ms": t["stem_op"],
+                    "fp32_silu_ms": t["fp32"],
+                    "x_fp32": t["fp32"] / t["stem_op"],
+                }
+            )
+    return rows
+
+
 COLUMNS = [
     "scale",
     "k",
@@ -202,6 +246,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="a few layers, batch 1, 3x3 only")
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     p.add_argument("--cuda", action="store_true", help="also the CUDA rows (needs a GPU)")
+    p.add_argument("--no-stem", dest="stem", action="store_false", help="skip the stem table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     scales = args.scales.split(",")
@@ -221,6 +266,10 @@ def main(argv=None):
     print()
     summ = summary(rows)
     print_table(summ, list(summ[0].keys()) if summ else [])
+    print()
+    stem = bench_stem(scales, batches, args.rounds) if args.stem else []
+    if stem:
+        print_table(stem, list(stem[0].keys()))
     cuda_rows = []
     if args.cuda or torch.cuda.is_available():
         if torch.cuda.is_available():
@@ -235,7 +284,14 @@ def main(argv=None):
     if args.json:
         dump_json(
             args.json,
-            {"env": env, "backend": backend, "cpu": rows, "summary": summ, "cuda": cuda_rows},
+            {
+                "env": env,
+                "backend": backend,
+                "cpu": rows,
+                "summary": summ,
+                "stem": stem,
+                "cuda": cuda_rows,
+            },
         )
 
 

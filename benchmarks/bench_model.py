@@ -5,8 +5,9 @@ For each model (yolo11n, yolo11s) at 640 px, batch 1, on this CPU, one row per r
 
 - ours: the fused float model in eager PyTorch (the baseline), the model converted with
   ``dsconv_ext.quantize`` (8 and 4 bits), and ``float+stand-ins``: the float model with only
-  the exact pooling / upsampling stand-ins and the ``FastDFL`` box decoder ``quantize`` also
-  installs, so that float+stand-ins / int8 is what the DSConv kernel itself is worth;
+  the exact pooling / upsampling stand-ins, the ``FastDFL`` box decoder and the
+  ``FastStemConv`` float stem ``quantize`` also installs, so that float+stand-ins / int8 is
+  what the DSConv kernel itself is worth;
 - peers (``pip install .[bench]``; a row whose package is missing is skipped with the reason):
   OpenVINO at its default precision (it picks bf16 where the CPU has it) and int8 through NNCF
   (MIXED preset, the Detect head's postprocessing left in float, as ``yolo export

@@ -32,4 +32,9 @@ TORCH_LIBRARY(dsconv_ext, m) {
   // y[b, s, a] = sum_i softmax_i(x[b, s * c1 + i, a]) * weight[i]; see
   // dsconv_ext/yolo/fast_dfl.py for the reference.
   m.def("dfl_expectation(Tensor x, Tensor weight) -> Tensor");
+  // The float stem of a detector: a dense conv reading few channels (groups = 1, stride 1 or 2,
+  // no dilation), bias and SiLU fused; see dsconv_ext/yolo/fast_stem.py for the reference.
+  m.def(
+      "stem_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "bool fuse_silu) -> Tensor");
 }

@@ -75,6 +75,17 @@ def _info_report() -> dict:
     except ImportError as e:  # needs ultralytics
         report["dfl_expectation"] = {"error": f"{type(e).__name__}: {e}"}
     try:
+        fast_stem = importlib.import_module("dsconv_ext.yolo.fast_stem")
+        if fast_stem.kernel_is_faster():
+            cpu = "kernel"
+        elif fast_stem._kernel_available():
+            cpu = "torch (oneDNN: faster than the op on the portable C++ path)"
+        else:
+            cpu = "torch (no compiled op)"
+        report["stem_conv2d"] = {"cpu float32": cpu, "other": "torch"}
+    except ImportError as e:  # needs ultralytics
+        report["stem_conv2d"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
         yolo = importlib.import_module("dsconv_ext.yolo")
         report["ultralytics"] = yolo.integration_report()
     except Exception as e:
@@ -116,6 +127,9 @@ def _print_info(report: dict) -> None:
     )
     print("dfl_expectation (FastDFL, converted YOLO heads):")
     for k, v in report["dfl_expectation"].items():
+        print(f"  {k} -> {v}")
+    print("stem_conv2d (FastStemConv, converted models' float stem):")
+    for k, v in report["stem_conv2d"].items():
         print(f"  {k} -> {v}")
     print("ultralytics integration:")
     for k, v in report["ultralytics"].items():

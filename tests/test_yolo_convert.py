@@ -50,6 +50,7 @@ def test_quantize_ultralytics_model():
     from ultralytics.nn.modules import Conv
 
     from dsconv_ext import DSConv2d, quantize
+    from dsconv_ext.yolo.fast_stem import FastStemConv
 
     model = trained_like()
     x = torch.rand(2, 3, IMGSZ, IMGSZ)
@@ -67,6 +68,8 @@ def test_quantize_ultralytics_model():
     assert all(q.get_submodule(n).groups > 1 for n in depthwise)  # converted by default
     assert type(q.model[-1].dfl.conv) is nn.Conv2d  # the fixed DFL ramp stays exact
     assert q.dsconv_ext["fast_dfl"] == ["model.23.dfl"]
+    # the float stem takes the direct conv with the SiLU fused (dsconv_ext.yolo.fast_stem)
+    assert q.dsconv_ext["fast_stem"] == ["model.0"] and type(q.model[0]) is FastStemConv
     # the head's Concat layers fed by an upsampling or a C3k2 block (layer 21 reads a Conv and
     # C2PSA only)
     assert q.dsconv_ext["in_place_concat_layers"] == ["model.12", "model.15", "model.18"]

@@ -263,6 +263,22 @@ inline int64_t dw_buf_floats(const Layout& lay) {
   return dw_stage_offset(lay) + std::max(lay.Lq, lay.band_rows * dw_s1_layout(lay).Wr);
 }
 
+// The float direct convolution of dsconv_ext::stem_conv2d: a dense conv reading few input
+// channels (the RGB stem of a detector), bias and SiLU fused, stride 1 or 2, no dilation. oneDNN
+// spends ~2 ms on yolo11n's 3 -> 16 stem at 640 px (2 threads), 3-4x the time of its
+// arithmetic, and the SiLU is another pass over the output. Here each output row of a tile of
+// output channels is made in registers: per input (channel, kernel row, kernel column) one
+// vector of the input pixels the tile's output pixels read (a de-interleave for stride 2), one
+// FMA per output channel with the weight broadcast, then the SiLU and one store per channel.
+struct StemArgs {
+  const float* x;     // [N, C, H, W], contiguous
+  const float* w;     // [otiles][C][kh][kw][stem_otile]: zero past O
+  const float* bias;  // [otiles * stem_otile]: zero past O or without bias
+  float* y;           // [N, O, Ho, Wo], contiguous
+  int64_t C, H, W, O, kh, kw, sh, sw, ph, pw, Ho, Wo;
+  bool silu;
+};
+
 // Per-ISA entry points.
 struct IsaKernels {
   int64_t qtile;  // pixels per microkernel call
@@ -296,6 +312,10 @@ struct IsaKernels {
   // slice's group, o-tile ot at wstreams + ot * stream_bytes.
   void (*conv_band)(const Slice&, const uint8_t* wstreams, int64_t stream_bytes, const Epilogue&,
                     int64_t ot0, int64_t ot1) = nullptr;
+  // Float stem convolution (stem_conv_cpu.cpp): output rows [oy0, oy1) of image n for the
+  // output-channel tile ot of stem_otile channels.
+  void (*stem_rows)(const StemArgs&, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) = nullptr;
+  int64_t stem_otile = 0;
 };
 
 const IsaKernels& kernels_scalar();

@@ -546,14 +546,98 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
   }
 }
 
+// --- Float stem convolution (see StemArgs): the AVX-512 stem_rows with 8 lanes ---
+
+// The inputs at columns s0 + SW * i of `row`, i = 0..7, zero outside [0, W) (masked-off lanes
+// are not read). Interior: every column read lies inside the row.
+template <int SW, bool Interior>
+DSCONV_AVX2 inline __m256 stem_columns(const float* row, int64_t s0, int64_t W) {
+  const __m256 lo =
+      Interior ? _mm256_loadu_ps(row + s0) : _mm256_maskload_ps(row + s0, lane_mask(-s0, W - s0));
+  if (SW == 1) return lo;
+  const __m256 hi = Interior
+                        ? _mm256_loadu_ps(row + s0 + kVec)
+                        : _mm256_maskload_ps(row + s0 + kVec, lane_mask(-s0 - kVec, W - s0 - kVec));
+  // (lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6), then the middle 64-bit pairs swapped.
+  const __m256 ev = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+template <int SW, bool Interior>
+DSCONV_AVX2 inline void stem_accumulate(const StemArgs& a, const float* xn, const float* wt,
+                                        int64_t oy, int64_t ox0, __m256 (&acc)[kVec]) {
+  const int64_t plane = a.H * a.W;
+  for (int64_t c = 0; c < a.C; ++c) {
+    for (int64_t ky = 0; ky < a.kh; ++ky) {
+      const int64_t iy = oy * a.sh + ky - a.ph;
+      if (iy < 0 || iy >= a.H) continue;
+      const float* row = xn + c * plane + iy * a.W;
+      const float* w = wt + (c * a.kh + ky) * a.kw * kVec;
+      for (int64_t kx = 0; kx < a.kw; ++kx, w += kVec) {
+        const __m256 v = stem_columns<SW, Interior>(row, ox0 * SW + kx - a.pw, a.W);
+#pragma GCC unroll 8
+        for (int o = 0; o < kVec; ++o)
+          acc[o] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + o), v, acc[o]);
+      }
+    }
+  }
+}
+
+template <int SW>
+DSCONV_AVX2 void stem_rows_impl(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0,
+                                int64_t oy1) {
+  constexpr int T = kVec;
+  const int64_t oplane = a.Ho * a.Wo;
+  const float* xn = a.x + n * a.C * a.H * a.W;
+  const float* wt = a.w + ot * a.C * a.kh * a.kw * T;
+  const float* bt = a.bias + ot * T;
+  const int64_t nout = std::min<int64_t>(T, a.O - ot * T);
+  float* yt = a.y + (n * a.O + ot * T) * oplane;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    for (int64_t ox0 = 0; ox0 < a.Wo; ox0 += kVec) {
+      __m256 acc[T];
+#pragma GCC unroll 8
+      for (int o = 0; o < T; ++o) acc[o] = _mm256_set1_ps(bt[o]);
+      const int64_t first = ox0 * SW - a.pw;  // see the AVX-512 stem_rows_impl
+      if (first >= 0 && first + a.kw - 1 + kVec * SW <= a.W)
+        stem_accumulate<SW, true>(a, xn, wt, oy, ox0, acc);
+      else
+        stem_accumulate<SW, false>(a, xn, wt, oy, ox0, acc);
+      const int64_t nl = std::min<int64_t>(kVec, a.Wo - ox0);
+      float* y = yt + oy * a.Wo + ox0;
+#pragma GCC unroll 8
+      for (int o = 0; o < T; ++o) {
+        if (o >= nout) break;
+        const __m256 r = a.silu ? silu_ps(acc[o]) : acc[o];
+        if (nl == kVec)
+          _mm256_storeu_ps(y + o * oplane, r);
+        else
+          _mm256_maskstore_ps(y + o * oplane, lane_mask(0, nl), r);
+      }
+    }
+  }
+}
+
+DSCONV_AVX2 void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
+  if (a.sw == 1)
+    stem_rows_impl<1>(a, n, ot, oy0, oy1);
+  else
+    stem_rows_impl<2>(a, n, ot, oy0, oy1);
+}
+
 }  // namespace
 
 const IsaKernels& kernels_avx2() {
-  static const IsaKernels k{kQTile,           /*weight_elem_bytes=*/2,
-                            &pack_row,        &pack_row_float,
-                            &conv_tiles,      &float_tiles,
-                            &depthwise,       /*dw_qtile=*/32,
-                            &dfl_side_scalar, /*esc_shift=*/false};
+  static const IsaKernels k = [] {
+    IsaKernels t{kQTile,           /*weight_elem_bytes=*/2,
+                 &pack_row,        &pack_row_float,
+                 &conv_tiles,      &float_tiles,
+                 &depthwise,       /*dw_qtile=*/32,
+                 &dfl_side_scalar, /*esc_shift=*/false};
+    t.stem_rows = &stem_rows;
+    t.stem_otile = kVec;
+    return t;
+  }();
   return k;
 }
 

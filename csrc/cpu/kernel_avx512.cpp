@@ -1006,12 +1006,102 @@ DSCONV_AVX512 void dfl_side(const float* x, int64_t A, int64_t c1, const float* 
   }
 }
 
+// --- Float stem convolution (see StemArgs) ---
+
+// The inputs at columns s0 + SW * i of `row`, i = 0..15, zero outside [0, W). Masked-off lanes
+// are not read, so s0 may point before the row or the load run past its end.
+// Interior: every column read lies inside the row (no masks to build).
+template <int SW, bool Interior>
+DSCONV_AVX512 inline __m512 stem_columns(const float* row, int64_t s0, int64_t W) {
+  const __m512 lo = Interior ? _mm512_loadu_ps(row + s0)
+                             : _mm512_maskz_loadu_ps(lane_range(-s0, W - s0), row + s0);
+  if (SW == 1) return lo;
+  const __m512 hi =
+      Interior ? _mm512_loadu_ps(row + s0 + kVec)
+               : _mm512_maskz_loadu_ps(lane_range(-s0 - kVec, W - s0 - kVec), row + s0 + kVec);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return _mm512_permutex2var_ps(lo, even, hi);
+}
+
+// acc[o] += the tile's inputs times the weights of output channel o, over every input channel
+// and kernel tap that lands inside the image: per (channel, kernel row, kernel column) one vector
+// of inputs and 16 FMAs with broadcast weights.
+template <int SW, bool Interior>
+DSCONV_AVX512 inline void stem_accumulate(const StemArgs& a, const float* xn, const float* wt,
+                                          int64_t oy, int64_t ox0, __m512 (&acc)[kVec]) {
+  const int64_t plane = a.H * a.W;
+  for (int64_t c = 0; c < a.C; ++c) {
+    for (int64_t ky = 0; ky < a.kh; ++ky) {
+      const int64_t iy = oy * a.sh + ky - a.ph;
+      if (iy < 0 || iy >= a.H) continue;  // zero padding: nothing to add
+      const float* row = xn + c * plane + iy * a.W;
+      const float* w = wt + (c * a.kh + ky) * a.kw * kVec;
+      for (int64_t kx = 0; kx < a.kw; ++kx, w += kVec) {
+        const __m512 v = stem_columns<SW, Interior>(row, ox0 * SW + kx - a.pw, a.W);
+#pragma GCC unroll 16
+        for (int o = 0; o < kVec; ++o) acc[o] = _mm512_fmadd_ps(_mm512_set1_ps(w[o]), v, acc[o]);
+      }
+    }
+  }
+}
+
+// 16 output channels x 16 output pixels in 16 accumulators.
+template <int SW>
+DSCONV_AVX512 void stem_rows_impl(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0,
+                                  int64_t oy1) {
+  constexpr int T = kVec;
+  const int64_t oplane = a.Ho * a.Wo;
+  const float* xn = a.x + n * a.C * a.H * a.W;
+  const float* wt = a.w + ot * a.C * a.kh * a.kw * T;
+  const float* bt = a.bias + ot * T;
+  const int64_t nout = std::min<int64_t>(T, a.O - ot * T);
+  float* yt = a.y + (n * a.O + ot * T) * oplane;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    for (int64_t ox0 = 0; ox0 < a.Wo; ox0 += kVec) {
+      __m512 acc[T];
+#pragma GCC unroll 16
+      for (int o = 0; o < T; ++o) acc[o] = _mm512_set1_ps(bt[o]);
+      // The columns the loads touch: [ox0 SW - pw, ox0 SW - pw + kw - 1 + 16 SW).
+      const int64_t first = ox0 * SW - a.pw;
+      if (first >= 0 && first + a.kw - 1 + kVec * SW <= a.W)
+        stem_accumulate<SW, true>(a, xn, wt, oy, ox0, acc);
+      else
+        stem_accumulate<SW, false>(a, xn, wt, oy, ox0, acc);
+      const int64_t nl = std::min<int64_t>(kVec, a.Wo - ox0);
+      float* y = yt + oy * a.Wo + ox0;
+#pragma GCC unroll 16
+      for (int o = 0; o < T; ++o) {
+        if (o >= nout) break;
+        const __m512 r = a.silu ? avx512::silu_ps(acc[o]) : acc[o];
+        if (nl == kVec)  // whole-vector stores: masked ones are slow on AMD cores
+          _mm512_storeu_ps(y + o * oplane, r);
+        else
+          _mm512_mask_storeu_ps(y + o * oplane, lane_range(0, nl), r);
+      }
+    }
+  }
+}
+
+DSCONV_AVX512 void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
+  if (a.sw == 1)
+    stem_rows_impl<1>(a, n, ot, oy0, oy1);
+  else
+    stem_rows_impl<2>(a, n, ot, oy0, oy1);
+}
+
 }  // namespace
 
 const IsaKernels& kernels_avx512() {
-  static const IsaKernels k{
-      kQTile,     /*weight_elem_bytes=*/1, &pack_row, &pack_row_float,   &conv_tiles, &float_tiles,
-      &depthwise, /*dw_qtile=*/64,         &dfl_side, /*esc_shift=*/true};
+  static const IsaKernels k = [] {
+    IsaKernels t{kQTile,      /*weight_elem_bytes=*/1,
+                 &pack_row,   &pack_row_float,
+                 &conv_tiles, &float_tiles,
+                 &depthwise,  /*dw_qtile=*/64,
+                 &dfl_side,   /*esc_shift=*/true};
+    t.stem_rows = &stem_rows;
+    t.stem_otile = kVec;
+    return t;
+  }();
   return k;
 }
 

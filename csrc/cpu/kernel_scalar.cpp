@@ -166,6 +166,38 @@ void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, in
   }
 }
 
+// Float stem convolution (see StemArgs), output pixel by output pixel.
+constexpr int64_t kStemTile = 8;
+
+void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
+  const int64_t plane = a.H * a.W, oplane = a.Ho * a.Wo;
+  const float* xn = a.x + n * a.C * plane;
+  const float* wt = a.w + ot * a.C * a.kh * a.kw * kStemTile;
+  const int64_t nout = std::min(kStemTile, a.O - ot * kStemTile);
+  float* yt = a.y + (n * a.O + ot * kStemTile) * oplane;
+  for (int64_t oy = oy0; oy < oy1; ++oy) {
+    for (int64_t ox = 0; ox < a.Wo; ++ox) {
+      float acc[kStemTile];
+      for (int64_t o = 0; o < kStemTile; ++o) acc[o] = a.bias[ot * kStemTile + o];
+      for (int64_t c = 0; c < a.C; ++c) {
+        for (int64_t ky = 0; ky < a.kh; ++ky) {
+          const int64_t iy = oy * a.sh + ky - a.ph;
+          if (!in_range(iy, a.H)) continue;
+          for (int64_t kx = 0; kx < a.kw; ++kx) {
+            const int64_t ix = ox * a.sw + kx - a.pw;
+            if (!in_range(ix, a.W)) continue;
+            const float v = xn[c * plane + iy * a.W + ix];
+            const float* w = wt + ((c * a.kh + ky) * a.kw + kx) * kStemTile;
+            for (int64_t o = 0; o < kStemTile; ++o) acc[o] += w[o] * v;
+          }
+        }
+      }
+      for (int64_t o = 0; o < nout; ++o)
+        yt[o * oplane + oy * a.Wo + ox] = a.silu ? acc[o] / (1.f + std::exp(-acc[o])) : acc[o];
+    }
+  }
+}
+
 }  // namespace
 
 void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
@@ -194,11 +226,16 @@ void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, floa
 
 const IsaKernels& kernels_scalar() {
   // No depthwise path: depthwise convs take the float family, which the tests compare with it.
-  static const IsaKernels k{/*qtile=*/16,     /*weight_elem_bytes=*/1,
-                            &pack_row,        &pack_row_float,
-                            &conv_tiles,      &float_tiles,
-                            nullptr,          0,
-                            &dfl_side_scalar, /*esc_shift=*/false};
+  static const IsaKernels k = [] {
+    IsaKernels t{/*qtile=*/16,     /*weight_elem_bytes=*/1,
+                 &pack_row,        &pack_row_float,
+                 &conv_tiles,      &float_tiles,
+                 nullptr,          0,
+                 &dfl_side_scalar, /*esc_shift=*/false};
+    t.stem_rows = &stem_rows;
+    t.stem_otile = kStemTile;
+    return t;
+  }();
   return k;
 }
 

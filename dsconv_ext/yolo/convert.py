@@ -211,6 +211,7 @@ def quantize(
     pooling: bool = True,
     in_place_concat: bool = True,
     fast_dfl: bool = True,
+    fast_stem: bool = True,
     force: bool = False,
     check_speed: Optional[bool] = None,
     example_input: Optional[torch.Tensor] = None,
@@ -241,6 +242,9 @@ def quantize(
             skipped without it.
         fast_dfl: also give ultralytics' box decoders (``DFL``) a faster forward that agrees
             to float rounding (:mod:`dsconv_ext.yolo.fast_dfl`).
+        fast_stem: also give the fused ultralytics ``Conv`` layers left in float that read at
+            most 4 channels (the RGB stem) a faster direct convolution with the SiLU fused,
+            equal to float rounding (:mod:`dsconv_ext.yolo.fast_stem`).
         force: convert even where this machine runs DSConv slower than the float conv (see
             :mod:`dsconv_ext.yolo.speed_check`): without a fast CPU path nothing is converted
             unless forced, and on the AVX2 path each layer is timed and kept float if slower.
@@ -336,6 +340,14 @@ def quantize(
             pass
         else:
             dfl = use_fast_dfl(net)
+    stems: List[str] = []
+    if fast_stem:
+        try:
+            from .fast_stem import use_fast_stem
+        except ImportError:  # no ultralytics
+            pass
+        else:
+            stems = use_fast_stem(net)
     net.dsconv_ext = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -349,6 +361,7 @@ def quantize(
         "in_place_concat": concats,
         "in_place_concat_layers": graph_concats,
         "fast_dfl": dfl,
+        "fast_stem": stems,
         "policy": f"{policy}: {why}",
         "kept_float": kept,
     }
@@ -381,6 +394,7 @@ def convert_checkpoint(
     pooling: bool = True,
     in_place_concat: bool = True,
     fast_dfl: bool = True,
+    fast_stem: bool = True,
     trust_pickle: bool = False,
     force: bool = False,
     imgsz: Optional[int] = None,
@@ -417,6 +431,7 @@ def convert_checkpoint(
         pooling=pooling,
         in_place_concat=in_place_concat,
         fast_dfl=fast_dfl,
+        fast_stem=fast_stem,
         force=force,
         example_input=example_input,
     )
@@ -505,6 +520,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="keep ultralytics' DFL forward (default: a faster one, equal to float rounding)",
     )
     p.add_argument(
+        "--no-fast-stem",
+        dest="fast_stem",
+        action="store_false",
+        help="keep oneDNN for the float stem conv (default: a faster direct conv with the SiLU "
+        "fused, equal to float rounding)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="convert even where this CPU runs DSConv slower than float (default: such layers "
@@ -549,6 +571,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 a.pooling,
                 a.in_place_concat,
                 a.fast_dfl,
+                a.fast_stem,
                 a.trust_pickle,
                 a.force,
                 a.imgsz,
@@ -564,7 +587,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{len(rec['pooling'])} pooling layers for exact stand-ins; "
         f"{len(rec['in_place_concat'])} C2f blocks and "
         f"{len(rec.get('in_place_concat_layers', ()))} Concat layers concatenate in place; "
-        f"{len(rec.get('fast_dfl', ()))} faster DFL decoders: "
+        f"{len(rec.get('fast_dfl', ()))} faster DFL decoders, "
+        f"{len(rec.get('fast_stem', ()))} faster float stems: "
         f"{a.checkpoint} ({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
     if rec["kept_float"]:

@@ -116,6 +116,7 @@ def safe_globals() -> List[object]:
         "dsconv_ext.yolo.blocks",
         "dsconv_ext.yolo.inplace_concat",
         "dsconv_ext.yolo.fast_dfl",
+        "dsconv_ext.yolo.fast_stem",
     ):
         try:
             mod = importlib.import_module(mod_name)
