@@ -37,4 +37,8 @@ TORCH_LIBRARY(dsconv_ext, m) {
   m.def(
       "stem_conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "bool fuse_silu) -> Tensor");
+  // A stride-1 max pool with -inf padding (0 <= padding <= kernel / 2), NaN propagating, written
+  // into `out` ([N, C, Ho, Wo], each image dense, any image stride); see
+  // dsconv_ext/yolo/pooling.py.
+  m.def("max_pool2d_s1_out(Tensor x, int[2] kernel_size, int[2] padding, Tensor(a!) out) -> ()");
 }

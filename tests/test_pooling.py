@@ -11,8 +11,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dsconv_ext
+from dsconv_ext.yolo import pooling
 from dsconv_ext.yolo.convert import replace_pooling
 from dsconv_ext.yolo.pooling import NearestUpsample, SeparableMaxPool2d
+
+needs_kernel = pytest.mark.skipif(
+    dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
+)
+
+
+@pytest.fixture(params=["op", "torch"])
+def pool_path(request, monkeypatch):
+    """SeparableMaxPool2d on the compiled op (where it loads) and on its PyTorch passes."""
+    if request.param == "torch":
+        monkeypatch.setattr(pooling, "_pool_op_available", lambda: False)
+    elif not pooling._pool_op_available():
+        pytest.skip("the compiled max-pool op is not loaded")
+    return request.param
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -35,7 +51,7 @@ def _random_input(g: torch.Generator, shape, specials: bool) -> torch.Tensor:
     return x
 
 
-def test_max_pool_matches_max_pool2d():
+def test_max_pool_matches_max_pool2d(pool_path):
     for seed in range(150):
         g = torch.Generator().manual_seed(seed)
         ri = lambda lo, hi, g=g: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
@@ -50,7 +66,66 @@ def test_max_pool_matches_max_pool2d():
         with torch.inference_mode():
             got = pool(x)
         want = F.max_pool2d(x, (kh, kw), 1, (ph, pw))
-        assert _same(got, want), f"seed {seed}: k=({kh},{kw}) p=({ph},{pw}) shape={shape}"
+        assert _same(got, want), f"{pool_path}, seed {seed}: k=({kh},{kw}) p=({ph},{pw}) {shape}"
+
+
+@needs_kernel
+def test_max_pool_op_every_path_and_destination(isa):
+    """The op on each SIMD path against max_pool2d, written into a fresh tensor and into a channel
+    slice of a larger buffer whose other slice is the input (SPPF's case; at batch 2 the slices'
+    byte ranges interleave)."""
+    op = torch.ops.dsconv_ext.max_pool2d_s1_out
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        ri = lambda lo, hi, g=g: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+        kh, kw = ri(1, 7), ri(1, 7)
+        ph, pw = ri(0, kh // 2), ri(0, kw // 2)
+        n, c, h, w = ri(1, 2), ri(1, 6), ri(kh, 25), ri(kw, 25)
+        x = _random_input(g, (n, c, h, w), specials=seed % 2 == 0)
+        want = F.max_pool2d(x, (kh, kw), 1, (ph, pw))
+        got = torch.full_like(want, 7.0)
+        op(x, [kh, kw], [ph, pw], got)
+        msg = f"{isa}, seed {seed}: k=({kh},{kw}) p=({ph},{pw}) {(n, c, h, w)}"
+        assert _same(got, want), msg
+        if (kh, kw) == (2 * ph + 1, 2 * pw + 1):  # size-keeping: SPPF's slices of one buffer
+            buf = torch.full((n, 2 * c, h, w), 7.0)
+            buf[:, :c] = x
+            op(buf[:, :c], [kh, kw], [ph, pw], buf[:, c:])
+            assert _same(buf[:, c:], want) and _same(buf[:, :c], x), msg
+
+
+@needs_kernel
+def test_max_pool_op_opcheck_and_bad_input():
+    op = torch.ops.dsconv_ext.max_pool2d_s1_out
+    x = torch.randn(2, 3, 9, 8)
+    torch.library.opcheck(op.default, (x, [3, 5], [1, 2], torch.empty(2, 3, 9, 8)))
+    out = torch.empty(1, 3, 8, 8)
+    cases = [
+        ((x[:1].double(), [3, 3], [1, 1], out), "x and out must be float32"),
+        ((x[0], [3, 3], [1, 1], out), "x must be 4-D"),
+        ((x[:1, :, :8], [0, 3], [0, 1], out), "kernel_size must be >= 1"),
+        ((x[:1, :, :8], [3, 3], [2, 1], out), "padding must be between 0 and kernel_size / 2"),
+        ((x[:1, :, :8], [3, 3], [1, 1], torch.empty(1, 3, 8, 7)), "out must have shape"),
+        (
+            (x[:1, :, :8], [3, 3], [1, 1], torch.empty(1, 8, 8, 3).permute(0, 3, 1, 2)),
+            "must hold each image's",
+        ),
+        ((torch.randn(1, 1, 2, 2), [5, 5], [0, 0], out), "smaller than the kernel"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
+def test_forward_into_writes_the_slice(pool_path):
+    x = _random_input(torch.Generator().manual_seed(3), (2, 4, 11, 13), specials=True)
+    buf = torch.zeros(2, 12, 11, 13)
+    pool = SeparableMaxPool2d(5, 2)
+    with torch.inference_mode():
+        got = pool.forward_into(x, buf[:, 4:8])
+    assert got.data_ptr() == buf[:, 4:8].data_ptr()
+    assert _same(buf[:, 4:8], F.max_pool2d(x, 5, 1, 2))
+    assert not buf[:, :4].any() and not buf[:, 8:].any()
 
 
 def test_max_pool_sppf_case_and_nan_propagation():

@@ -96,7 +96,7 @@ def test_in_place_concat_is_bit_identical(cfg):
     """C2f / C3k2 blocks that write their branches into the concatenation in place (the default)
     give exactly the outputs of the torch.cat forward, batch 1 and 2; with autograd on they run the
     inherited forward. yolo11m: C3k2 with C3k inside (c3k=True) and shortcut bottlenecks."""
-    from ultralytics.nn.modules.block import C2f
+    from ultralytics.nn.modules.block import SPPF, C2f
 
     from dsconv_ext import quantize
 
@@ -105,8 +105,10 @@ def test_in_place_concat_is_bit_identical(cfg):
     plain = quantize(copy.deepcopy(model), in_place_concat=False, check_speed=False)
     fast = quantize(model, check_speed=False)
     blocks = [n for n, m in plain.named_modules() if isinstance(m, C2f)]
-    assert blocks and fast.dsconv_ext["in_place_concat"] == blocks
+    sppf = [n for n, m in plain.named_modules() if type(m) is SPPF]
+    assert blocks and sppf and sorted(fast.dsconv_ext["in_place_concat"]) == sorted(blocks + sppf)
     assert plain.dsconv_ext["in_place_concat"] == []
+    assert all(type(fast.get_submodule(n)).__name__ == "InPlaceSPPF" for n in sppf)
     kinds = set()
     for n in blocks:
         was, now = type(plain.get_submodule(n)), type(fast.get_submodule(n))

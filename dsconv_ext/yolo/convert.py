@@ -235,8 +235,8 @@ def quantize(
             stem; see :func:`eligible`).
         pooling: also swap stride-1 max pools and nearest upsampling for their exact, faster
             stand-ins (:func:`replace_pooling`).
-        in_place_concat: also let ultralytics' C2f / C3k2 blocks write their branches straight
-            into the concatenation ``cv2`` reads instead of copying them there, and let the
+        in_place_concat: also let ultralytics' C2f / C3k2 and SPPF blocks write their branches
+            straight into the concatenation ``cv2`` reads instead of copying them there, and let the
             layers feeding the model's ``Concat`` layers (C2f blocks, upsampling) write into its
             output (bit-identical; :mod:`dsconv_ext.yolo.inplace_concat`). Needs ultralytics;
             skipped without it.
@@ -585,7 +585,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"converted {len(rec['converted'])} convolutions to DSConv (bits={a.bits}, "
         f"block_size={a.block_size}, act_bits={a.act_bits}) and swapped "
         f"{len(rec['pooling'])} pooling layers for exact stand-ins; "
-        f"{len(rec['in_place_concat'])} C2f blocks and "
+        f"{len(rec['in_place_concat'])} C2f / SPPF blocks and "
         f"{len(rec.get('in_place_concat_layers', ()))} Concat layers concatenate in place; "
         f"{len(rec.get('fast_dfl', ()))} faster DFL decoders, "
         f"{len(rec.get('fast_stem', ()))} faster float stems: "

@@ -7,7 +7,8 @@ whole block's activations once more. In a converted model, where the convolution
 2 threads). Here each piece is written straight into its slice of the buffer ``cv2`` reads: the
 DSConv kernel stores into a channel slice (``dsconv2d(..., out=)``), a bottleneck's residual is
 added in place, and ``C3k``'s own concatenation is built the same way. Outputs are bit-identical
-(the same ops on the same values, only the destination changes).
+(the same ops on the same values, only the destination changes). ``SPPF`` builds its
+concatenation of ``cv1``'s output and three max pools the same way.
 
 :func:`use_in_place_concat` swaps the class of each such block for a subclass that only
 overrides ``forward`` (so ``isinstance`` checks and ``state_dict`` keys are unchanged). The
@@ -23,11 +24,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 from ultralytics.nn.modules import Concat, Conv
-from ultralytics.nn.modules.block import C3, Bottleneck, C2f, C3k2
+from ultralytics.nn.modules.block import C3, SPPF, Bottleneck, C2f, C3k2
 
 from ..dsconv.module import DSConv, DSConv2d
 from .blocks import C3k2_DSConv
-from .pooling import NearestUpsample
+from .pooling import NearestUpsample, SeparableMaxPool2d
 
 __all__ = [
     "ConcatPlan",
@@ -35,6 +36,7 @@ __all__ = [
     "InPlaceC3k2",
     "InPlaceC3k2_DSConv",
     "InPlaceConcat",
+    "InPlaceSPPF",
     "plan_concatenations",
     "use_in_place_concat",
 ]
@@ -121,14 +123,40 @@ class InPlaceC3k2_DSConv(_InPlaceConcatForward, C3k2_DSConv):
     """``C3k2_DSConv`` building its concatenation in place."""
 
 
+class InPlaceSPPF(SPPF):
+    """``SPPF`` building its concatenation in place: ``cv1`` stores into the first slice and each
+    max pool reads the previous slice and writes the next (the compiled pool op writes there
+    directly, see :meth:`SeparableMaxPool2d.forward_into`), then ``cv2`` reads the buffer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool = self.m
+        if not _active(x) or not isinstance(pool, SeparableMaxPool2d):
+            return super().forward(x)
+        (kh, kw), (ph, pw) = pool.kernel_size, pool.padding
+        if kh != 2 * ph + 1 or kw != 2 * pw + 1:  # the pools must keep the map's size
+            return super().forward(x)
+        n, c = getattr(self, "n", 3), self.cv1.conv.out_channels
+        buf = x.new_empty(x.shape[0], (n + 1) * c, x.shape[2], x.shape[3])
+        _into(self.cv1, x, buf[:, :c])
+        for i in range(n):
+            pool.forward_into(buf[:, i * c : (i + 1) * c], buf[:, (i + 1) * c : (i + 2) * c])
+        y = self.cv2(buf)
+        return y + x if getattr(self, "add", False) else y
+
+
 _IN_PLACE = {C2f: InPlaceC2f, C3k2: InPlaceC3k2, C3k2_DSConv: InPlaceC3k2_DSConv}
 
 
 def use_in_place_concat(model: nn.Module) -> List[str]:
     """Give every ``C2f`` / ``C3k2`` / ``C3k2_DSConv`` block of ``model`` whose forward is still
-    ``C2f.forward`` the in-place forward, in place; returns the names of the blocks changed."""
+    ``C2f.forward``, and every ``SPPF`` whose forward is still ``SPPF.forward``, the in-place
+    forward, in place; returns the names of the blocks changed."""
     changed: List[str] = []
     for name, m in model.named_modules():
+        if type(m) is SPPF and type(m).forward is SPPF.forward:
+            m.__class__ = InPlaceSPPF
+            changed.append(name)
+            continue
         cls = _IN_PLACE.get(type(m))
         if cls is None or type(m).forward is not C2f.forward:
             continue
