@@ -41,4 +41,7 @@ TORCH_LIBRARY(dsconv_ext, m) {
   // into `out` ([N, C, Ho, Wo], each image dense, any image stride); see
   // dsconv_ext/yolo/pooling.py.
   m.def("max_pool2d_s1_out(Tensor x, int[2] kernel_size, int[2] padding, Tensor(a!) out) -> ()");
+  // Nearest upsampling by an integer factor, written into `out` ([N, C, H * scale, W * scale],
+  // each image dense, any image stride); see dsconv_ext/yolo/pooling.py.
+  m.def("upsample_nearest_out(Tensor x, int scale, Tensor(a!) out) -> ()");
 }

@@ -23,11 +23,12 @@ needs_kernel = pytest.mark.skipif(
 
 @pytest.fixture(params=["op", "torch"])
 def pool_path(request, monkeypatch):
-    """SeparableMaxPool2d on the compiled op (where it loads) and on its PyTorch passes."""
+    """The stand-ins on the compiled ops (where they load) and on their PyTorch passes."""
     if request.param == "torch":
         monkeypatch.setattr(pooling, "_pool_op_available", lambda: False)
-    elif not pooling._pool_op_available():
-        pytest.skip("the compiled max-pool op is not loaded")
+        monkeypatch.setattr(pooling, "_upsample_op_available", lambda: False)
+    elif not (pooling._pool_op_available() and pooling._upsample_op_available()):
+        pytest.skip("the compiled pooling ops are not loaded")
     return request.param
 
 
@@ -150,18 +151,57 @@ def test_max_pool_gradients_follow_max_pool2d():
     assert torch.equal(gx, want)
 
 
-def test_nearest_upsample_matches_interpolate():
+def test_nearest_upsample_matches_interpolate(pool_path):
     for seed in range(60):
         g = torch.Generator().manual_seed(seed)
         s = 1 + seed % 4
-        shape = (1 + seed % 2, 1 + seed % 7, 1 + seed % 11, 2 + seed % 5)
+        shape = (1 + seed % 2, 1 + seed % 7, 1 + seed % 11, (2, 3, 8, 13, 20)[seed % 5])
         x = _random_input(g, shape, specials=seed % 3 == 0)
         if seed % 4 == 1:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             got = NearestUpsample(s)(x)
         want = F.interpolate(x, scale_factor=float(s), mode="nearest")
-        assert _same(got, want), f"seed {seed}: scale {s} shape {shape}"
+        assert _same(got, want), f"{pool_path}, seed {seed}: scale {s} shape {shape}"
+
+
+@needs_kernel
+def test_upsample_op_every_path_and_destination(isa):
+    """The op on each path against interpolate, into a fresh tensor and into a channel slice of
+    a larger buffer (the Concat it feeds), at widths around the 8-lane AVX2 loop."""
+    op = torch.ops.dsconv_ext.upsample_nearest_out
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        s = (2, 2, 3, 1)[seed % 4]
+        n, c, h, w = 1 + seed % 2, 1 + seed % 5, 1 + seed % 6, (1, 7, 8, 9, 16, 23, 40)[seed % 7]
+        x = _random_input(g, (n, c, h, w), specials=seed % 2 == 0)
+        want = F.interpolate(x, scale_factor=float(s), mode="nearest")
+        got = torch.full_like(want, 7.0)
+        op(x, s, got)
+        msg = f"{isa}, seed {seed}: scale {s} {(n, c, h, w)}"
+        assert _same(got, want), msg
+        buf = torch.full((n, c + 3, h * s, w * s), 7.0)
+        op(x, s, buf[:, 1 : 1 + c])
+        assert _same(buf[:, 1 : 1 + c], want) and (buf[:, :1] == 7).all(), msg
+        assert (buf[:, 1 + c :] == 7).all(), msg
+
+
+@needs_kernel
+def test_upsample_op_opcheck_and_bad_input():
+    op = torch.ops.dsconv_ext.upsample_nearest_out
+    x = torch.randn(2, 3, 5, 9)
+    torch.library.opcheck(op.default, (x, 2, torch.empty(2, 3, 10, 18)))
+    out = torch.empty(2, 3, 10, 18)
+    cases = [
+        ((x.double(), 2, out), "x and out must be float32"),
+        ((x[0], 2, out), "x must be 4-D"),
+        ((x, 0, out), "scale must be >= 1"),
+        ((x, 3, out), "out must have shape"),
+        ((x, 2, torch.empty(2, 18, 10, 3).permute(0, 3, 2, 1)), "must hold each image's"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
 
 
 def test_nearest_upsample_gradient():
