@@ -79,7 +79,8 @@ def _info_report() -> dict:
         if fast_stem.kernel_is_faster():
             cpu = "kernel"
         elif fast_stem._kernel_available():
-            cpu = "torch (oneDNN: faster than the op on the portable C++ path)"
+            isa = torch.ops.dsconv_ext.cpu_isa()
+            cpu = f"torch (oneDNN: the op is not measured faster on the {isa} path)"
         else:
             cpu = "torch (no compiled op)"
         report["stem_conv2d"] = {"cpu float32": cpu, "other": "torch"}

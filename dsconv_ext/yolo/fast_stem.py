@@ -9,8 +9,9 @@ SiLU fused: each output row of 16 (AVX-512) or 8 (AVX2) output channels is made 
 
 Same maths, not the same rounding order: outputs agree with ``F.conv2d`` to float rounding (the
 tests bound the difference from a float64 reference). Autograd, tracing (ONNX, OpenVINO and
-TorchScript export), non-float32 or non-CPU tensors, and CPUs on the portable path (where
-oneDNN is faster than plain C++) get the inherited forward.
+TorchScript export), non-float32 or non-CPU tensors, and CPU paths where the op was not measured
+faster than oneDNN (AVX2, portable C++; see :data:`FASTER_THAN_ONEDNN`) get the inherited
+forward.
 """
 
 from __future__ import annotations
@@ -71,11 +72,18 @@ def _kernel_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
 
 
+# CPU paths whose stem kernel was measured faster than oneDNN's conv + SiLU (AMD Zen 4, 2 threads:
+# AVX-512 1.5-2.0x). The AVX2 kernel ran level with oneDNN there (0.94x / 1.07x for the yolo11n /
+# yolo11s stems, where oneDNN itself used AVX-512) and has not been timed on an AVX2-only CPU;
+# the portable loop is far slower than oneDNN.
+FASTER_THAN_ONEDNN = ("avx512_vnni", "amx", "amx_model")
+
+
 @functools.cache
 def kernel_is_faster() -> bool:
-    """Whether the op beats oneDNN here: on a SIMD path (AVX2, AVX-512, AMX CPUs), not on the
-    portable C++ one. Memoised: ``DSCONV_EXT_CPU_ISA`` is read once per process for this."""
-    return _kernel_available() and torch.ops.dsconv_ext.cpu_isa() != "scalar"
+    """Whether ``FastStemConv`` takes the op on this CPU path (:data:`FASTER_THAN_ONEDNN`).
+    Memoised: ``DSCONV_EXT_CPU_ISA`` is read once per process for this."""
+    return _kernel_available() and torch.ops.dsconv_ext.cpu_isa() in FASTER_THAN_ONEDNN
 
 
 def stem_conv2d(
@@ -131,7 +139,8 @@ def stem_conv2d(
 
 class FastStemConv(Conv):
     """A fused ultralytics ``Conv`` (``act(conv(x))``) whose conv reads few channels: its forward
-    is the ``stem_conv2d`` op, SiLU included, outside autograd and export on SIMD CPUs."""
+    is the ``stem_conv2d`` op, SiLU included, outside autograd and export on the CPU paths of
+    :data:`FASTER_THAN_ONEDNN`."""
 
     def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
