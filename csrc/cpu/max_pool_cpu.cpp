@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/dsconv2d_cpu.h"
+#include "cpu/image_out.h"
 #include "cpu/parallel.h"
 
 namespace dsconv_ext {
@@ -84,24 +85,9 @@ void max_pool2d_s1_out_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size,
   const int64_t Ho = H + 2 * ph - kh + 1, Wo = W + 2 * pw - kw + 1;
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "max_pool2d_s1_out: the padded input (", H + 2 * ph, " x ",
               W + 2 * pw, ") is smaller than the kernel ", kernel_size);
-  TORCH_CHECK(out.sizes() == c10::IntArrayRef({N, C, Ho, Wo}),
-              "max_pool2d_s1_out: out must have shape [", N, ", ", C, ", ", Ho, ", ", Wo, "], got ",
-              out.sizes());
-  TORCH_CHECK((Wo == 1 || out.stride(3) == 1) && (Ho == 1 || out.stride(2) == Wo) &&
-                  (C == 1 || out.stride(1) == Ho * Wo) && (N == 1 || out.stride(0) >= C * Ho * Wo),
-              "max_pool2d_s1_out: out must hold each image's [C, Ho, Wo] densely (strides [>= ",
-              C * Ho * Wo, ", ", Ho * Wo, ", ", Wo, ", 1]), got strides ", out.strides());
+  check_image_dense_out("max_pool2d_s1_out", out, N, C, Ho, Wo);
   if (out.numel() == 0) return;
-  // A copy of x where its bytes may meet out's (channel slices of one buffer at batch > 1
-  // interleave): the result is then that of separate memory.
-  const auto lo = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
-  const auto hi = [](const at::Tensor& t) {
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) + uintptr_t(last + 1) * 4;
-  };
-  const bool meet = x_in.numel() > 0 && lo(x_in) < hi(out) && lo(out) < hi(x_in);
-  const at::Tensor x = meet ? x_in.clone(at::MemoryFormat::Contiguous) : x_in.contiguous();
+  const at::Tensor x = input_apart_from(x_in, out);
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   const int64_t y_nstride = N == 1 ? 0 : out.stride(0);

@@ -10,6 +10,7 @@
 #include <algorithm>
 
 #include "cpu/dsconv2d_cpu.h"
+#include "cpu/image_out.h"
 #include "cpu/parallel.h"
 
 namespace dsconv_ext {
@@ -45,23 +46,9 @@ void upsample_nearest_out_cpu(const at::Tensor& x_in, int64_t scale, const at::T
   TORCH_CHECK(scale >= 1, "upsample_nearest_out: scale must be >= 1, got ", scale);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t Ho = H * scale, Wo = W * scale;
-  TORCH_CHECK(out.sizes() == c10::IntArrayRef({N, C, Ho, Wo}),
-              "upsample_nearest_out: out must have shape [", N, ", ", C, ", ", Ho, ", ", Wo,
-              "], got ", out.sizes());
-  TORCH_CHECK((Wo == 1 || out.stride(3) == 1) && (Ho == 1 || out.stride(2) == Wo) &&
-                  (C == 1 || out.stride(1) == Ho * Wo) && (N == 1 || out.stride(0) >= C * Ho * Wo),
-              "upsample_nearest_out: out must hold each image's [C, Ho, Wo] densely (strides [>= ",
-              C * Ho * Wo, ", ", Ho * Wo, ", ", Wo, ", 1]), got strides ", out.strides());
+  check_image_dense_out("upsample_nearest_out", out, N, C, Ho, Wo);
   if (out.numel() == 0) return;
-  // A copy of x where its bytes may meet out's: the result is then that of separate memory.
-  const auto lo = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
-  const auto hi = [](const at::Tensor& t) {
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) + uintptr_t(last + 1) * 4;
-  };
-  const bool meet = lo(x_in) < hi(out) && lo(out) < hi(x_in);
-  const at::Tensor x = meet ? x_in.clone(at::MemoryFormat::Contiguous) : x_in.contiguous();
+  const at::Tensor x = input_apart_from(x_in, out);
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   const int64_t y_nstride = N == 1 ? 0 : out.stride(0);

@@ -29,52 +29,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._loader import load_library
-from ..dsconv.checks import pair
+from ..dsconv.checks import pair, per_image_dense
 
 __all__ = ["NearestUpsample", "SeparableMaxPool2d"]
 
 
-_POOL_OP = "dsconv_ext::max_pool2d_s1_out"
+def _compiled_op(name: str) -> bool:
+    """Whether the compiled CPU op ``dsconv_ext::name`` exists (loads the library). Both ops here
+    write their ``out`` argument and return nothing, so their fake kernel is the same."""
+    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, name):
+        return False
+    torch.library.register_fake(f"dsconv_ext::{name}")(lambda *args: None)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsconv_ext::{name}", "CPU")
 
 
 @functools.cache
 def _pool_op_available() -> bool:
-    """Whether the compiled CPU op exists (loads the library and registers its fake kernel)."""
-    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, "max_pool2d_s1_out"):
-        return False
-
-    @torch.library.register_fake(_POOL_OP)
-    def _(x, kernel_size, padding, out):  # writes out, returns nothing
-        return None
-
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_POOL_OP, "CPU")
-
-
-_UPSAMPLE_OP = "dsconv_ext::upsample_nearest_out"
+    return _compiled_op("max_pool2d_s1_out")
 
 
 @functools.cache
 def _upsample_op_available() -> bool:
-    """Whether the compiled CPU upsampling op exists (registers its fake kernel)."""
-    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, "upsample_nearest_out"):
-        return False
-
-    @torch.library.register_fake(_UPSAMPLE_OP)
-    def _(x, scale, out):  # writes out, returns nothing
-        return None
-
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_UPSAMPLE_OP, "CPU")
-
-
-def _per_image_dense(t: torch.Tensor) -> bool:
-    """Each image's [C, H, W] contiguous (any image stride): what the op writes into."""
-    _, c, h, w = t.shape
-    return (
-        (w == 1 or t.stride(3) == 1)
-        and (h == 1 or t.stride(2) == w)
-        and (c == 1 or t.stride(1) == h * w)
-        and (t.shape[0] == 1 or t.stride(0) >= c * h * w)
-    )
+    return _compiled_op("upsample_nearest_out")
 
 
 def _running_max(x: torch.Tensor, k: int, pad: int, dim: int) -> torch.Tensor:
@@ -161,7 +137,7 @@ class SeparableMaxPool2d(nn.Module):
             and out.dtype is torch.float32
             and out.is_cpu
             and out.dim() == 4
-            and _per_image_dense(out)
+            and per_image_dense(out)
         ):
             torch.ops.dsconv_ext.max_pool2d_s1_out(x, self.kernel_size, self.padding, out)
             return out
@@ -233,7 +209,7 @@ class NearestUpsample(nn.Module):
             and x.is_cpu
             and not (torch.is_grad_enabled() and x.requires_grad)
             and _upsample_op_available()
-            and _per_image_dense(out)
+            and per_image_dense(out)
         ):
             torch.ops.dsconv_ext.upsample_nearest_out(x, s, out)
             return out
