@@ -82,12 +82,13 @@ DSCONV_HD int32_t bfp_mantissa(float x, int32_t e, int32_t limit) {
 
 DSCONV_HD int32_t mantissa_limit(int mant_bits) { return (1 << (mant_bits - 1)) - 1; }
 
+DSCONV_HD float silu(float y) { return y / (1.f + expf(-y)); }
+
 // Epilogue, in this order: y = CDSw * acc + CDSb + bias, then optional SiLU. `acc` already holds
 // sum_b sum_t alpha * 2^E * S (+ the KDS bias term).
 DSCONV_HD float dsconv_epilogue(float acc, float cdsw, float cdsb, float bias, bool silu) {
-  float y = acc * cdsw + cdsb + bias;
-  if (silu) y = y / (1.f + expf(-y));
-  return y;
+  const float y = acc * cdsw + cdsb + bias;
+  return silu ? dsconv_ext::silu(y) : y;
 }
 
 }  // namespace dsconv_ext

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,6 +66,18 @@ def _jit_build() -> str:
         verbose=False,
     )
     return src
+
+
+def cpu_op_available(name: str, fake: Callable) -> bool:
+    """Whether the compiled op ``dsconv_ext::name`` has a CPU kernel (loads the library first),
+    registering ``fake`` as its fake kernel (for torch.compile and opcheck) when it exists. Call
+    once per op (memoise the answer)."""
+    import torch
+
+    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, name):
+        return False
+    torch.library.register_fake(f"dsconv_ext::{name}")(fake)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsconv_ext::{name}", "CPU")
 
 
 def load_library() -> LibraryStatus:

@@ -44,6 +44,11 @@ DSCONV_AVX512 inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// permutex2var indices of the even lanes of two concatenated vectors (a stride-2 phase split).
+DSCONV_AVX512 inline __m512i even_lanes() {
+  return _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
+
 // SiLU y / (1 + e^-y), 16 lanes, with e^-y = 2^t, t = -y log2(e) rounded once (relative error
 // about |t| 2^-24 in e^-y, which the division only shrinks) and 2^f on [-1/2, 1/2] from a
 // degree-5 fit (1.9e-7 relative in float32). Half the multiply-pipe work of exp_ps's two-step

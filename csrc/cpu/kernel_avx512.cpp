@@ -301,7 +301,7 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   }
 
   // Stride 2: one pair of loads gives 16 columns of both phases, split by these lane indices.
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i even = avx512::even_lanes();
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   if (g.sw == 2 && r.nch <= kStageChannels) {
     // Per 16 q-columns: each channel's 32 input columns in two loads, split into the two phases
@@ -1019,8 +1019,7 @@ DSCONV_AVX512 inline __m512 stem_columns(const float* row, int64_t s0, int64_t W
   const __m512 hi =
       Interior ? _mm512_loadu_ps(row + s0 + kVec)
                : _mm512_maskz_loadu_ps(lane_range(-s0 - kVec, W - s0 - kVec), row + s0 + kVec);
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  return _mm512_permutex2var_ps(lo, even, hi);
+  return _mm512_permutex2var_ps(lo, avx512::even_lanes(), hi);
 }
 
 // acc[o] += the tile's inputs times the weights of output channel o, over every input channel

@@ -193,7 +193,7 @@ void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy
         }
       }
       for (int64_t o = 0; o < nout; ++o)
-        yt[o * oplane + oy * a.Wo + ox] = a.silu ? acc[o] / (1.f + std::exp(-acc[o])) : acc[o];
+        yt[o * oplane + oy * a.Wo + ox] = a.silu ? silu(acc[o]) : acc[o];
     }
   }
 }

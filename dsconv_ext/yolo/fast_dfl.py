@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from ultralytics.nn.modules.block import DFL
 
-from .._loader import load_library
+from .._loader import cpu_op_available
 
 __all__ = ["FastDFL", "dfl_expectation", "dfl_expectation_reference", "use_fast_dfl"]
 
@@ -36,21 +36,15 @@ def dfl_expectation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return torch.matmul(weight.reshape(1, 1, 1, c1).to(p.dtype), p).view(b, 4, a)
 
 
-_OP = "dsconv_ext::dfl_expectation"
+def _fake(x, weight):
+    torch._check(x.dim() == 3, lambda: "x must be 3-D")
+    return x.new_empty((x.shape[0], 4, x.shape[2]))
 
 
 @functools.cache
 def _kernel_available() -> bool:
     """Whether the compiled CPU op exists (loads the library and registers its fake kernel)."""
-    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, "dfl_expectation"):
-        return False
-
-    @torch.library.register_fake(_OP)
-    def _(x, weight):
-        torch._check(x.dim() == 3, lambda: "x must be 3-D")
-        return x.new_empty((x.shape[0], 4, x.shape[2]))
-
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+    return cpu_op_available("dfl_expectation", _fake)
 
 
 def dfl_expectation(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ultralytics.nn.modules.conv import Conv
 
-from .._loader import load_library
+from .._loader import cpu_op_available
 from ..dsconv.checks import pair
 
 __all__ = [
@@ -38,8 +38,6 @@ __all__ = [
 # Convs reading at most this many channels take the op: its cost grows with the input channels
 # while oneDNN's blocked kernels pay off from a few dozen.
 STEM_MAX_CHANNELS = 4
-
-_OP = "dsconv_ext::stem_conv2d"
 
 
 def stem_conv2d_reference(
@@ -56,20 +54,17 @@ def stem_conv2d_reference(
     return F.silu(y) if fuse_silu else y
 
 
+def _fake(x, weight, bias, stride, padding, fuse_silu):
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
+    ho = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+
+
 @functools.cache
 def _kernel_available() -> bool:
     """Whether the compiled CPU op exists (loads the library and registers its fake kernel)."""
-    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, "stem_conv2d"):
-        return False
-
-    @torch.library.register_fake(_OP)
-    def _(x, weight, bias, stride, padding, fuse_silu):
-        torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
-        ho = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-        wo = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-        return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
-
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+    return cpu_op_available("stem_conv2d", _fake)
 
 
 # CPU paths whose stem kernel was measured faster than oneDNN's conv + SiLU (AMD Zen 4, 2 threads:

@@ -28,29 +28,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._loader import load_library
+from .._loader import cpu_op_available
 from ..dsconv.checks import pair, per_image_dense
 
 __all__ = ["NearestUpsample", "SeparableMaxPool2d"]
 
 
-def _compiled_op(name: str) -> bool:
-    """Whether the compiled CPU op ``dsconv_ext::name`` exists (loads the library). Both ops here
-    write their ``out`` argument and return nothing, so their fake kernel is the same."""
-    if not load_library().loaded or not hasattr(torch.ops.dsconv_ext, name):
-        return False
-    torch.library.register_fake(f"dsconv_ext::{name}")(lambda *args: None)
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"dsconv_ext::{name}", "CPU")
+def _writes_out(*args) -> None:
+    """Fake kernel of both ops here: they write their ``out`` argument and return nothing."""
 
 
 @functools.cache
 def _pool_op_available() -> bool:
-    return _compiled_op("max_pool2d_s1_out")
+    return cpu_op_available("max_pool2d_s1_out", _writes_out)
 
 
 @functools.cache
 def _upsample_op_available() -> bool:
-    return _compiled_op("upsample_nearest_out")
+    return cpu_op_available("upsample_nearest_out", _writes_out)
 
 
 def _running_max(x: torch.Tensor, k: int, pad: int, dim: int) -> torch.Tensor:
