@@ -387,8 +387,9 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
       at::get_num_threads(), depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
   const ConvGeometry& g = lay.g;
 
-  // Epilogue constants per group, padded to whole o-tiles.
-  const int64_t Ogp = (g.Og + kFloatOTile - 1) / kFloatOTile * kFloatOTile;
+  // Epilogue constants per group, padded to whole o-tiles of every kind (4, 8 or 16 channels):
+  // the epilogues read a whole tile's constants.
+  const int64_t Ogp = (g.Og + kAmxTile - 1) / kAmxTile * kAmxTile;
   std::vector<float> epi(size_t(2 * groups * Ogp), 0.f);
   {
     at::Tensor cw = CDSw.has_value() ? CDSw->to(at::kFloat).contiguous() : at::Tensor();

@@ -40,7 +40,7 @@ namespace cpu {
 namespace {
 
 using avx512::bit_pattern;
-using avx512::epilogue;
+using avx512::epilogue_tile;
 using avx512::kVec;
 using avx512::store_vec;
 
@@ -191,12 +191,11 @@ DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream
       // Rows past the layer's output channels are zero-weight padding: folded, never stored.
       // (Unrolled: with a run-time index into f, GCC kept the accumulators in memory.)
       const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
+      epilogue_tile<kAmxTile, 1>(f, ep, o0);
 #pragma GCC unroll 16
       for (int r = 0; r < kAmxTile; ++r) {
         if (r >= nr) break;
-        const int64_t o = o0 + r;
-        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
-                  epilogue(f[r], ep.cdsw[o], ep.cb[o], ep.silu));
+        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, oh, ow, sl.oh1, f[r]);
       }
     }
   }

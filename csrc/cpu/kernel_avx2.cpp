@@ -322,12 +322,21 @@ DSCONV_AVX2 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const 
           }
         }
       }
+      // The whole pass's epilogue before its stores, so that the SiLU chains overlap (see
+      // avx512::epilogue_tile; the constants are padded past the last channel).
+      const int64_t o0 = ot * kOTile + half * kHalf;
+#pragma GCC unroll 4
+      for (int r = 0; r < kHalf; ++r)
+        f[r] =
+            _mm256_fmadd_ps(f[r], _mm256_set1_ps(ep.cdsw[o0 + r]), _mm256_set1_ps(ep.cb[o0 + r]));
+      if (ep.silu) {
+#pragma GCC unroll 4
+        for (int r = 0; r < kHalf; ++r) f[r] = silu_ps(f[r]);
+      }
       const int64_t ohl = q0 / lay.Wq, ow = q0 - ohl * lay.Wq;
       for (int r = 0; r < kHalf; ++r) {
-        const int64_t o = ot * kOTile + half * kHalf + r;
-        if (o >= sl.nout) break;
-        store_vec(lay, sl.out + o * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1,
-                  epilogue(f[r], ep.cdsw[o], ep.cb[o], ep.silu));
+        if (o0 + r >= sl.nout) break;
+        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1, f[r]);
       }
     }
   }

@@ -22,6 +22,7 @@ namespace {
 
 using avx512::bit_pattern;
 using avx512::epilogue;
+using avx512::epilogue_tile;
 using avx512::exp_ps;
 using avx512::kVec;
 using avx512::lane_range;
@@ -133,16 +134,24 @@ DSCONV_AVX512 inline __m512i mantissa(__m512 v, __m512 neg_e, __m512i lim, __mma
 // the two saturating packs leave each 128-bit lane as [c0 p0..p3, c1 p0..p3, c2 .., c3 ..]
 // bytes, one shuffle per lane makes that pixel-major, and the clamp to +-lim and the +128 of
 // the u8 operand are then one byte op each for 64 mantissas (instead of per 32-bit lane).
+// kMul: x * 2^-E as a multiply by `scale` = 2^-E, a normal float in every lane (exact, as the
+// vscalefps by -E is, and the same rounding where the product is subnormal; a multiply takes
+// one cycle of a zmm pipe pair where vscalefps takes two on Zen 4). Else `scale` is -E for
+// vscalefps.
+template <bool kMul>
 DSCONV_AVX512 inline __m512i mantissa_word(const float* c0, int64_t cstride, int64_t nc,
-                                           __mmask16 lanes, __m512 neg_e, __m512i lo8,
+                                           __mmask16 lanes, __m512 scale, __m512i lo8,
                                            __m512i hi8) {
   __m512i m[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    m[i] = i < nc ? _mm512_cvt_roundps_epi32(
-                        _mm512_scalef_ps(_mm512_maskz_loadu_ps(lanes, c0 + i * cstride), neg_e),
-                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-                  : _mm512_setzero_si512();
+    if (i < nc) {
+      const __m512 x = _mm512_maskz_loadu_ps(lanes, c0 + i * cstride);
+      m[i] = _mm512_cvt_roundps_epi32(kMul ? _mm512_mul_ps(x, scale) : _mm512_scalef_ps(x, scale),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      m[i] = _mm512_setzero_si512();
+    }
   }
   __m512i b = _mm512_packs_epi16(_mm512_packs_epi32(m[0], m[1]), _mm512_packs_epi32(m[2], m[3]));
   b = _mm512_min_epi8(_mm512_max_epi8(b, lo8), hi8);
@@ -171,6 +180,12 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
   const __m512i ei = block_exponent(amax, k.mant_bits);
   const __m512 e = _mm512_cvtepi32_ps(ei);
   const __m512 neg_e = _mm512_sub_ps(_mm512_setzero_ps(), e);
+  // 2^-E as float bits, a normal float for E in [-126, 126] (every block whose max is above
+  // about 2^-120 at 8 bits).
+  const bool pow2_scale = _mm512_cmp_epi32_mask(ei, _mm512_set1_epi32(-126), _MM_CMPINT_LT) == 0 &&
+                          _mm512_cmp_epi32_mask(ei, _mm512_set1_epi32(126), _MM_CMPINT_GT) == 0;
+  const __m512 inv_pow2 =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127), ei), 23));
   if (r.erange) {
     ExponentRange& er = *r.erange;
     const __mmask16 ok = finite & st;
@@ -186,7 +201,8 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
     const float* c0 = src + k4 * 4 * src_cstride;
     __m512i word;
     if (finite == 0xFFFF) {
-      word = mantissa_word(c0, src_cstride, nc, lanes, neg_e, k.lo8, k.hi8);
+      word = pow2_scale ? mantissa_word<true>(c0, src_cstride, nc, lanes, inv_pow2, k.lo8, k.hi8)
+                        : mantissa_word<false>(c0, src_cstride, nc, lanes, neg_e, k.lo8, k.hi8);
     } else {  // NaN or Inf in some block: its mantissas are 0 (its esc kEscNonFinite)
       word = _mm512_setzero_si512();
       for (int64_t lane = 0; lane < 4; ++lane) {
@@ -608,14 +624,14 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
         }
       }
     }
+    epilogue_tile<kOTile, kPV>(&f[0][0], ep, ot * kOTile);
     int64_t oh = q0 / lay.Wq, ow = q0 - oh * lay.Wq;
     oh += sl.oh0;
     for (int v = 0; v < kPV; ++v) {
       for (int r = 0; r < kOTile; ++r) {
         const int64_t o = ot * kOTile + r;
         if (o >= sl.nout) break;
-        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1,
-                  epilogue(f[r][v], ep.cdsw[o], ep.cb[o], ep.silu));
+        store_vec(lay, sl.out + o * sl.out_cstride, oh, ow, sl.oh1, f[r][v]);
       }
       ow += kVec;
       while (ow >= lay.Wq) ow -= lay.Wq, ++oh;
