@@ -217,6 +217,7 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   lay.P = g.sh * g.sw;
   lay.ntaps = g.kh * g.kw;
   lay.K4 = (std::min(block, g.Cg) + 3) / 4;
+  lay.K4_last = (block_end(g.nblk - 1, block, g.Cg) - block_begin(g.nblk - 1, block) + 3) / 4;
   lay.kfloat = lay.K4 <= 1;
   lay.qtile = lay.kfloat ? float_qtile : qtile;
 

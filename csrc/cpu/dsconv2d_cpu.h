@@ -97,6 +97,8 @@ struct Layout {
   int64_t Hq, Wq;     // one stride phase of it
   int64_t P;          // phases, sh * sw
   int64_t K4;         // int8: 4-channel groups per block
+  int64_t K4_last;    // of them, those holding channels in the last block (a partial block's
+                      // other groups are zero: packed, and skipped by the VNNI kernels)
   int64_t ntaps;      // kh * kw
   int64_t qtile;      // pixels per microkernel call
   int64_t band_rows;  // output rows per band (the last band may be shorter)

@@ -296,7 +296,8 @@ DSCONV_AVX2 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const 
           const uint32_t* a = sl.act + b * K4 * plane + tapoff[t] + q0;
           __m256i lo[kHalf], hi[kHalf];
           for (int r = 0; r < kHalf; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-          for (int64_t k = 0; k < K4; ++k, a += plane, w += kOTile) {
+          const int64_t K4b = b + 1 < lay.g.nblk ? K4 : lay.K4_last;
+          for (int64_t k = 0; k < K4b; ++k, a += plane, w += kOTile) {
             const __m256i a_lo =
                 _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
             const __m256i a_hi =

@@ -579,7 +579,7 @@ DSCONV_AVX512 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, cons
         const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
         const uint8_t* a = act_b + tapoff[t] * 4;
         __m512i acc[kOTile][kPV];
-        k_loop(acc, a, w, K4, kplane_b, h->corr);
+        k_loop(acc, a, w, b + 1 < lay.g.nblk ? K4 : lay.K4_last, kplane_b, h->corr);
         const float* e = sl.esc + esc_b + tapoff[t];
         __m512i es[kPV];
 #pragma GCC unroll 3
