@@ -489,11 +489,12 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
             pr.esc = esc + b * lay.P * lay.Lq;
             pr.usum = usum ? usum + b * lay.P * lay.Lq : nullptr;
           }
-          for (pr.ry = 0; pr.ry < g.sh; ++pr.ry) {
-            for (pr.yl = 0; pr.yl < lay.Hqb; ++pr.yl) {
-              pr.yq = oh0 + pr.yl;
+          // Phase rows in input-row order (yl outer, ry inner): each packer's prefetch runs
+          // past the end of its row into the next input row, the next one it packs.
+          for (pr.yl = 0; pr.yl < lay.Hqb; ++pr.yl) {
+            pr.yq = oh0 + pr.yl;
+            for (pr.ry = 0; pr.ry < g.sh; ++pr.ry)
               (lay.kfloat ? kern.pack_row_float : kern.pack_row)(pr);
-            }
           }
         }
         packed = slice_band;
