@@ -396,12 +396,15 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     at::Tensor cw = CDSw.has_value() ? CDSw->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor cb = CDSb.has_value() ? CDSb->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor bb = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    // (data_ptr checks the dtype on every call: once per tensor, not per channel)
+    const float* cwp = cw.defined() ? cw.data_ptr<float>() : nullptr;
+    const float* cbp = cb.defined() ? cb.data_ptr<float>() : nullptr;
+    const float* bbp = bb.defined() ? bb.data_ptr<float>() : nullptr;
     for (int64_t o = 0; o < O; ++o) {
       const int64_t grp = o / g.Og, r = o % g.Og;
-      epi[grp * Ogp + r] = cw.defined() ? cw.data_ptr<float>()[o] : 1.f;
+      epi[grp * Ogp + r] = cwp ? cwp[o] : 1.f;
       // CDSb + bias folded into one add: y = CDSw * acc + (CDSb + bias).
-      epi[(groups + grp) * Ogp + r] = (cb.defined() ? cb.data_ptr<float>()[o] : 0.f) +
-                                      (bb.defined() ? bb.data_ptr<float>()[o] : 0.f);
+      epi[(groups + grp) * Ogp + r] = (cbp ? cbp[o] : 0.f) + (bbp ? bbp[o] : 0.f);
     }
   }
 
