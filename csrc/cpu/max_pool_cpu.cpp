@@ -13,6 +13,7 @@
 
 #include "cpu/dsconv2d_cpu.h"
 #include "cpu/image_out.h"
+#include "cpu/float_map_checks.h"
 #include "cpu/parallel.h"
 
 namespace dsconv_ext {
@@ -65,14 +66,7 @@ void pool_plane(const float* x, int64_t H, int64_t W, int64_t kh, int64_t kw, in
 
 void max_pool2d_s1_out_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size,
                            at::IntArrayRef padding, const at::Tensor& out) {
-  TORCH_CHECK(x_in.device().is_cpu() && out.device().is_cpu(),
-              "max_pool2d_s1_out: x and out must be CPU tensors, got ", x_in.device(), " and ",
-              out.device());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "max_pool2d_s1_out: x and out must be float32, got ", x_in.scalar_type(), " and ",
-              out.scalar_type());
-  TORCH_CHECK(x_in.dim() == 4, "max_pool2d_s1_out: x must be 4-D [N, C, H, W], got shape ",
-              x_in.sizes());
+  check_float_map_args("max_pool2d_s1_out", "x", x_in, "out", out);
   TORCH_CHECK(kernel_size.size() == 2 && padding.size() == 2,
               "max_pool2d_s1_out: kernel_size and padding must have 2 values each");
   const int64_t kh = kernel_size[0], kw = kernel_size[1], ph = padding[0], pw = padding[1];

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/dsconv2d_cpu.h"
+#include "cpu/float_map_checks.h"
 #include "cpu/parallel.h"
 
 namespace dsconv_ext {
@@ -29,13 +30,7 @@ void check_finite(const at::Tensor& t, const char* name) {
 at::Tensor stem_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                            const c10::optional<at::Tensor>& bias_in, at::IntArrayRef stride,
                            at::IntArrayRef padding, bool fuse_silu) {
-  TORCH_CHECK(x_in.device().is_cpu() && weight_in.device().is_cpu(),
-              "stem_conv2d: x and weight must be CPU tensors, got ", x_in.device(), " and ",
-              weight_in.device());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && weight_in.scalar_type() == at::kFloat,
-              "stem_conv2d: x and weight must be float32, got ", x_in.scalar_type(), " and ",
-              weight_in.scalar_type());
-  TORCH_CHECK(x_in.dim() == 4, "stem_conv2d: x must be 4-D [N, C, H, W], got shape ", x_in.sizes());
+  check_float_map_args("stem_conv2d", "x", x_in, "weight", weight_in);
   TORCH_CHECK(weight_in.dim() == 4, "stem_conv2d: weight must be 4-D [O, C, kh, kw], got shape ",
               weight_in.sizes());
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2,

@@ -11,6 +11,7 @@
 
 #include "cpu/dsconv2d_cpu.h"
 #include "cpu/image_out.h"
+#include "cpu/float_map_checks.h"
 #include "cpu/parallel.h"
 
 namespace dsconv_ext {
@@ -35,14 +36,7 @@ __attribute__((target("avx2"))) void widen2_avx2(const float* x, int64_t W, int6
 }
 
 void upsample_nearest_out_cpu(const at::Tensor& x_in, int64_t scale, const at::Tensor& out) {
-  TORCH_CHECK(x_in.device().is_cpu() && out.device().is_cpu(),
-              "upsample_nearest_out: x and out must be CPU tensors, got ", x_in.device(), " and ",
-              out.device());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "upsample_nearest_out: x and out must be float32, got ", x_in.scalar_type(), " and ",
-              out.scalar_type());
-  TORCH_CHECK(x_in.dim() == 4, "upsample_nearest_out: x must be 4-D [N, C, H, W], got shape ",
-              x_in.sizes());
+  check_float_map_args("upsample_nearest_out", "x", x_in, "out", out);
   TORCH_CHECK(scale >= 1, "upsample_nearest_out: scale must be >= 1, got ", scale);
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t Ho = H * scale, Wo = W * scale;
