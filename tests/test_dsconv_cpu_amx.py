@@ -97,8 +97,16 @@ class TileRef:
         if not self.configured or any(self.rows[t] == 0 for t in ts):
             raise AmxFault("#UD")
 
+    def _check_whole_dwords(self, *ts):
+        # Not in the SDM's pseudo-code, but what an AMX Xeon does (SIGILL): loads, stores and
+        # TDPs of a tile whose colsb is not a multiple of 4 raise #UD; LDTILECFG and TILEZERO
+        # accept it.
+        if any(self.colsb[t] % 4 for t in ts):
+            raise AmxFault("#UD")
+
     def tileloadd(self, t, mem, off, stride):
         self._check(t)
+        self._check_whole_dwords(t)
         r, cb = self.rows[t], self.colsb[t]
         self.tiles[t, r:] = 0
         for i in range(self.start_row, r):
@@ -109,6 +117,7 @@ class TileRef:
 
     def tilestored(self, t, mem, off, stride):
         self._check(t)
+        self._check_whole_dwords(t)
         for i in range(self.start_row, self.rows[t]):
             a = off + i * stride
             mem[a : a + self.colsb[t]] = self.tiles[t, i, : self.colsb[t]]
@@ -121,6 +130,7 @@ class TileRef:
 
     def tdp(self, c, a, b, a_signed, b_signed):
         self._check(c, a, b)
+        self._check_whole_dwords(c, a, b)
         R, CB = self.rows, self.colsb
         if len({c, a, b}) < 3 or CB[a] // 4 != R[b] or CB[c] != CB[b] or R[c] != R[a]:
             raise AmxFault("#UD")
@@ -193,13 +203,14 @@ def biased_bytes(rng, n):
 
 def random_program(seed):
     """A configuration with matching TDP shapes (C: tmm0-1, A: tmm2-3, B: tmm4-5) plus two
-    free tiles of any shape (odd colsb, partial rows), and a random instruction mix: loads with
+    free tiles of any shape the loads and stores take (partial rows, any whole number of dwords
+    per row), and a random instruction mix: loads with
     strides below, at and above colsb (rows overlapping, zero and negative strides too), TDPs of
     every signedness, zeroing, stores, sometimes a start_row."""
     rng = np.random.default_rng(seed)
     M, K, N = (int(v) for v in rng.integers(1, 17, 3))
     rows = [M, M, M, M, K, K] + [int(v) for v in rng.integers(1, 17, 2)]
-    colsb = [4 * N, 4 * N, 4 * K, 4 * K, 4 * N, 4 * N] + [int(v) for v in rng.integers(1, 65, 2)]
+    colsb = [4 * N, 4 * N, 4 * K, 4 * K, 4 * N, 4 * N] + [4 * int(v) for v in rng.integers(1, 17, 2)]
     start = int(rng.integers(0, M)) if rng.random() < 0.2 else 0
     config = make_config(rows, colsb, start_row=start)
     size = 8192
@@ -240,7 +251,7 @@ def test_tileloadd_partial_rows_and_colsb(tile_path):
     """Partial tiles: only `rows` rows of `colsb` bytes come from memory (row r from
     base + r * stride), everything else of the 16 x 64 storage is zero, and a store writes only
     those bytes back."""
-    rows, colsb = [3, 16, 1, 7, 16, 5, 2, 9], [5, 64, 1, 33, 4, 63, 64, 12]
+    rows, colsb = [3, 16, 1, 7, 16, 5, 2, 9], [20, 64, 4, 36, 4, 60, 64, 12]
     config = make_config(rows, colsb)
     mem = np.full(4096, 0xFF, np.uint8)
     mem[:2048] = np.arange(2048) % 251
@@ -252,8 +263,17 @@ def test_tileloadd_partial_rows_and_colsb(tile_path):
     check_program(tile_path, config, mem, prog, "partial tiles")
     ref = TileRef(config)
     ref.run(mem, prog)
-    assert ref.tiles[0, 3:].max() == 0 and ref.tiles[0, :3, 5:].max() == 0
-    assert ref.tiles[0, 2, :5].tolist() == [(100 + 2 * 70 + i) % 251 for i in range(5)]
+    assert ref.tiles[0, 3:].max() == 0 and ref.tiles[0, :3, 20:].max() == 0
+    assert ref.tiles[0, 2, :20].tolist() == [(100 + 2 * 70 + i) % 251 for i in range(20)]
+
+
+def test_tilezero_takes_any_colsb(tile_path):
+    """TILEZERO, unlike loads, stores and TDPs, runs on a tile whose rows are not whole dwords."""
+    config = make_config([2, 16], [3, 64])
+    mem = biased_bytes(np.random.default_rng(2), 2048)
+    prog = [CFG, 0, 0, 0, 0, 0, LOAD, 1, 0, 0, 0, 64, ZERO, 0, 0, 0, 0, 0,
+            STORE, 1, 0, 0, 1024, 64]  # fmt: skip
+    check_program(tile_path, config, mem, prog, "TILEZERO, colsb 3")
 
 
 def test_start_row_applies_to_one_instruction(tile_path):
@@ -309,6 +329,11 @@ DP002 = [CFG, 0, 0, 0, 0, 0, DP_SU, 0, 0, 2, 0, 0]
         ("N mismatch", make_config([2, 2, 2], [8, 8, 12]), DP012, "#UD"),
         ("M mismatch", make_config([2, 3, 2], [8, 8, 8]), DP012, "#UD"),
         ("same tile", make_config([2, 2, 2], [8, 8, 8]), DP002, "#UD"),
+        ("load, colsb 3", make_config([2], [3]), [CFG, 0, 0, 0, 0, 0, LOAD, 0, 0, 0, 0, 4], "#UD"),
+        ("store, colsb 6", make_config([2], [6]), [CFG, 0, 0, 0, 0, 0, STORE, 0, 0, 0, 0, 8],
+         "#UD"),
+        ("TDP, A colsb 5", make_config([1, 1, 1], [4, 5, 4]), DP012, "#UD"),
+        ("TDP, B and C colsb 6", make_config([1, 1, 1], [6, 4, 6]), DP012, "#UD"),
     ],
 )  # fmt: skip
 def test_model_faults_where_the_hardware_would(what, config, prog, fault):

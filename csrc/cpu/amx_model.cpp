@@ -53,6 +53,14 @@ void check_tile(int t, const char* insn) {
 int rows(int t) { return st.cfg.rows[t]; }
 int colsb(int t) { return st.cfg.colsb[t]; }
 
+// A tile whose row is not whole dwords: LDTILECFG and TILEZERO accept it, but TILELOADD,
+// TILESTORED and every TDP*D naming it raise #UD on the hardware (seen on an AMX Xeon: SIGILL,
+// "trap invalid opcode", for colsb 1-3, 5, 6, 33, 62, 63; none for 4, 8, 12, 36, 60, 64).
+void check_whole_dwords(int t, const char* insn) {
+  TORCH_CHECK(colsb(t) % 4 == 0, "AMX model: #UD: ", insn, " on tmm", t, ", whose colsb ",
+              colsb(t), " is not a multiple of 4");
+}
+
 uint32_t dword(const uint8_t* row, int i) {
   uint32_t v;
   std::memcpy(&v, row + 4 * i, 4);
@@ -119,6 +127,7 @@ void zero(int t) {
 
 void loadd(int t, const void* base, int64_t stride) {
   check_tile(t, "TILELOADD");
+  check_whole_dwords(t, "TILELOADD");
   const uint8_t* mem = static_cast<const uint8_t*>(base);
   zero_upper_rows(t, rows(t));
   // Rows before start_row are kept: a load restarted after a fault resumes there.
@@ -129,6 +138,7 @@ void loadd(int t, const void* base, int64_t stride) {
 
 void stored(int t, void* base, int64_t stride) {
   check_tile(t, "TILESTORED");
+  check_whole_dwords(t, "TILESTORED");
   uint8_t* mem = static_cast<uint8_t*>(base);
   for (int r = st.cfg.start_row; r < rows(t); ++r)
     std::memcpy(mem + r * stride, st.tile[t][r], size_t(colsb(t)));
@@ -141,6 +151,7 @@ void dp(DpSign sign, int c, int a, int b) {
   check_tile(c, insn);
   check_tile(a, insn);
   check_tile(b, insn);
+  for (int t : {c, a, b}) check_whole_dwords(t, insn);
   // AMX-E4 #UD conditions: C = m x n, A = m x k, B = k x n (in dwords), within the TMUL limits.
   TORCH_CHECK(c != a && c != b && a != b, "AMX model: #UD: ", insn, " tmm", c, ", tmm", a, ", tmm",
               b, " repeats a tile");
