@@ -16,11 +16,11 @@
 // Two kernel families:
 //  * int8 (blocks of >= 5 channels). Per block b and 4-channel group k4: one uint32 per q holding
 //    4 mantissas + 128 as bytes (vpdpbusd multiplies u8 by s8; the weight streams pre-subtract
-//    128 * sum(q)). Per block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel
+//    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD. Per block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel
 //    (vscalefps), NaN for a block holding NaN/Inf; `usum`, 2^E * (sum of the block's
 //    mantissas), for KDSb. Each (block, tap) segment is an exact int32 dot product, then
 //    acc += alpha * 2^E * S (+ KDSb * usum). The k4 planes are also exactly the B operand of
-//    AMX's TDPBSUD (one row per k4 group, 16 pixels of 4 bytes): kernel_amx.cpp.
+//    AMX's TDPBSSD (one row per k4 group, 16 pixels of 4 bytes): kernel_amx.cpp.
 //  * float (blocks of <= 4 channels: the 3-channel stem, tiny block sizes, and depthwise convs
 //    on the portable path).
 //    An int8 segment would hold <= 4 useful products and cost a whole float flush, so instead
@@ -124,13 +124,12 @@ struct SegHeader {
 
 // AMX weight streams, per (group, 16-output tile) and then per block b and tap t: an
 // AmxSegHeader, then the segment's A tiles (16 output rows x 4 * kc bytes of int8 weights, the
-// 4 channels of one k4 group per dword, as TDPBSUD takes them against the packed activations'
+// 4 channels of one k4 group per dword, as TDPBSSD takes them against the packed activations'
 // k4 planes as B rows). A block of K4 groups takes ceil(K4 / 16) A tiles of kc = min(K4, 16)
 // groups; the last starts at K4 - kc so that its B rows stay inside the block, its rows already
 // covered by the previous tile zero.
 constexpr int64_t kAmxTile = 16;  // output channels per A / C tile, pixels per B / C tile
-struct AmxSegHeader {
-  int32_t corr[kAmxTile];
+struct AmxSegHeader {  // no correction: the activations are signed bytes
   float alpha[kAmxTile];
   float kdsb[kAmxTile];
 };
@@ -326,6 +325,10 @@ const IsaKernels& kernels_avx512();
 const IsaKernels& kernels_amx();
 const IsaKernels& kernels_amx_model();
 const IsaKernels& kernels_for(Isa isa);
+// The AVX-512 int8 packer with each mantissa stored as a signed byte instead of m + 128: the B
+// operand of AMX's TDPBSSD, which multiplies signed by signed bytes, so the AMX kernel needs no
+// -128 * sum(q) correction.
+void pack_row_avx512_signed_bytes(const PackRow& r);
 // The portable dfl_side (the AVX2 table uses it too).
 void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
                      int64_t a1);

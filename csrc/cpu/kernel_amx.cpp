@@ -48,6 +48,13 @@ static_assert(kAmxTile == kVec, "a C tile row is one zmm of pixels");
 
 // Two tile sets: segment s uses set s % 2.
 constexpr int kC0 = 0, kC1 = 1, kA0 = 2, kA1 = 3, kB0 = 4, kB1 = 5;
+// A segment's C tile reaches the fold through memory, and a tile store does not forward to
+// vector loads: the loads wait until the store has retired and written L1. Folding each segment
+// kFoldLag segments after its store keeps that wait off the critical path; kCstRing C buffers
+// hold the segments in flight.
+constexpr int64_t kFoldLag = 2;
+constexpr int64_t kCstRing = 4;
+static_assert(kCstRing > kFoldLag, "a buffer is not reused before its fold");
 
 TileConfig band_config(const AmxK& k) {
   TileConfig c{};
@@ -84,9 +91,9 @@ DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int
   for (int64_t j = 0; j < d.k.nchunk; ++j) {
     T::template load<A>(a + j * d.k.a_bytes(), 4 * d.k.kc);
     T::template load<B>(act + d.k.start(d.K4, j) * d.kplane_b, d.kplane_b);
-    T::template dp<DpSign::kSU, C, A, B>();
+    T::template dp<DpSign::kSS, C, A, B>();
   }
-  T::template store<C>(cst, kAmxTile * 4);
+  if (cst) T::template store<C>(cst, kAmxTile * 4);
 }
 
 // acc += alpha * 2^E * (S + corr) (+ KDSb * usum) for segment s, from its stored C tile: the
@@ -100,8 +107,7 @@ DSCONV_AVX512 inline void fold(const Band& d, const uint8_t* ws, int64_t s, int6
   if (kExponentAdd) {
 #pragma GCC unroll 16
     for (int r = 0; r < kAmxTile; ++r) {
-      const __m512i sum =
-          _mm512_add_epi32(_mm512_load_si512(cst + r * kAmxTile), _mm512_set1_epi32(h->corr[r]));
+      const __m512i sum = _mm512_load_si512(cst + r * kAmxTile);
       const __m512 a2e =
           _mm512_castsi512_ps(_mm512_add_epi32(_mm512_set1_epi32(bit_pattern(h->alpha[r])), es));
       f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), a2e, f[r]);
@@ -112,8 +118,7 @@ DSCONV_AVX512 inline void fold(const Band& d, const uint8_t* ws, int64_t s, int6
         _mm512_mask_mov_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(es, 23)), bad, _mm512_set1_ps(NAN));
 #pragma GCC unroll 16
     for (int r = 0; r < kAmxTile; ++r) {
-      const __m512i sum =
-          _mm512_add_epi32(_mm512_load_si512(cst + r * kAmxTile), _mm512_set1_epi32(h->corr[r]));
+      const __m512i sum = _mm512_load_si512(cst + r * kAmxTile);
       const __m512 sc = _mm512_scalef_ps(_mm512_cvtepi32_ps(sum), ev);
       f[r] = _mm512_fmadd_ps(sc, _mm512_set1_ps(h->alpha[r]), f[r]);
     }
@@ -167,7 +172,7 @@ DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream
                offsets.data(),
                offsets.data() + nseg};
   T::config(band_config(d.k));
-  alignas(64) int32_t cst[2][kAmxTile * kAmxTile];
+  alignas(64) int32_t cst[kCstRing][kAmxTile * kAmxTile];
   for (int64_t qt = 0; qt < sl.nqt; ++qt) {
     const int64_t q0 = qt * kAmxTile;
     const int64_t oh = q0 / lay.Wq + sl.oh0, ow = q0 % lay.Wq;
@@ -180,22 +185,33 @@ DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream
       __m512 f[kAmxTile];
 #pragma GCC unroll 16
       for (int r = 0; r < kAmxTile; ++r) f[r] = _mm512_setzero_ps();
-      issue<T, kC0, kA0, kB0>(d, ws, 0, q0, cst[0]);
-      for (int64_t s = 0; s < d.nseg; s += 2) {
-        if (s + 1 < d.nseg) issue<T, kC1, kA1, kB1>(d, ws, s + 1, q0, cst[1]);
-        fold<kKdsb, kExponentAdd>(d, ws, s, q0, cst[0], f);
-        if (s + 1 == d.nseg) break;
-        if (s + 2 < d.nseg) issue<T, kC0, kA0, kB0>(d, ws, s + 2, q0, cst[0]);
-        fold<kKdsb, kExponentAdd>(d, ws, s + 1, q0, cst[1], f);
+      for (int64_t s = 0; s < d.nseg + 2; ++s) {
+        if (s >= 1 && s <= d.nseg) {
+          if ((s - 1) & 1)
+            T::template store<kC1>(cst[(s - 1) % kCstRing], kAmxTile * 4);
+          else
+            T::template store<kC0>(cst[(s - 1) % kCstRing], kAmxTile * 4);
+        }
+        if (s < d.nseg) {
+          if (s & 1)
+            issue<T, kC1, kA1, kB1>(d, ws, s, q0, nullptr);
+          else
+            issue<T, kC0, kA0, kB0>(d, ws, s, q0, nullptr);
+        }
+        if (s >= 2) fold<kKdsb, kExponentAdd>(d, ws, s - 2, q0, cst[(s - 2) % kCstRing], f);
       }
       // Rows past the layer's output channels are zero-weight padding: folded, never stored.
-      // (Unrolled: with a run-time index into f, GCC kept the accumulators in memory.)
       const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
-      epilogue_tile<kAmxTile, 1>(f, ep, o0);
+      // A copy goes to the epilogue (not inlined): passing f itself took its address, and GCC
+      // then kept the accumulators in memory through the segment loop.
+      __m512 out[kAmxTile];
+#pragma GCC unroll 16
+      for (int r = 0; r < kAmxTile; ++r) out[r] = f[r];
+      epilogue_tile<kAmxTile, 1>(out, ep, o0);
 #pragma GCC unroll 16
       for (int r = 0; r < kAmxTile; ++r) {
         if (r >= nr) break;
-        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, oh, ow, sl.oh1, f[r]);
+        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, oh, ow, sl.oh1, out[r]);
       }
     }
   }
@@ -225,6 +241,7 @@ IsaKernels amx_kernels(decltype(IsaKernels::conv_band) band) {
   k.qtile = kAmxTile;
   k.otile = kAmxTile;
   k.amx_weights = true;
+  k.pack_row = &pack_row_avx512_signed_bytes;
   k.conv_tiles = nullptr;  // conv_band takes every int8 call
   k.conv_band = band;
   return k;

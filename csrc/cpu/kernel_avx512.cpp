@@ -145,7 +145,7 @@ DSCONV_AVX512 inline __m512i mantissa(__m512 v, __m512 neg_e, __m512i lim, __mma
 template <bool kMul>
 DSCONV_AVX512 inline __m512i mantissa_word(const float* c0, int64_t cstride, int64_t nc,
                                            __mmask16 lanes, __m512 scale, __m512i lo8,
-                                           __m512i hi8) {
+                                           __m512i hi8, __m512i bias8) {
   __m512i m[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
@@ -163,13 +163,15 @@ DSCONV_AVX512 inline __m512i mantissa_word(const float* c0, int64_t cstride, int
   const __m512i pixel_major =
       _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
   b = _mm512_shuffle_epi8(b, pixel_major);
-  return _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x80)));
+  return _mm512_xor_si512(b, bias8);
 }
 
-// Constants of one packer call.
+// Constants of one packer call. bias8: 0x80 per byte, the +128 that makes each mantissa the u8
+// operand of vpdpbusd; zero where the kernel multiplies signed bytes (AMX's TDPBSSD).
 struct PackConsts {
-  __m512i lim, lo8, hi8;
+  __m512i lim, lo8, hi8, bias8;
   int mant_bits;
+  bool signed_bytes;
 };
 
 // One block's 16 pixels at q-space column x0 of one phase row: exponent from the blocks' max |x|
@@ -199,14 +201,15 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
     if (ok != st) er.nonfinite = 1;
   }
   uint32_t* act = r.act + base + x0;
-  __m512i msum = _mm512_setzero_si512();  // sum of the bytes (m + 128)
+  __m512i msum = _mm512_setzero_si512();  // sum of the bytes (m + 128, or m)
   for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
     const int64_t nc = std::min<int64_t>(4, r.nch - k4 * 4);
     const float* c0 = src + k4 * 4 * src_cstride;
     __m512i word;
     if (finite == 0xFFFF) {
-      word = pow2_scale ? mantissa_word<true>(c0, src_cstride, nc, lanes, inv_pow2, k.lo8, k.hi8)
-                        : mantissa_word<false>(c0, src_cstride, nc, lanes, neg_e, k.lo8, k.hi8);
+      word = pow2_scale
+                 ? mantissa_word<true>(c0, src_cstride, nc, lanes, inv_pow2, k.lo8, k.hi8, k.bias8)
+                 : mantissa_word<false>(c0, src_cstride, nc, lanes, neg_e, k.lo8, k.hi8, k.bias8);
     } else {  // NaN or Inf in some block: its mantissas are 0 (its esc kEscNonFinite)
       word = _mm512_setzero_si512();
       for (int64_t lane = 0; lane < 4; ++lane) {
@@ -214,11 +217,16 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
         if (lane < nc) {
           m = mantissa(_mm512_maskz_loadu_ps(lanes, c0 + lane * src_cstride), neg_e, k.lim, finite);
         }
-        const __m512i byte = _mm512_add_epi32(m, _mm512_set1_epi32(128));  // in [1, 255]
+        // m + 128 in [1, 255], or m's own low byte
+        const __m512i byte = _mm512_and_si512(
+            _mm512_add_epi32(m, _mm512_set1_epi32(k.signed_bytes ? 0 : 128)), _mm512_set1_epi32(0xFF));
         word = _mm512_or_si512(word, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * lane)));
       }
     }
-    if (r.usum) msum = _mm512_dpbusd_epi32(msum, word, _mm512_set1_epi8(1));
+    if (r.usum) {
+      msum = k.signed_bytes ? _mm512_dpbusd_epi32(msum, _mm512_set1_epi8(1), word)
+                            : _mm512_dpbusd_epi32(msum, word, _mm512_set1_epi8(1));
+    }
     store_row(act + k4 * kplane, st, word);
   }
   // esc: E << 23, the amount conv_tiles adds to alpha's bit pattern (esc_shift).
@@ -227,7 +235,8 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
       _mm512_mask_mov_epi32(_mm512_set1_epi32(kEscNonFinite), finite, _mm512_slli_epi32(ei, 23)));
   if (r.usum) {
     const __m512 nan = _mm512_set1_ps(NAN);
-    msum = _mm512_sub_epi32(msum, _mm512_set1_epi32(static_cast<int32_t>(512 * lay.K4)));
+    if (!k.signed_bytes)
+      msum = _mm512_sub_epi32(msum, _mm512_set1_epi32(static_cast<int32_t>(512 * lay.K4)));
     const __m512 u = _mm512_scalef_ps(_mm512_cvtepi32_ps(msum), e);
     store_row(r.usum + base + x0, st, _mm512_mask_mov_ps(nan, finite, u));
   }
@@ -267,13 +276,15 @@ DSCONV_AVX512 __attribute__((always_inline)) inline void prefetch_next_input_row
 // where the lines spread over 4 sets: 12.3 and 11.9). Stride 2 does the same with both phases
 // of a column. Other strides, and blocks over kStageChannels, first split each channel's input
 // row into its phases in a compact per-thread stage, channel after channel.
-DSCONV_AVX512 void pack_row(const PackRow& r) {
+template <bool kSignedBytes>
+DSCONV_AVX512 void pack_row_impl(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
   const int64_t hrow = pack_input_row(r);
   const int64_t kplane = lay.P * lay.Lq;
-  if (hrow < 0) {
-    const __m512i neutral = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  if (hrow < 0) {  // mantissas 0
+    const __m512i neutral =
+        _mm512_set1_epi32(kSignedBytes ? 0 : static_cast<int32_t>(0x80808080u));
     for (int64_t rx = 0; rx < g.sw; ++rx) {
       const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
       for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
@@ -291,6 +302,8 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
   k.lim = _mm512_set1_epi32(mantissa_limit(r.mant_bits));
   k.hi8 = _mm512_set1_epi8(static_cast<char>(mantissa_limit(r.mant_bits)));
   k.lo8 = _mm512_sub_epi8(_mm512_setzero_si512(), k.hi8);
+  k.bias8 = _mm512_set1_epi8(kSignedBytes ? 0 : static_cast<char>(0x80));
+  k.signed_bytes = kSignedBytes;
   const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF);
   const float* xrow = r.x + hrow * g.W;
 
@@ -399,6 +412,8 @@ DSCONV_AVX512 void pack_row(const PackRow& r) {
     }
   }
 }
+
+DSCONV_AVX512 void pack_row(const PackRow& r) { pack_row_impl<false>(r); }
 
 // The BFP value of single-channel blocks, on the bit pattern: E = floor(log2|x|) - (m - 2) makes
 // the mantissa x / 2^E the float's significand with m - 2 fraction bits, so rounding it half to
@@ -1109,6 +1124,8 @@ DSCONV_AVX512 void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t o
 }
 
 }  // namespace
+
+DSCONV_AVX512 void pack_row_avx512_signed_bytes(const PackRow& r) { pack_row_impl<true>(r); }
 
 const IsaKernels& kernels_avx512() {
   static const IsaKernels k = [] {

@@ -118,7 +118,7 @@ size_t g_bytes = 0;
 struct StreamLayout {
   int64_t otile;      // output channels per stream
   int64_t seg_bytes;  // per (block, tap): header, then weights
-  int64_t hdr_bytes;  // corr[otile], alpha[otile], kdsb[otile]
+  int64_t hdr_bytes;  // [corr[otile],] alpha[otile], kdsb[otile]
   int elem_bytes;
   AmxK amx;  // amx_weights only
   bool amx_weights;
@@ -143,8 +143,8 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
   const float* ap = a.data_ptr<float>();
   const float* kp = kb.defined() ? kb.data_ptr<float>() : nullptr;
 
-  static_assert(sizeof(SegHeader) == 12 * kOTile && sizeof(AmxSegHeader) == 12 * kAmxTile,
-                "headers are corr, alpha, kdsb arrays");
+  static_assert(sizeof(SegHeader) == 12 * kOTile && sizeof(AmxSegHeader) == 8 * kAmxTile,
+                "headers are [corr,] alpha, kdsb arrays");
   const int64_t K4 = lay.K4, ntaps = lay.ntaps;
   StreamLayout sl{kOTile, 0, int64_t(sizeof(SegHeader)), elem_bytes, AmxK(K4), amx_weights};
   sl.seg_bytes = sl.hdr_bytes + K4 * kOTile * 4 * elem_bytes;
@@ -203,9 +203,13 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
             pw->alpha_exp_min = std::min(pw->alpha_exp_min, e);
             pw->alpha_exp_max = std::max(pw->alpha_exp_max, e);
           }
-          std::memcpy(s, corr.data(), 4 * T);
-          std::memcpy(s + 4 * T, alphas.data(), 4 * T);
-          std::memcpy(s + 8 * T, kdsb.data(), 4 * T);
+          uint8_t* h = s;
+          if (!amx_weights) {  // AMX multiplies the mantissas as signed bytes: no correction
+            std::memcpy(h, corr.data(), 4 * T);
+            h += 4 * T;
+          }
+          std::memcpy(h, alphas.data(), 4 * T);
+          std::memcpy(h + 4 * T, kdsb.data(), 4 * T);
           s += sl.seg_bytes;
         }
       }
