@@ -578,3 +578,26 @@ def test_isa_selection(monkeypatch):
             op(conv_case(0, 8, 8, 1, 1, 1, (4, 4), 8))
     monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "avx512_vnni")  # lowering from amx still works
     assert torch.ops.dsconv_ext.cpu_isa() in ("avx512_vnni", "avx2", "scalar")
+
+
+@pytest.mark.parametrize(
+    "C,k,block,amx",
+    [(16, 3, 32, False), (128, 3, 32, False), (256, 3, 32, True), (256, 1, 32, True),
+     (64, 3, 64, True), (64, 1, 64, False), (32, 3, 128, False)],
+)  # fmt: skip
+def test_default_path_takes_amx_where_it_pays_off(monkeypatch, C, k, block, amx):
+    """Left to itself on an AMX machine, the kernel runs an int8 layer on the tiles only where
+    they beat the VNNI tiles (amx_pays_off in dsconv2d_cpu.cpp: >= 256 input channels, or
+    blocks of >= 64 channels on 3x3 layers of >= 64); DSCONV_EXT_CPU_ISA=amx forces them, and
+    both give the same bits."""
+    monkeypatch.delenv("DSCONV_EXT_CPU_ISA", raising=False)
+    if torch.ops.dsconv_ext.cpu_isa() != "amx":
+        pytest.skip("the default path is not amx on this machine")
+    case = conv_case(C + k + block, C, 24, k, 1, 1, (9, 10), block, kdsb=True, silu=True)
+    before = amx_calls()
+    y = op(case)
+    assert amx_calls() == before + int(amx), f"C={C} k={k} block={block}"
+    assert_close(y, dsconv2d_reference(**case), describe(case))
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "amx")
+    before = amx_calls()
+    assert same_bits(y, op(case)) and amx_calls() == before + 1

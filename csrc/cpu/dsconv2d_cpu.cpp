@@ -88,6 +88,27 @@ Isa select_isa() {
   return static_cast<int>(isa) < static_cast<int>(vector_best) ? isa : vector_best;
 }
 
+// Whether the AMX tiles beat the AVX-512 VNNI ones on an int8 layer. Every (block, tap) segment's
+// C tile goes through memory into a float fold (kernel_amx.cpp), and on an AMX Xeon the tile
+// store and the fold take the vector ports for as long as the VNNI tiles take for the same
+// segment's products unless the segment is deep: measured there (one thread, 2026-12-06,
+// docs/benchmarks.md), blocks of 32 channels ran at 0.78-1.04x the VNNI speed up to 128 input
+// channels and 1.06-1.12x at 256 and more; blocks of >= 64 channels (a TDP's full K of 16 k4
+// groups) ran 3x3 layers of >= 64 input channels at 1.12-1.83x, 1x1 layers at 0.93-0.97x below
+// 256 channels and 1.27-1.31x at 256.
+bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps) {
+  if (Cg >= 256) return true;
+  return block >= 64 && taps > 1 && Cg >= 64;
+}
+
+Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps) {
+  const Isa isa = select_isa();
+  if (isa != Isa::kAmx) return isa;
+  const char* env = std::getenv("DSCONV_EXT_CPU_ISA");
+  const bool forced = env != nullptr && std::string(env) == "amx";
+  return forced || amx_pays_off(Cg, block, taps) ? Isa::kAmx : Isa::kAvx512Vnni;
+}
+
 const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kAmx:
@@ -342,7 +363,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
               ") is too small for kernel (", kh, ", ", kw, ") with padding ", padding,
               " and dilation ", dilation);
 
-  const Isa isa = select_isa();
+  const Isa isa = select_isa_for_layer(C / groups, block_size, kh * kw);
   const IsaKernels& kern = kernels_for(isa);
   const int64_t N = x_in.size(0);
   at::Tensor y;

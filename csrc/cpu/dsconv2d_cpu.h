@@ -81,6 +81,10 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3, kAmxMo
 const char* isa_name(Isa isa);
 // Best ISA of this CPU, lowered by DSCONV_EXT_CPU_ISA (read on every call so tests can switch).
 Isa select_isa();
+// select_isa() for one layer: where it chose AMX by itself (not forced with
+// DSCONV_EXT_CPU_ISA=amx), AVX-512 VNNI instead on layers where AMX does not pay off.
+bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps);
+Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps);
 // Whether this CPU and OS run AMX-INT8 (CPUID, XCR0, and Linux's per-process permission for the
 // tile data, requested here); if not, why not in *why.
 bool amx_usable(const char** why);
