@@ -89,16 +89,16 @@ Isa select_isa() {
 }
 
 // Whether the AMX tiles beat the AVX-512 VNNI ones on an int8 layer. Every (block, tap) segment's
-// C tile goes through memory into a float fold (kernel_amx.cpp), and on an AMX Xeon the tile
-// store and the fold take the vector ports for as long as the VNNI tiles take for the same
-// segment's products unless the segment is deep: measured there (one thread, 2026-12-06,
-// docs/benchmarks.md), blocks of 32 channels ran at 0.78-1.04x the VNNI speed up to 128 input
-// channels and 1.06-1.12x at 256 and more; blocks of >= 64 channels (a TDP's full K of 16 k4
-// groups) ran 3x3 layers of >= 64 input channels at 1.12-1.83x, 1x1 layers at 0.93-0.97x below
-// 256 channels and 1.27-1.31x at 256.
+// C tile goes through memory into a float fold (kernel_amx.cpp): the tile store and the fold cost
+// about as much per segment whatever its depth, so AMX gains where segments are deep and o-tiles
+// full. Measured on an AMX Xeon (2 threads, YOLO11n's conv shapes, block 32, 2026-12-06,
+// docs/benchmarks.md): 3x3 layers of >= 64 input channels ran at 1.03-1.22x the VNNI speed,
+// narrower ones at 0.66-1.07x (16 -> 8 at 160x160: 0.68x), 1x1 layers below 256 input channels
+// at 0.78-1.03x and at 256-384 at 1.13-1.21x (one thread).
 bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps) {
+  (void)block;  // blocks of 64 and 128 channels gave the same picture
   if (Cg >= 256) return true;
-  return block >= 64 && taps > 1 && Cg >= 64;
+  return taps > 1 && Cg >= 64;
 }
 
 Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps) {

@@ -1,23 +1,24 @@
 // AMX-INT8 path for the int8 family (dsconv2d_cpu.h): the AVX-512 path with its int8
-// microkernel replaced by one on AMX tiles. Packing, the float family, depthwise and DFL stay
-// the AVX-512 ones.
+// microkernel replaced by one on AMX tiles. Packing (with signed mantissa bytes), the float
+// family, depthwise and DFL stay the AVX-512 ones.
 //
-// The packed activations are already what TDPBSUD takes as B: per block and k4 group one dword
-// of 4 mantissas + 128 (unsigned bytes) per pixel q, consecutive q consecutive, so B row k =
-// k4 group k of 16 pixels, 64 bytes, the rows one k4 plane apart. A = 16 output channels x
-// 4 * kc signed weight bytes (AmxSegHeader streams), C = [16 outputs][16 pixels] int32. A C tile
-// holds one (block, tap) segment's exact integer sums (less the -128 * sum(q) correction, added
-// in the fold as the AVX-512 kernel adds it): DSConv's per-segment fold
-// acc += alpha * 2^E * S (+ KDSb * usum) cannot be deferred, so every segment's C tile goes
-// through memory into AVX-512 registers. The fold then is the AVX-512 kernel's, instruction for
-// instruction and in the same (block, tap) order, so the two paths give bit-identical outputs.
+// The packed activations are what TDPBSSD takes as B: per block and k4 group one dword of 4
+// signed mantissa bytes per pixel q, consecutive q consecutive, so B row k = k4 group k of 16
+// pixels, 64 bytes, the rows one k4 plane apart. A = 16 output channels x 4 * kc signed weight
+// bytes (AmxSegHeader streams), C = [16 outputs][16 pixels] int32: one (block, tap) segment's
+// exact integer sums. DSConv's per-segment fold acc += alpha * 2^E * S (+ KDSb * usum) cannot be
+// deferred, so every segment's C tile goes through memory into AVX-512 registers. The fold is
+// the AVX-512 kernel's, instruction for instruction and in the same (block, tap) order, so the
+// two paths give bit-identical outputs.
 //
 // Blocking: one 16 x 16 C tile per microtile, its 16 float accumulators (one zmm per output
-// channel) held in registers across all segments: the fold is the bottleneck (4 vector ops per
-// 16 products' worth of output, against one TDPBSUD per 16 x 16 x 4 * kc), and accumulators in
-// memory would add a load and a store per vector to it. Two tile sets (C, A, B) alternate
-// between segments, so the next segment's loads and TDPBSUD are issued before the current
-// segment's fold and the core overlaps them.
+// channel) held in registers across all segments; two tile sets (C, A, B) alternate between
+// segments. What bounds it (an AMX Xeon, 2026-12-06, microbenchmarks in TSC cycles per
+// segment): the C tile store (~13) holds the vector ports, so it does not overlap the fold
+// (~28 for 16 rows of load, convert, exponent add and FMA); tile loads use the load ports at
+// about two rows a cycle. A segment costs ~44 when everything is in L1, against ~13 for its
+// TDPBSSD: the fold, not the tile unit, sets the pace, and deeper segments (more input channels
+// per block and tap) are what make AMX pay (amx_pays_off in dsconv2d_cpu.cpp).
 //
 // Templated over the tile layer (amx_tiles.h): AmxHw runs the instructions, AmxModel a software
 // model of them on any AVX-512 machine (DSCONV_EXT_CPU_ISA=amx_model).
@@ -48,13 +49,9 @@ static_assert(kAmxTile == kVec, "a C tile row is one zmm of pixels");
 
 // Two tile sets: segment s uses set s % 2.
 constexpr int kC0 = 0, kC1 = 1, kA0 = 2, kA1 = 3, kB0 = 4, kB1 = 5;
-// A segment's C tile reaches the fold through memory, and a tile store does not forward to
-// vector loads: the loads wait until the store has retired and written L1. Folding each segment
-// kFoldLag segments after its store keeps that wait off the critical path; kCstRing C buffers
-// hold the segments in flight.
-constexpr int64_t kFoldLag = 2;
+// C buffers in flight: segment s is stored at step s + 1 and folded at step s + 2 (microtile).
 constexpr int64_t kCstRing = 4;
-static_assert(kCstRing > kFoldLag, "a buffer is not reused before its fold");
+
 
 TileConfig band_config(const AmxK& k) {
   TileConfig c{};
@@ -81,10 +78,9 @@ struct Band {
 };
 
 // Segment s (block s / ntaps, tap s % ntaps) of the microtile at pixel q0 into tile set (C, A,
-// B), C then stored to `cst`: its integer sums, without the +128 correction.
+// B): its exact integer sums in C.
 template <class T, int C, int A, int B>
-DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int64_t q0,
-                                int32_t* cst) {
+DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int64_t q0) {
   const uint8_t* a = ws + s * d.seg_b + sizeof(AmxSegHeader);
   const uint8_t* act = d.act + d.act_off[s] + q0 * 4;
   T::template zero<C>();
@@ -93,10 +89,9 @@ DSCONV_AVX512 inline void issue(const Band& d, const uint8_t* ws, int64_t s, int
     T::template load<B>(act + d.k.start(d.K4, j) * d.kplane_b, d.kplane_b);
     T::template dp<DpSign::kSS, C, A, B>();
   }
-  if (cst) T::template store<C>(cst, kAmxTile * 4);
 }
 
-// acc += alpha * 2^E * (S + corr) (+ KDSb * usum) for segment s, from its stored C tile: the
+// acc += alpha * 2^E * S (+ KDSb * usum) for segment s, from its stored C tile: the
 // AVX-512 kernel's fold (conv_tiles_impl there), with C row r as output channel r's 16 pixels.
 template <bool kKdsb, bool kExponentAdd>
 DSCONV_AVX512 inline void fold(const Band& d, const uint8_t* ws, int64_t s, int64_t q0,
@@ -144,8 +139,58 @@ DSCONV_AVX512 inline void prefetch_outputs(const Slice& sl, int64_t o0, int64_t 
   }
 }
 
-// Q tiles outermost, as the band driver orders the other ISAs' calls: the tile's activations
-// stay in L1 while the weights of every o-tile stream from L2.
+// One 16 x 16 microtile: every segment of o-tile `ot` at q tile `qt`, then the epilogue and the
+// stores. `cst` is a ring of kCstRing C buffers.
+template <class T, bool kKdsb, bool kExponentAdd>
+DSCONV_AVX512 inline void microtile(const Slice& sl, const Band& d, const uint8_t* ws,
+                                    const Epilogue& ep, int64_t qt, int64_t ot,
+                                    int32_t (*cst)[kAmxTile * kAmxTile]) {
+  const Layout& lay = *sl.lay;
+  const int64_t q0 = qt * kAmxTile;
+  const int64_t oh = q0 / lay.Wq + sl.oh0, ow = q0 % lay.Wq;
+  __m512 f[kAmxTile];
+#pragma GCC unroll 16
+  for (int r = 0; r < kAmxTile; ++r) f[r] = _mm512_setzero_ps();
+  // Step s stores segment s - 1's C tile, issues segment s's loads and TDP, and folds segment
+  // s - 2: a tile store waits for its TDP and holds the vector ports meanwhile, so it comes a
+  // fold after the TDP; the fold reads a store a step old (a tile store does not forward to
+  // vector loads). One fold call site: with two, GCC kept the accumulators in memory.
+  for (int64_t s = 0; s < d.nseg + 2; ++s) {
+    if (s >= 1 && s <= d.nseg) {
+      if ((s - 1) & 1)
+        T::template store<kC1>(cst[(s - 1) % kCstRing], kAmxTile * 4);
+      else
+        T::template store<kC0>(cst[(s - 1) % kCstRing], kAmxTile * 4);
+    }
+    if (s < d.nseg) {
+      if (s & 1)
+        issue<T, kC1, kA1, kB1>(d, ws, s, q0);
+      else
+        issue<T, kC0, kA0, kB0>(d, ws, s, q0);
+    }
+    if (s >= 2) fold<kKdsb, kExponentAdd>(d, ws, s - 2, q0, cst[(s - 2) % kCstRing], f);
+  }
+  // Rows past the layer's output channels are zero-weight padding: folded, never stored.
+  const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
+  // A copy goes to the epilogue (not inlined): passing f itself took its address, and GCC then
+  // kept the accumulators in memory through the segment loop.
+  __m512 out[kAmxTile];
+#pragma GCC unroll 16
+  for (int r = 0; r < kAmxTile; ++r) out[r] = f[r];
+  epilogue_tile<kAmxTile, 1>(out, ep, o0);
+#pragma GCC unroll 16
+  for (int r = 0; r < kAmxTile; ++r) {
+    if (r >= nr) break;
+    store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, oh, ow, sl.oh1, out[r]);
+  }
+}
+
+// The microtiles of o-tiles [ot0, ot1) over every q tile of the band, in the order that streams
+// fewer bytes from L2: q tiles outermost re-reads every o-tile's weights once per q tile,
+// o-tiles outermost re-reads the band's activations once per o-tile (whichever set is reused
+// then stays in L1). On an AMX Xeon, 64 -> 64 3x3 at 80x80 (weights 46 KB, activations 52 KB
+// per band) ran 12% faster o-tiles outermost; 256 -> 256 1x1 at 20x20, where both orders stream
+// about as much, 4% slower.
 template <class T, bool kKdsb, bool kExponentAdd>
 DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream_bytes,
                              const Epilogue& ep, int64_t ot0, int64_t ot1) {
@@ -173,45 +218,24 @@ DSCONV_AVX512 void band_impl(const Slice& sl, const uint8_t* ws0, int64_t stream
                offsets.data() + nseg};
   T::config(band_config(d.k));
   alignas(64) int32_t cst[kCstRing][kAmxTile * kAmxTile];
-  for (int64_t qt = 0; qt < sl.nqt; ++qt) {
-    const int64_t q0 = qt * kAmxTile;
-    const int64_t oh = q0 / lay.Wq + sl.oh0, ow = q0 % lay.Wq;
+  const int64_t not_ = ot1 - ot0;
+  const int64_t act_bytes = lay.g.nblk * lay.K4 * kplane_b;
+  const bool o_outer = not_ * act_bytes < sl.nqt * not_ * stream_bytes;
+  if (o_outer) {
     for (int64_t ot = ot0; ot < ot1; ++ot) {
-      if (ot + 1 < ot1)
-        prefetch_outputs(sl, (ot + 1) * kAmxTile, q0);
-      else
-        prefetch_outputs(sl, ot0 * kAmxTile, q0 + kAmxTile);
-      const uint8_t* ws = ws0 + ot * stream_bytes;
-      __m512 f[kAmxTile];
-#pragma GCC unroll 16
-      for (int r = 0; r < kAmxTile; ++r) f[r] = _mm512_setzero_ps();
-      for (int64_t s = 0; s < d.nseg + 2; ++s) {
-        if (s >= 1 && s <= d.nseg) {
-          if ((s - 1) & 1)
-            T::template store<kC1>(cst[(s - 1) % kCstRing], kAmxTile * 4);
-          else
-            T::template store<kC0>(cst[(s - 1) % kCstRing], kAmxTile * 4);
-        }
-        if (s < d.nseg) {
-          if (s & 1)
-            issue<T, kC1, kA1, kB1>(d, ws, s, q0, nullptr);
-          else
-            issue<T, kC0, kA0, kB0>(d, ws, s, q0, nullptr);
-        }
-        if (s >= 2) fold<kKdsb, kExponentAdd>(d, ws, s - 2, q0, cst[(s - 2) % kCstRing], f);
+      for (int64_t qt = 0; qt < sl.nqt; ++qt) {
+        prefetch_outputs(sl, ot * kAmxTile, (qt + 1) * kAmxTile);
+        microtile<T, kKdsb, kExponentAdd>(sl, d, ws0 + ot * stream_bytes, ep, qt, ot, cst);
       }
-      // Rows past the layer's output channels are zero-weight padding: folded, never stored.
-      const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
-      // A copy goes to the epilogue (not inlined): passing f itself took its address, and GCC
-      // then kept the accumulators in memory through the segment loop.
-      __m512 out[kAmxTile];
-#pragma GCC unroll 16
-      for (int r = 0; r < kAmxTile; ++r) out[r] = f[r];
-      epilogue_tile<kAmxTile, 1>(out, ep, o0);
-#pragma GCC unroll 16
-      for (int r = 0; r < kAmxTile; ++r) {
-        if (r >= nr) break;
-        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, oh, ow, sl.oh1, out[r]);
+    }
+  } else {
+    for (int64_t qt = 0; qt < sl.nqt; ++qt) {
+      for (int64_t ot = ot0; ot < ot1; ++ot) {
+        if (ot + 1 < ot1)
+          prefetch_outputs(sl, (ot + 1) * kAmxTile, qt * kAmxTile);
+        else
+          prefetch_outputs(sl, ot0 * kAmxTile, (qt + 1) * kAmxTile);
+        microtile<T, kKdsb, kExponentAdd>(sl, d, ws0 + ot * stream_bytes, ep, qt, ot, cst);
       }
     }
   }
