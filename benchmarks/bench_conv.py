@@ -12,6 +12,7 @@ float out including the BFP activation quantisation.
     python benchmarks/bench_conv.py                 # full CPU table
     python benchmarks/bench_conv.py --quick         # a few layers, batch 1
     python benchmarks/bench_conv.py --json out.json
+    python benchmarks/bench_conv.py --compare-isa avx512_vnni   # on AMX: the VNNI tiles beside
 
 A second table times the float stem converted models keep (3 -> 16/32/64 channels, 3x3,
 stride 2, then SiLU): the fused ``stem_conv2d`` op (``FastStemConv``) against F.conv2d + SiLU.
@@ -69,6 +70,23 @@ def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor):
         return None
 
 
+def _on_isa(isa: str, fn):
+    """fn run with DSCONV_EXT_CPU_ISA=isa (the kernel reads it on every call)."""
+
+    def call():
+        old = os.environ.get("DSCONV_EXT_CPU_ISA")
+        os.environ["DSCONV_EXT_CPU_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["DSCONV_EXT_CPU_ISA"]
+            else:
+                os.environ["DSCONV_EXT_CPU_ISA"] = old
+
+    return call
+
+
 def _unique(shapes):
     seen = {}
     for s in shapes:
@@ -89,7 +107,7 @@ def _unique(shapes):
     return list(seen.values())
 
 
-def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
+def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick, compare_isa=None):
     rows = []
     backend = dsconv_ext.dsconv2d_backend("cpu")
     for scale in scales:
@@ -111,6 +129,8 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
                         ),
                         "fp32": lambda x=x, w=w, c=conv_args: F.conv2d(x, w, None, *c),
                     }
+                    if compare_isa:
+                        fns["dsconv_alt"] = _on_isa(compare_isa, fns["dsconv"])
                     ao = _ao_conv(w, s, x)
                     if ao is not None:
                         fns["ao_int8"] = ao
@@ -140,6 +160,8 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick):
                         "x_fp32": t["fp32"] / t["dsconv"],
                         "x_ao": t.get("ao_int8", float("nan")) / t["dsconv"],
                         "x_fallback": t.get("fallback", float("nan")) / t["dsconv"],
+                        "alt_isa_ms": t.get("dsconv_alt", float("nan")),
+                        "x_alt_isa": t.get("dsconv_alt", float("nan")) / t["dsconv"],
                         "w_fp32_B": w.numel() * 4,
                         "w_int8_B": q.numel() + alpha.numel() * 4,
                         "w_int4_B": pack_intweight(q.clamp(-8, 7), 4).numel() + alpha.numel() * 4,
@@ -205,6 +227,8 @@ COLUMNS = [
     "x_fp32",
     "x_ao",
     "x_fallback",
+    "alt_isa_ms",
+    "x_alt_isa",
     "w_fp32_B",
     "w_int8_B",
     "w_int4_B",
@@ -230,6 +254,7 @@ def summary(rows):
                         "geomean_x_fp32": geomean([r["x_fp32"] for r in sel]),
                         "geomean_x_ao": geomean([r["x_ao"] for r in sel]),
                         "geomean_x_fallback": geomean([r["x_fallback"] for r in sel]),
+                        "geomean_x_alt_isa": geomean([r["x_alt_isa"] for r in sel]),
                     }
                 )
     return out
@@ -247,6 +272,12 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH", help="write results as JSON ('-' for stdout)")
     p.add_argument("--cuda", action="store_true", help="also the CUDA rows (needs a GPU)")
     p.add_argument("--no-stem", dest="stem", action="store_false", help="skip the stem table")
+    p.add_argument(
+        "--compare-isa",
+        metavar="ISA",
+        help="also time DSConv forced onto this CPU path (DSCONV_EXT_CPU_ISA: amx, avx512_vnni, "
+        "avx2, scalar): columns alt_isa_ms and x_alt_isa (its time / the default path's)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     scales = args.scales.split(",")
@@ -261,7 +292,12 @@ def main(argv=None):
     if backend != "kernel":
         report = dsconv_ext.dsconv_backend_report()["cpu"]
         print(f"# the compiled kernel is NOT in use (DSConv runs the fallback): {report}")
-    rows = bench_cpu(scales, kernels, batches, args.rounds, not args.no_fallback, args.quick)
+    if args.compare_isa:
+        _on_isa(args.compare_isa, torch.ops.dsconv_ext.cpu_isa)()  # a clear error if unusable
+        print(f"# alt_isa = DSConv with DSCONV_EXT_CPU_ISA={args.compare_isa}")
+    rows = bench_cpu(
+        scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa
+    )
     print_table(rows, COLUMNS)
     print()
     summ = summary(rows)

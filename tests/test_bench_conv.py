@@ -1,0 +1,56 @@
+"""bench_conv.py's --compare-isa: the same layers timed on a second CPU path, side by side, with
+the ratio computed from the two times, and DSCONV_EXT_CPU_ISA left as it was. No speed is
+asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+from yolo_helpers import ROOT
+
+import dsconv_ext
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_conv  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
+)
+
+
+def test_compare_isa_columns(tmp_path, monkeypatch):
+    monkeypatch.delenv("DSCONV_EXT_CPU_ISA", raising=False)
+    calls = []
+    real = bench_conv._on_isa
+
+    def spy(isa, fn):
+        wrapped = real(isa, fn)
+
+        def call():
+            calls.append(isa)
+            return wrapped()
+
+        return call
+
+    monkeypatch.setattr(bench_conv, "_on_isa", spy)
+    out = tmp_path / "conv.json"
+    bench_conv.main(["--quick", "--scales", "n", "--rounds", "2", "--no-fallback", "--no-stem",
+                     "--threads", "1", "--compare-isa", "avx2", "--json", str(out)])  # fmt: skip
+    assert "DSCONV_EXT_CPU_ISA" not in os.environ
+    rows = json.loads(out.read_text())["cpu"]
+    assert rows and calls.count("avx2") >= 3 * len(rows)  # the check, warm-up and rounds
+    for r in rows:
+        assert r["alt_isa_ms"] > 0 and r["dsconv_ms"] > 0, r
+        assert math.isclose(r["x_alt_isa"], r["alt_isa_ms"] / r["dsconv_ms"], rel_tol=1e-9), r
+
+
+def test_without_compare_isa_the_columns_are_empty(tmp_path):
+    out = tmp_path / "conv.json"
+    bench_conv.main(["--quick", "--scales", "n", "--rounds", "1", "--no-fallback", "--no-stem",
+                     "--threads", "1", "--json", str(out)])  # fmt: skip
+    for r in json.loads(out.read_text())["cpu"]:
+        assert math.isnan(r["alt_isa_ms"]) and math.isnan(r["x_alt_isa"]), r
