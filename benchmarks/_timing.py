@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -72,8 +73,8 @@ def time_interleaved(
 
     Args:
         fns: name -> zero-argument callable running one iteration.
-        rounds: number of interleaved rounds (each round calls every candidate once, starting
-            from the next candidate each round).
+        rounds: number of interleaved rounds (each round calls every candidate once, in an
+            order shuffled per round with the round number as seed).
         warmup: untimed calls of each candidate first.
         device: 'cuda...' to synchronise around each call.
         min_seconds: keep adding rounds until the total measured time reaches this.
@@ -88,10 +89,12 @@ def time_interleaved(
     r = 0
     names = list(fns)
     while r < rounds or (time.perf_counter() - start) < min_seconds:
-        # Rotate who goes first: a candidate that always follows the same one inherits its cache
-        # footprint (the first measured several % slower after a large fp32 conv).
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        # A new order each round: a candidate that always follows the same one inherits its cache
+        # footprint and spinning thread pool (several % slower after a large fp32 conv). Rotating
+        # who goes first is not enough: it keeps every candidate's predecessor.
+        order = names[:]
+        random.Random(r).shuffle(order)
+        for name in order:
             fn = fns[name]
             _sync(device)
             t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 //
 // Each function follows the "Operation" pseudo-code of its instruction in the Intel SDM vol. 2
 // (LDTILECFG, TILELOADD, TILESTORED, TILEZERO, TILERELEASE, TDPBSSD/TDPBSUD/TDPBUSD/TDPBUUD),
-// with palette 1 (amx_tiles.h). What the pseudo-code calls #GP / #UD is a c10::Error here.
+// with palette 1 (amx_tiles.h), plus the hardware's #UD on rows that are not whole dwords
+// (check_whole_dwords). What the pseudo-code calls #GP / #UD is a c10::Error here.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>

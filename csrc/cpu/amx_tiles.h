@@ -7,6 +7,9 @@
 //    TILESTORED, TILEZERO, TILERELEASE, TDPBSSD/TDPBSUD/TDPBUSD/TDPBUUD) and section 3 of the
 //    Intel Architecture Instruction Set Extensions Programming Reference (palette 1: 8 tiles of
 //    at most 16 rows x 64 bytes; TMUL limits K <= 16 dwords, N <= 16 dwords).
+//    One rule the pseudo-code does not show, found on an AMX Xeon: TILELOADD, TILESTORED and
+//    the TDPs raise #UD on a tile whose colsb is not a multiple of 4 (LDTILECFG and TILEZERO
+//    accept it); the model raises it too.
 //
 // The microkernel (kernel_amx.cpp) is one template over these, so the exact kernel logic that
 // runs on an AMX machine also runs, through the model, on any AVX-512 machine and in CI
