@@ -58,8 +58,8 @@ int colsb(int t) { return st.cfg.colsb[t]; }
 // TILESTORED and every TDP*D naming it raise #UD on the hardware (seen on an AMX Xeon: SIGILL,
 // "trap invalid opcode", for colsb 1-3, 5, 6, 33, 62, 63; none for 4, 8, 12, 36, 60, 64).
 void check_whole_dwords(int t, const char* insn) {
-  TORCH_CHECK(colsb(t) % 4 == 0, "AMX model: #UD: ", insn, " on tmm", t, ", whose colsb ",
-              colsb(t), " is not a multiple of 4");
+  TORCH_CHECK(colsb(t) % 4 == 0, "AMX model: #UD: ", insn, " on tmm", t, ", whose colsb ", colsb(t),
+              " is not a multiple of 4");
 }
 
 uint32_t dword(const uint8_t* row, int i) {

@@ -16,11 +16,12 @@
 // Two kernel families:
 //  * int8 (blocks of >= 5 channels). Per block b and 4-channel group k4: one uint32 per q holding
 //    4 mantissas + 128 as bytes (vpdpbusd multiplies u8 by s8; the weight streams pre-subtract
-//    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD. Per block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel
-//    (vscalefps), NaN for a block holding NaN/Inf; `usum`, 2^E * (sum of the block's
-//    mantissas), for KDSb. Each (block, tap) segment is an exact int32 dot product, then
-//    acc += alpha * 2^E * S (+ KDSb * usum). The k4 planes are also exactly the B operand of
-//    AMX's TDPBSSD (one row per k4 group, 16 pixels of 4 bytes): kernel_amx.cpp.
+//    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD. Per
+//    block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel (vscalefps), NaN for a
+//    block holding NaN/Inf; `usum`, 2^E * (sum of the block's mantissas), for KDSb. Each (block,
+//    tap) segment is an exact int32 dot product, then acc += alpha * 2^E * S (+ KDSb * usum). The
+//    k4 planes are also exactly the B operand of AMX's TDPBSSD (one row per k4 group, 16 pixels of
+//    4 bytes): kernel_amx.cpp.
 //  * float (blocks of <= 4 channels: the 3-channel stem, tiny block sizes, and depthwise convs
 //    on the portable path).
 //    An int8 segment would hold <= 4 useful products and cost a whole float flush, so instead
@@ -133,7 +134,7 @@ struct SegHeader {
 // groups; the last starts at K4 - kc so that its B rows stay inside the block, its rows already
 // covered by the previous tile zero.
 constexpr int64_t kAmxTile = 16;  // output channels per A / C tile, pixels per B / C tile
-struct AmxSegHeader {  // no correction: the activations are signed bytes
+struct AmxSegHeader {             // no correction: the activations are signed bytes
   float alpha[kAmxTile];
   float kdsb[kAmxTile];
 };

@@ -144,8 +144,8 @@ DSCONV_AVX512 inline __m512i mantissa(__m512 v, __m512 neg_e, __m512i lim, __mma
 // vscalefps.
 template <bool kMul>
 DSCONV_AVX512 inline __m512i mantissa_word(const float* c0, int64_t cstride, int64_t nc,
-                                           __mmask16 lanes, __m512 scale, __m512i lo8,
-                                           __m512i hi8, __m512i bias8) {
+                                           __mmask16 lanes, __m512 scale, __m512i lo8, __m512i hi8,
+                                           __m512i bias8) {
   __m512i m[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
@@ -218,8 +218,9 @@ DSCONV_AVX512 inline void pack_vector(const PackRow& r, const PackConsts& k, con
           m = mantissa(_mm512_maskz_loadu_ps(lanes, c0 + lane * src_cstride), neg_e, k.lim, finite);
         }
         // m + 128 in [1, 255], or m's own low byte
-        const __m512i byte = _mm512_and_si512(
-            _mm512_add_epi32(m, _mm512_set1_epi32(k.signed_bytes ? 0 : 128)), _mm512_set1_epi32(0xFF));
+        const __m512i byte =
+            _mm512_and_si512(_mm512_add_epi32(m, _mm512_set1_epi32(k.signed_bytes ? 0 : 128)),
+                             _mm512_set1_epi32(0xFF));
         word = _mm512_or_si512(word, _mm512_sllv_epi32(byte, _mm512_set1_epi32(8 * lane)));
       }
     }
@@ -283,8 +284,7 @@ DSCONV_AVX512 void pack_row_impl(const PackRow& r) {
   const int64_t hrow = pack_input_row(r);
   const int64_t kplane = lay.P * lay.Lq;
   if (hrow < 0) {  // mantissas 0
-    const __m512i neutral =
-        _mm512_set1_epi32(kSignedBytes ? 0 : static_cast<int32_t>(0x80808080u));
+    const __m512i neutral = _mm512_set1_epi32(kSignedBytes ? 0 : static_cast<int32_t>(0x80808080u));
     for (int64_t rx = 0; rx < g.sw; ++rx) {
       const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
       for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
