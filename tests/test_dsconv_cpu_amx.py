@@ -582,14 +582,13 @@ def test_isa_selection(monkeypatch):
 
 @pytest.mark.parametrize(
     "C,k,block,amx",
-    [(16, 3, 32, False), (32, 3, 128, False), (64, 3, 32, True), (128, 3, 64, True),
-     (128, 1, 32, False), (256, 1, 32, True), (256, 3, 32, True)],
+    [(16, 3, 32, False), (24, 1, 8, False), (31, 3, 64, False), (32, 3, 32, True),
+     (32, 1, 128, True), (64, 1, 32, True), (256, 3, 32, True)],
 )  # fmt: skip
 def test_default_path_takes_amx_where_it_pays_off(monkeypatch, C, k, block, amx):
     """Left to itself on an AMX machine, the kernel runs an int8 layer on the tiles only where
-    they beat the VNNI tiles (amx_pays_off in dsconv2d_cpu.cpp: >= 256 input channels per
-    group, or >= 64 on layers with more than one tap); DSCONV_EXT_CPU_ISA=amx forces them, and
-    both give the same bits."""
+    they beat the VNNI tiles (amx_pays_off in dsconv2d_cpu.cpp: from 32 input channels per
+    group on); DSCONV_EXT_CPU_ISA=amx forces them, and both give the same bits."""
     monkeypatch.delenv("DSCONV_EXT_CPU_ISA", raising=False)
     if torch.ops.dsconv_ext.cpu_isa() != "amx":
         pytest.skip("the default path is not amx on this machine")

@@ -89,16 +89,14 @@ Isa select_isa() {
 }
 
 // Whether the AMX tiles beat the AVX-512 VNNI ones on an int8 layer. Every (block, tap) segment's
-// C tile goes through memory into a float fold (kernel_amx.cpp): the tile store and the fold cost
-// about as much per segment whatever its depth, so AMX gains where segments are deep and o-tiles
-// full. Measured on an AMX Xeon (2 threads, YOLO11n's conv shapes, block 32, 2026-12-06,
-// docs/benchmarks.md): 3x3 layers of >= 64 input channels ran at 1.03-1.22x the VNNI speed,
-// narrower ones at 0.66-1.07x (16 -> 8 at 160x160: 0.68x), 1x1 layers below 256 input channels
-// at 0.78-1.03x and at 256-384 at 1.13-1.21x (one thread).
+// C tile goes through memory into a float fold (kernel_amx.cpp) whatever the segment's depth, so
+// AMX loses where segments are shallow. Measured on an AMX Xeon (2 threads, YOLO11 conv shapes,
+// block 32, 2026-12-06, docs/benchmarks.md): from 32 input channels per group on, 3x3 layers
+// ran at 1.11-1.35x the VNNI speed and 1x1 layers at 1.01-1.22x; 16 -> 8 at 160x160 at 0.72x and
+// 16 -> 32 at 80x80 at 0.98x.
 bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps) {
-  (void)block;  // blocks of 64 and 128 channels gave the same picture
-  if (Cg >= 256) return true;
-  return taps > 1 && Cg >= 64;
+  (void)block, (void)taps;  // blocks of 64 and 128 channels, and 1x1 layers, gave the same cut
+  return Cg >= 32;
 }
 
 Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps) {

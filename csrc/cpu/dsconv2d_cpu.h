@@ -83,7 +83,8 @@ const char* isa_name(Isa isa);
 // Best ISA of this CPU, lowered by DSCONV_EXT_CPU_ISA (read on every call so tests can switch).
 Isa select_isa();
 // select_isa() for one layer: where it chose AMX by itself (not forced with
-// DSCONV_EXT_CPU_ISA=amx), AVX-512 VNNI instead on layers where AMX does not pay off.
+// DSCONV_EXT_CPU_ISA=amx), AVX-512 VNNI instead on layers where AMX does not pay off (fewer
+// than 32 input channels per group).
 bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps);
 Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps);
 // Whether this CPU and OS run AMX-INT8 (CPUID, XCR0, and Linux's per-process permission for the
