@@ -106,9 +106,8 @@ def _print_info(report: dict) -> None:
         print(f"compiled kernels: NOT loaded: {lib['why_not']}")
     print("dsconv2d:")
     for dev, entry in report["dsconv2d"].items():
-        extra = "".join(
-            f", {k}={entry[k]}" for k in ("isa", "archs", "allocator", "note") if k in entry
-        )
+        keys = ("isa", "amx_layers", "archs", "allocator", "note")
+        extra = "".join(f", {k}={entry[k]}" for k in keys if k in entry)
         why = f" ({entry['why']})" if entry.get("why") else ""
         print(f"  {dev:5s} -> {entry['backend']}{why}{extra}")
     print("DSConv2d QAT fake quantisation (training):")

@@ -210,7 +210,8 @@ def random_program(seed):
     rng = np.random.default_rng(seed)
     M, K, N = (int(v) for v in rng.integers(1, 17, 3))
     rows = [M, M, M, M, K, K] + [int(v) for v in rng.integers(1, 17, 2)]
-    colsb = [4 * N, 4 * N, 4 * K, 4 * K, 4 * N, 4 * N] + [4 * int(v) for v in rng.integers(1, 17, 2)]
+    free = [4 * int(v) for v in rng.integers(1, 17, 2)]
+    colsb = [4 * N, 4 * N, 4 * K, 4 * K, 4 * N, 4 * N] + free
     start = int(rng.integers(0, M)) if rng.random() < 0.2 else 0
     config = make_config(rows, colsb, start_row=start)
     size = 8192
@@ -600,3 +601,16 @@ def test_default_path_takes_amx_where_it_pays_off(monkeypatch, C, k, block, amx)
     monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "amx")
     before = amx_calls()
     assert same_bits(y, op(case)) and amx_calls() == before + 1
+
+
+def test_info_reports_the_amx_layer_rule(monkeypatch):
+    """`info` says which int8 layers take the tiles when the kernel chose AMX by itself, and
+    nothing of the kind when DSCONV_EXT_CPU_ISA=amx forces them (or the path is not AMX)."""
+    monkeypatch.delenv("DSCONV_EXT_CPU_ISA", raising=False)
+    entry = dsconv_ext.dsconv_backend_report()["cpu"]
+    if entry.get("isa") == "amx":
+        assert entry["amx_layers"].startswith(">= 32 input channels per group"), entry
+        monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "amx")
+        assert "amx_layers" not in dsconv_ext.dsconv_backend_report()["cpu"]
+    else:
+        assert "amx_layers" not in entry, entry

@@ -12,7 +12,8 @@ against handing back a model slower than the float one.
 - AVX-512 VNNI: measured faster than oneDNN's float conv on every YOLO11n/s layer but the RGB
   stem (which the default policy already keeps float) on AMD Zen 5, and 1.7-1.9x in geometric
   mean on an Intel Xeon; layers are converted without timing (``check_speed=True`` times them).
-- AMX: not yet timed on AMX hardware, so its layers are timed like AVX2's until it is.
+- AMX (an Intel Xeon, 2026-12-06): every YOLO11n/s layer but the RGB stem 1.16-4.1x faster
+  than oneDNN's float conv at batch 1 and 8 (2 threads); converted without timing as well.
 
 ``force=True`` converts regardless. The saved checkpoint is portable either way: kept layers
 are ordinary float convs, converted ones the int8 format every path reads.
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 __all__ = ["FAST_PATHS", "conversion_policy", "cpu_path", "capture_conv_inputs", "time_layers"]
 
-FAST_PATHS = ("avx512_vnni",)
+FAST_PATHS = ("avx512_vnni", "amx")
 # A layer stays float when DSConv takes longer than this times its float conv (the medians of a
 # few interleaved rounds differ by a few % run to run).
 SLOWER = 1.03
