@@ -297,8 +297,13 @@ def main(argv=None):
         report = dsconv_ext.dsconv_backend_report()["cpu"]
         print(f"# the compiled kernel is NOT in use (DSConv runs the fallback): {report}")
     if args.compare_isa:
-        _on_isa(args.compare_isa, torch.ops.dsconv_ext.cpu_isa)()  # a clear error if unusable
-        print(f"# alt_isa = DSConv with DSCONV_EXT_CPU_ISA={args.compare_isa}")
+        if backend != "kernel":
+            p.error("--compare-isa needs the compiled CPU kernel, which is not loaded")
+        try:
+            got = _on_isa(args.compare_isa, torch.ops.dsconv_ext.cpu_isa)()
+        except RuntimeError as e:  # amx on a machine without it, or an unknown name
+            p.error(f"--compare-isa {args.compare_isa}: {str(e).splitlines()[0]}")
+        print(f"# alt_isa = DSConv with DSCONV_EXT_CPU_ISA={args.compare_isa} (path {got})")
     rows = bench_cpu(
         scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa
     )

@@ -55,3 +55,11 @@ def test_without_compare_isa_the_columns_are_empty(tmp_path):
                      "--threads", "1", "--json", str(out)])  # fmt: skip
     for r in json.loads(out.read_text())["cpu"]:
         assert math.isnan(r["alt_isa_ms"]) and math.isnan(r["x_alt_isa"]), r
+
+
+def test_compare_isa_refuses_an_unknown_path(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_conv.main(["--quick", "--compare-isa", "avx1024"])
+    assert e.value.code == 2
+    assert "--compare-isa avx1024: DSCONV_EXT_CPU_ISA must be one of" in capsys.readouterr().err
+    assert "DSCONV_EXT_CPU_ISA" not in os.environ
