@@ -93,18 +93,15 @@ Isa select_isa() {
 // AMX loses where segments are shallow. Measured on an AMX Xeon (2 threads, YOLO11 conv shapes,
 // block 32, 2026-12-06, docs/benchmarks.md): from 32 input channels per group on, 3x3 layers
 // ran at 1.11-1.35x the VNNI speed and 1x1 layers at 1.01-1.22x; 16 -> 8 at 160x160 at 0.72x and
-// 16 -> 32 at 80x80 at 0.98x.
-bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps) {
-  (void)block, (void)taps;  // blocks of 64 and 128 channels, and 1x1 layers, gave the same cut
-  return Cg >= 32;
-}
+// 16 -> 32 at 80x80 at 0.98x. Blocks of 64 and 128 channels gave the same cut.
+bool amx_pays_off(int64_t Cg) { return Cg >= 32; }
 
-Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps) {
+Isa select_isa_for_layer(int64_t Cg) {
   const Isa isa = select_isa();
   if (isa != Isa::kAmx) return isa;
   const char* env = std::getenv("DSCONV_EXT_CPU_ISA");
   const bool forced = env != nullptr && std::string(env) == "amx";
-  return forced || amx_pays_off(Cg, block, taps) ? Isa::kAmx : Isa::kAvx512Vnni;
+  return forced || amx_pays_off(Cg) ? Isa::kAmx : Isa::kAvx512Vnni;
 }
 
 const IsaKernels& kernels_for(Isa isa) {
@@ -361,7 +358,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
               ") is too small for kernel (", kh, ", ", kw, ") with padding ", padding,
               " and dilation ", dilation);
 
-  const Isa isa = select_isa_for_layer(C / groups, block_size, kh * kw);
+  const Isa isa = select_isa_for_layer(C / groups);
   const IsaKernels& kern = kernels_for(isa);
   const int64_t N = x_in.size(0);
   at::Tensor y;

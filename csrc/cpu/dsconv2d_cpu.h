@@ -85,8 +85,8 @@ Isa select_isa();
 // select_isa() for one layer: where it chose AMX by itself (not forced with
 // DSCONV_EXT_CPU_ISA=amx), AVX-512 VNNI instead on layers where AMX does not pay off (fewer
 // than 32 input channels per group).
-bool amx_pays_off(int64_t Cg, int64_t block, int64_t taps);
-Isa select_isa_for_layer(int64_t Cg, int64_t block, int64_t taps);
+bool amx_pays_off(int64_t Cg);
+Isa select_isa_for_layer(int64_t Cg);
 // Whether this CPU and OS run AMX-INT8 (CPUID, XCR0, and Linux's per-process permission for the
 // tile data, requested here); if not, why not in *why.
 bool amx_usable(const char** why);
