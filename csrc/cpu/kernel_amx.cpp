@@ -164,16 +164,20 @@ DSCONV_AVX512 inline void microtile(const Slice& sl, const Band& d, const uint8_
   // a TDP waits for its loads (the weights come from L2), so they go out a fold before it (10-13%
   // faster than loading right before the TDP on 64-256 channel 3x3 layers). The fold reads a
   // C tile stored a step earlier, so its loads do not wait on the store just issued.
-  if (d.k.nchunk == 1) {
+  // Blocks of > 64 channels (several A / B chunks per segment) load each chunk with its TDP.
+  const bool one_chunk = d.k.nchunk == 1;
+  if (one_chunk) {
     T::template zero<kC0>();
     load_ab<T, kA0, kB0>(d, ws, 0, q0);
-    for (int64_t s = 0; s < d.nseg + 2; ++s) {
-      if (s >= 1 && s <= d.nseg) {
-        if ((s - 1) & 1)
-          T::template store<kC1>(cst[(s - 1) % kCstRing], kAmxTile * 4);
-        else
-          T::template store<kC0>(cst[(s - 1) % kCstRing], kAmxTile * 4);
-      }
+  }
+  for (int64_t s = 0; s < d.nseg + 2; ++s) {
+    if (s >= 1 && s <= d.nseg) {
+      if ((s - 1) & 1)
+        T::template store<kC1>(cst[(s - 1) % kCstRing], kAmxTile * 4);
+      else
+        T::template store<kC0>(cst[(s - 1) % kCstRing], kAmxTile * 4);
+    }
+    if (one_chunk) {
       if (s + 1 < d.nseg) {
         if ((s + 1) & 1)
           T::template zero<kC1>();
@@ -192,24 +196,13 @@ DSCONV_AVX512 inline void microtile(const Slice& sl, const Band& d, const uint8_
         else
           load_ab<T, kA0, kB0>(d, ws, s + 1, q0);
       }
-      if (s >= 2) fold<kKdsb, kExponentAdd>(d, ws, s - 2, q0, cst[(s - 2) % kCstRing], f);
+    } else if (s < d.nseg) {
+      if (s & 1)
+        issue<T, kC1, kA1, kB1>(d, ws, s, q0);
+      else
+        issue<T, kC0, kA0, kB0>(d, ws, s, q0);
     }
-  } else {  // blocks of > 64 channels: several A / B chunks per segment, loaded with their TDPs
-    for (int64_t s = 0; s < d.nseg + 2; ++s) {
-      if (s >= 1 && s <= d.nseg) {
-        if ((s - 1) & 1)
-          T::template store<kC1>(cst[(s - 1) % kCstRing], kAmxTile * 4);
-        else
-          T::template store<kC0>(cst[(s - 1) % kCstRing], kAmxTile * 4);
-      }
-      if (s < d.nseg) {
-        if (s & 1)
-          issue<T, kC1, kA1, kB1>(d, ws, s, q0);
-        else
-          issue<T, kC0, kA0, kB0>(d, ws, s, q0);
-      }
-      if (s >= 2) fold<kKdsb, kExponentAdd>(d, ws, s - 2, q0, cst[(s - 2) % kCstRing], f);
-    }
+    if (s >= 2) fold<kKdsb, kExponentAdd>(d, ws, s - 2, q0, cst[(s - 2) % kCstRing], f);
   }
   // Rows past the layer's output channels are zero-weight padding: folded, never stored.
   const int64_t o0 = ot * kAmxTile, nr = std::min<int64_t>(kAmxTile, sl.nout - o0);
