@@ -135,7 +135,8 @@ struct SegHeader {
 // groups; the last starts at K4 - kc so that its B rows stay inside the block, its rows already
 // covered by the previous tile zero.
 constexpr int64_t kAmxTile = 16;  // output channels per A / C tile, pixels per B / C tile
-struct AmxSegHeader {             // no correction: the activations are signed bytes
+// No correction term (SegHeader's corr): the AMX path's activations are signed bytes.
+struct AmxSegHeader {
   float alpha[kAmxTile];
   float kdsb[kAmxTile];
 };
