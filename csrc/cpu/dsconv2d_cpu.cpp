@@ -49,7 +49,8 @@ static Isa best_vector_isa() {
   return Isa::kScalar;
 }
 
-Isa select_isa() {
+Isa select_isa(bool* amx_forced) {
+  if (amx_forced) *amx_forced = false;
   // The AMX path packs and folds with the AVX-512 code, so it needs both.
   static const Isa vector_best = best_vector_isa();
   static const char* amx_why = nullptr;
@@ -63,6 +64,7 @@ Isa select_isa() {
   if (want == "amx") {
     TORCH_CHECK(amx, "DSCONV_EXT_CPU_ISA=amx, but this machine cannot run AMX: ",
                 vector_best != Isa::kAvx512Vnni ? "the CPU has no AVX-512 VNNI" : amx_why);
+    if (amx_forced) *amx_forced = true;
     return Isa::kAmx;
   }
   if (want == "amx_model") {
@@ -94,14 +96,13 @@ Isa select_isa() {
 // block 32, 2026-12-06, docs/benchmarks.md): from 32 input channels per group on, 3x3 layers
 // ran at 1.11-1.35x the VNNI speed and 1x1 layers at 1.01-1.22x; 16 -> 8 at 160x160 at 0.72x and
 // 16 -> 32 at 80x80 at 0.98x. Blocks of 64 and 128 channels gave the same cut.
-bool amx_pays_off(int64_t Cg) { return Cg >= 32; }
+bool amx_pays_off(int64_t Cg) { return Cg >= kAmxMinChannels; }
 
 Isa select_isa_for_layer(int64_t Cg) {
-  const Isa isa = select_isa();
-  if (isa != Isa::kAmx) return isa;
-  const char* env = std::getenv("DSCONV_EXT_CPU_ISA");
-  const bool forced = env != nullptr && std::string(env) == "amx";
-  return forced || amx_pays_off(Cg) ? Isa::kAmx : Isa::kAvx512Vnni;
+  bool forced = false;
+  const Isa isa = select_isa(&forced);
+  if (isa != Isa::kAmx || forced) return isa;
+  return amx_pays_off(Cg) ? Isa::kAmx : Isa::kAvx512Vnni;
 }
 
 const IsaKernels& kernels_for(Isa isa) {
@@ -605,6 +606,14 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
   // Which SIMD path the CPU kernel takes on this machine (after DSCONV_EXT_CPU_ISA).
   m.def("cpu_isa() -> str",
         []() -> std::string { return dsconv_ext::cpu::isa_name(dsconv_ext::cpu::select_isa()); });
+  // Which int8 layers take the AMX tiles when the path chose AMX by itself (amx_pays_off), or ""
+  // (another path, or DSCONV_EXT_CPU_ISA=amx: every layer).
+  m.def("cpu_amx_layers() -> str", []() -> std::string {
+    bool forced = false;
+    if (dsconv_ext::cpu::select_isa(&forced) != dsconv_ext::cpu::Isa::kAmx || forced) return "";
+    return ">= " + std::to_string(dsconv_ext::cpu::kAmxMinChannels) +
+           " input channels per group (fewer: avx512_vnni)";
+  });
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",
         [](int64_t tasks) -> int64_t { return dsconv_ext::cpu::parallel_probe(tasks); });

@@ -80,11 +80,13 @@ struct Scratch {
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3, kAmxModel = 4 };
 
 const char* isa_name(Isa isa);
-// Best ISA of this CPU, lowered by DSCONV_EXT_CPU_ISA (read on every call so tests can switch).
-Isa select_isa();
+// Best ISA of this CPU, lowered by DSCONV_EXT_CPU_ISA (read on every call so tests can switch);
+// *amx_forced, if given, says whether DSCONV_EXT_CPU_ISA=amx asked for the tiles.
+Isa select_isa(bool* amx_forced = nullptr);
 // select_isa() for one layer: where it chose AMX by itself (not forced with
 // DSCONV_EXT_CPU_ISA=amx), AVX-512 VNNI instead on layers where AMX does not pay off (fewer
-// than 32 input channels per group).
+// than kAmxMinChannels input channels per group).
+constexpr int64_t kAmxMinChannels = 32;
 bool amx_pays_off(int64_t Cg);
 Isa select_isa_for_layer(int64_t Cg);
 // Whether this CPU and OS run AMX-INT8 (CPUID, XCR0, and Linux's per-process permission for the

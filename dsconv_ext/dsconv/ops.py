@@ -173,9 +173,10 @@ def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
         entry = {"backend": "kernel" if ok else "fallback", "why": why}
         if ok and dev == "cpu" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
             entry["isa"] = torch.ops.dsconv_ext.cpu_isa()
-            if entry["isa"] == "amx" and os.environ.get("DSCONV_EXT_CPU_ISA", "") != "amx":
-                # amx_pays_off in csrc/cpu/dsconv2d_cpu.cpp
-                entry["amx_layers"] = ">= 32 input channels per group (fewer: avx512_vnni)"
+            if hasattr(torch.ops.dsconv_ext, "cpu_amx_layers"):
+                amx_layers = torch.ops.dsconv_ext.cpu_amx_layers()
+                if amx_layers:
+                    entry["amx_layers"] = amx_layers
             entry["allocator"] = _cpu_allocator_state()
         if ok and dev == "cuda" and hasattr(torch.ops.dsconv_ext, "cuda_archs"):
             entry["archs"] = torch.ops.dsconv_ext.cuda_archs()
