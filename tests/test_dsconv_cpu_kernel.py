@@ -487,6 +487,119 @@ def test_out_op_copies_x_when_it_cannot_tell(N):
         assert torch.equal(buf2[:, out_ch : out_ch + 1], want), out_ch
 
 
+def _op_out(case, out):
+    c = case
+    torch.ops.dsconv_ext.dsconv2d_out(
+        c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),
+        c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"],
+        c["block_size"], c["act_bits"], c["fuse_silu"], out,
+    )  # fmt: skip
+
+
+def _plane_view(buf, a0, Ho, Wo):
+    """Anchors a0 .. a0 + Ho * Wo of a [N, O, anchors] buffer as [N, O, Ho, Wo]: planes
+    ``anchors`` floats apart (a detection head's level)."""
+    return buf[:, :, a0 : a0 + Ho * Wo].view(buf.shape[0], buf.shape[1], Ho, Wo)
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_out_with_planes_apart_matches_the_plain_call(isa, chunk):
+    """Every path (dense int8, float family, depthwise, AMX tiles) stores into an out whose
+    planes lie apart ([N, O, anchors] viewed per level, as a detection head's buffer): the
+    values are exactly those of the plain call, and no other element of the buffer changes."""
+    cases = [("random_case", i, random_case(i)) for i in range(chunk * 20, chunk * 20 + 20)]
+    cases += [("wide_case", i, wide_case(i)) for i in range(chunk * 10, chunk * 10 + 10)]
+    for kind, i, case in cases:
+        torch.set_num_threads(1 + i % 2)
+        want = op(case)
+        N, O, Ho, Wo = want.shape
+        before, after = 3 + i % 5, 1 + i % 7  # anchors of the other levels around this one
+        buf = torch.full((N, O, before + Ho * Wo + after), float(i) + 0.5)
+        sentinel = buf.clone()
+        out = _plane_view(buf, before, Ho, Wo)
+        _op_out(case, out)
+        where = f"{kind}({i}) {describe(case)}"
+        assert torch.equal(out, want), where
+        out.copy_(sentinel[:, :, before : before + Ho * Wo].view_as(out))
+        assert torch.equal(buf, sentinel), f"{where}: wrote outside its planes"
+
+
+def test_depthwise_out_with_planes_apart(isa):
+    """The depthwise kernels (a row of whole vectors per store) at YOLO-like sizes, into planes
+    apart: values exact, the gaps between planes untouched."""
+    g = torch.Generator().manual_seed(7)
+    for C, H, W, stride in ((64, 20, 20, 1), (80, 40, 40, 1), (32, 17, 23, 2)):
+        q, alpha, _ = quantize_weight(torch.randn(C, 1, 3, 3, generator=g), 8, 32)
+        case = dict(x=torch.randn(2, C, H, W, generator=g), intweight=q, alpha=alpha,
+                    CDSw=torch.rand(C, generator=g) + 0.5, CDSb=torch.randn(C, generator=g),
+                    stride=(stride, stride), padding=(1, 1), dilation=(1, 1), groups=C,
+                    block_size=32, act_bits=8, fuse_silu=True)  # fmt: skip
+        want = op(case)
+        _, _, Ho, Wo = want.shape
+        buf = torch.full((2, C, 5 + Ho * Wo + 9), -7.0)
+        out = _plane_view(buf, 5, Ho, Wo)
+        _op_out(case, out)
+        assert torch.equal(out, want), (C, H, W, stride)
+        assert bool((buf[:, :, :5] == -7).all() and (buf[:, :, 5 + Ho * Wo :] == -7).all())
+
+
+def test_out_with_planes_apart_and_x_between_them():
+    """x in the gaps between out's planes (x = anchors P.., out = anchors ..P of one buffer):
+    x's images are strided and their ranges hold out's planes, so the op cannot tell cheaply
+    and reads a copy of x; the result is that of separate memory. x reading one of out's planes
+    outright is refused before anything is written."""
+    from dsconv_ext.dsconv.checks import overlap_status
+
+    g = torch.Generator().manual_seed(3)
+    q, alpha, _ = quantize_weight(torch.randn(8, 8, 3, 3, generator=g), 8, 32)
+    buf = torch.randn(2, 8, 2 * 30, generator=g)
+    out = _plane_view(buf, 0, 5, 6)
+    x = _plane_view(buf, 30, 5, 6)
+    x_before = x.clone()
+    want = op(dict(x=x_before, intweight=q, alpha=alpha, stride=(1, 1), padding=(1, 1),
+                   dilation=(1, 1), groups=1, block_size=32, act_bits=8,
+                   fuse_silu=False))  # fmt: skip
+    assert overlap_status(out, x) == "unknown"
+    torch.ops.dsconv_ext.dsconv2d_out(x, *_conv_args(q, alpha), out)
+    assert torch.equal(out, want) and torch.equal(x, x_before)
+    # x dense and covering planes (0, 3..6) of out: an overlap, refused by the op and the
+    # wrapper before anything is written.
+    x_dense = buf.view(-1)[3 * 60 : 3 * 60 + 8 * 30].view(1, 8, 5, 6).expand(2, 8, 5, 6)
+    before = buf.clone()
+    assert overlap_status(out, x_dense) == "overlap"
+    with pytest.raises(RuntimeError, match="out must not overlap x"):
+        torch.ops.dsconv_ext.dsconv2d_out(x_dense, *_conv_args(q, alpha), out)
+    with pytest.raises(ValueError, match="out must not overlap x"):
+        dsconv_ext.dsconv2d(x_dense, q, alpha, padding=1, out=out)
+    assert torch.equal(buf, before)
+
+
+@pytest.mark.parametrize(
+    "strides, why",
+    [
+        ((8 * 30, 29, 6, 1), "planes overlapping (plane stride 29 < 5 * 6)"),
+        ((8 * 30 - 1, 30, 6, 1), "images overlapping (image stride < 7 * 30 + 30)"),
+        ((8 * 40, 40, 7, 1), "rows apart within a plane"),
+        ((8 * 70, 70, 12, 2), "columns apart"),
+    ],
+)
+def test_out_without_dense_planes_is_refused(strides, why):
+    """The op stores whole rows of dense planes; any other out layout is refused by name (the
+    wrapper computes and copies into it instead)."""
+    g = torch.Generator().manual_seed(4)
+    q, alpha, _ = quantize_weight(torch.randn(8, 8, 3, 3, generator=g), 8, 32)
+    x = torch.randn(2, 8, 5, 6, generator=g)
+    store = torch.zeros(4000)
+    out = store.as_strided((2, 8, 5, 6), strides)
+    with pytest.raises(RuntimeError, match="out must hold each \\[Ho, Wo\\] plane densely"):
+        torch.ops.dsconv_ext.dsconv2d_out(x, *_conv_args(q, alpha), out)
+    assert not bool(store.any()), why
+    if why.startswith("planes overlapping") or why.startswith("images overlapping"):
+        return  # an out overlapping itself is no target for the wrapper's copy either
+    dsconv_ext.dsconv2d(x, q, alpha, padding=1, out=out)
+    assert torch.equal(out, dsconv_ext.dsconv2d(x, q, alpha, padding=1)), why
+
+
 def test_overlap_status_python_matches_the_op():
     """checks.overlap_status (the wrapper's test) and the op's C++ test give the same answers."""
     from dsconv_ext.dsconv.checks import overlap_status

@@ -166,28 +166,52 @@ bool image_dense(const at::Tensor& t) {
   return true;
 }
 
-// `out` is per-image dense with disjoint images (checked before). Compares per-image byte
-// ranges, so that channel slices of one buffer (x = buf[:, :32], out = buf[:, 32:]: whole spans
-// interleaved at batch > 1, images disjoint) pass. Intersecting image ranges are a real overlap
-// when x's image is dense too (both cover every slot of their range); otherwise (x strided
+// Strides of an `out` whose [Ho, Wo] planes are each dense and lie apart, in (image, channel)
+// order: plane (n, o) at n * image + o * plane floats. Channel slices of a concatenation
+// ([N, C, Ho, Wo] with C > O) and the anchor axis of a detection head's [N, O, anchors] buffer
+// (planes `anchors` apart) are such layouts. Sizes of 1 take the dense strides.
+struct PlaneStrides {
+  int64_t image, plane;
+};
+
+bool plane_strides(const at::Tensor& out, PlaneStrides* ps) {
+  const int64_t N = out.size(0), O = out.size(1), Ho = out.size(2), Wo = out.size(3);
+  if ((Wo != 1 && out.stride(3) != 1) || (Ho != 1 && out.stride(2) != Wo)) return false;
+  ps->plane = O == 1 ? Ho * Wo : out.stride(1);
+  if (ps->plane < Ho * Wo) return false;
+  const int64_t image_span = (O - 1) * ps->plane + Ho * Wo;
+  ps->image = N == 1 ? image_span : out.stride(0);
+  return ps->image >= image_span;
+}
+
+// `out` has plane strides `ps` (checked before). Compares each x image's byte range with out's
+// planes, so that channel slices of one buffer (x = buf[:, :32], out = buf[:, 32:]: whole spans
+// interleaved at batch > 1, images disjoint) pass. A plane meeting an x image's range is a real
+// overlap when that image is dense (it covers every slot of its range); otherwise (x strided
 // within an image) it cannot tell cheaply: kMaybe.
-Overlap out_overlap(const at::Tensor& out, const at::Tensor& x) {
+Overlap out_overlap(const at::Tensor& out, const PlaneStrides& ps, const at::Tensor& x) {
   if (out.numel() == 0 || x.numel() == 0) return Overlap::kNone;
   const uintptr_t o0 = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t x0 = reinterpret_cast<uintptr_t>(x.data_ptr());
   const ByteSpan ow = span_from(o0, out, 0), xw = span_from(x0, x, 0);
   if (ow.hi <= xw.lo || xw.hi <= ow.lo) return Overlap::kNone;
-  const int64_t N = out.size(0), esize = out.element_size();
-  const uintptr_t olen = uintptr_t(out.size(1) * out.size(2) * out.size(3) * esize);
-  const uintptr_t ostep = N == 1 ? 0 : uintptr_t(out.stride(0) * esize);  // >= olen
+  const int64_t N = out.size(0), O = out.size(1), esize = out.element_size();
+  const int64_t plane_b = out.size(2) * out.size(3) * esize;  // bytes of one plane
+  const int64_t pstep = ps.plane * esize, istep = ps.image * esize;
+  const int64_t ispan = (O - 1) * pstep + plane_b;
   for (int64_t n = 0; n < x.size(0); ++n) {
     const ByteSpan xi = span_from(x0 + uintptr_t(n * x.stride(0) * x.element_size()), x, 1);
-    if (xi.hi <= o0) continue;
-    // Out's images are sorted and disjoint: only the last one starting before xi.hi can reach
-    // past xi.lo.
-    const int64_t m = ostep == 0 ? 0 : std::min<int64_t>(N - 1, (xi.hi - 1 - o0) / ostep);
-    if (o0 + uintptr_t(m) * ostep + olen > xi.lo)
-      return image_dense(x) ? Overlap::kYes : Overlap::kMaybe;
+    if (xi.hi <= o0 || xi.lo >= ow.hi) continue;
+    // Out's images whose span may meet [xi.lo, xi.hi), in increasing order.
+    const int64_t lo = int64_t(xi.lo) - int64_t(o0), hi = int64_t(xi.hi) - int64_t(o0);
+    int64_t m = lo < ispan ? 0 : (lo - ispan) / istep + 1;
+    for (; m < N && m * istep < hi; ++m) {
+      // Planes o with [m*istep + o*pstep, + plane_b) meeting [lo, hi).
+      const int64_t rel_lo = lo - m * istep, rel_hi = hi - m * istep;
+      const int64_t first = rel_lo < plane_b ? 0 : (rel_lo - plane_b) / pstep + 1;
+      const int64_t last = std::min<int64_t>(O - 1, (rel_hi - 1) / pstep);
+      if (first <= last) return image_dense(x) ? Overlap::kYes : Overlap::kMaybe;
+    }
   }
   return Overlap::kNone;
 }
@@ -364,11 +388,12 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   const int64_t N = x_in.size(0);
   at::Tensor y;
   Overlap overlap = Overlap::kNone;
+  PlaneStrides planes{O * Ho * Wo, Ho * Wo};
   if (out == nullptr) {
     y = at::empty({N, O, Ho, Wo}, x_in.options());
   } else {
-    // Any image stride (a channel slice of a larger buffer: the concat that a C2f block builds),
-    // but each image's [O, Ho, Wo] dense: the kernels store whole rows of whole planes.
+    // Any image and plane stride (a channel slice of a concatenation, a level of a detection
+    // head's anchor buffer), but each [Ho, Wo] plane dense: the kernels store whole rows.
     y = *out;
     TORCH_CHECK(y.device().is_cpu(), "dsconv2d_out: out must be a CPU tensor, got ", y.device());
     TORCH_CHECK(y.scalar_type() == at::kFloat, "dsconv2d_out: out must be float32, got ",
@@ -376,18 +401,18 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     TORCH_CHECK(y.sizes() == c10::IntArrayRef({N, O, Ho, Wo}),
                 "dsconv2d_out: out must have shape [", N, ", ", O, ", ", Ho, ", ", Wo, "], got ",
                 y.sizes());
-    TORCH_CHECK((Wo == 1 || y.stride(3) == 1) && (Ho == 1 || y.stride(2) == Wo) &&
-                    (O == 1 || y.stride(1) == Ho * Wo) && (N == 1 || y.stride(0) >= O * Ho * Wo),
-                "dsconv2d_out: out must hold each image's [O, Ho, Wo] densely (strides [>= ",
-                O * Ho * Wo, ", ", Ho * Wo, ", ", Wo, ", 1]), got strides ", y.strides());
-    overlap = out_overlap(y, x_in);
+    TORCH_CHECK(plane_strides(y, &planes),
+                "dsconv2d_out: out must hold each [Ho, Wo] plane densely, planes apart in "
+                "(image, channel) order (strides [>= (O - 1) * stride(1) + ",
+                Ho * Wo, ", >= ", Ho * Wo, ", ", Wo, ", 1]), got strides ", y.strides());
+    overlap = out_overlap(y, planes, x_in);
     TORCH_CHECK(overlap != Overlap::kYes,
                 "dsconv2d_out: out must not overlap x: they share memory, and x would be "
                 "overwritten while it is read (x: sizes ",
                 x_in.sizes(), ", strides ", x_in.strides(), "; out: strides ", y.strides(), ")");
   }
   if (y.numel() == 0) return y;
-  const int64_t y_nstride = N == 1 ? 0 : y.stride(0);
+  const int64_t y_nstride = N == 1 ? 0 : planes.image, y_cstride = planes.plane;
 
   // Where the overlap test cannot tell (x strided within an image, its range meeting out's), x
   // is copied first: the result is then that of a call on separate memory, whatever the layout.
@@ -433,6 +458,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     d.x = x.data_ptr<float>();
     d.y = y.data_ptr<float>();
     d.y_nstride = y_nstride;
+    d.y_cstride = y_cstride;
     d.wf = wf.data();
     d.cdsw = epi.data();
     d.cb = epi.data() + groups * Ogp;
@@ -527,7 +553,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
       sl.act = act;
       sl.esc = esc;
       sl.usum = usum;
-      sl.out_cstride = Ho * Wo;
+      sl.out_cstride = y_cstride;
       sl.out = yp + n * y_nstride + grp * g.Og * sl.out_cstride;
       sl.nout = g.Og;
       sl.oh0 = oh0, sl.oh1 = oh1;

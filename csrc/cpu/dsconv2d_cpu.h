@@ -179,7 +179,7 @@ struct Slice {
   const float* esc;     // int8: per block; float: the BFP values, per channel
   const float* usum;    // int8, null without KDSb
   float* out;           // &y[n, g*Og, 0, 0]
-  int64_t out_cstride;  // Ho * Wo
+  int64_t out_cstride;  // from one output plane to the next: Ho * Wo, or more in a wider buffer
   int64_t nout;         // output channels of the group (Og)
   int64_t oh0, oh1;     // the band's output rows
   int64_t nqt;          // q tiles of this band
@@ -240,8 +240,8 @@ struct PackRow {
 struct DwArgs {
   const Layout* lay;
   const float* x;  // [N, C, H, W]
-  float* y;        // [N, O, Ho, Wo], image n at y + n * y_nstride
-  int64_t y_nstride;
+  float* y;        // [N, O, Ho, Wo]: plane (n, o) at y + n * y_nstride + o * y_cstride
+  int64_t y_nstride, y_cstride;
   const float* wf;    // [O][taps]: alpha * q + KDSb
   const float* cdsw;  // per group g: cdsw[g * epi_stride + r] for output channel g * Og + r
   const float* cb;

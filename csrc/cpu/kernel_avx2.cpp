@@ -550,7 +550,7 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
     for (int64_t r = 0; r < g.Og; ++r) {
       const int64_t o = c * g.Og + r;
       dw_tiles(lay, buf, d.wf + o * lay.ntaps, d.cdsw[c * d.epi_stride + r],
-               d.cb[c * d.epi_stride + r], d.silu, stage, d.y + n * d.y_nstride + o * g.Ho * g.Wo,
+               d.cb[c * d.epi_stride + r], d.silu, stage, d.y + n * d.y_nstride + o * d.y_cstride,
                oh0, oh1);
     }
   }

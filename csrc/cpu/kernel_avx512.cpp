@@ -982,7 +982,7 @@ DSCONV_AVX512 void depthwise_m(const DwArgs& d, float* buf, int64_t t0, int64_t 
       const int64_t o = c * g.Og + r;
       const float* w = d.wf + o * lay.ntaps;
       const float cdsw = d.cdsw[c * d.epi_stride + r], cb = d.cb[c * d.epi_stride + r];
-      float* out = d.y + n * d.y_nstride + o * g.Ho * g.Wo;
+      float* out = d.y + n * d.y_nstride + o * d.y_cstride;
       if (s1)
         dw_s1_tiles(lay, s, buf, w, cdsw, cb, d.silu, stage, out, oh0, oh1);
       else if (lay.ntaps == 9)

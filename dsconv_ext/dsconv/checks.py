@@ -25,6 +25,8 @@ __all__ = [
     "output_size",
     "pair",
     "per_image_dense",
+    "plane_dense",
+    "plane_strides",
     "overlap_status",
 ]
 
@@ -252,13 +254,47 @@ def _image_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def plane_strides(out: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(image, plane) strides of a 4-D ``out`` whose [Ho, Wo] planes are each dense and lie
+    apart in (image, channel) order, or None: the layouts the CPU kernel stores into directly
+    (a channel slice of a concatenation; one level of a detection head's [N, O, anchors]
+    buffer, planes ``anchors`` apart). Sizes of 1 take the dense strides."""
+    N, O, Ho, Wo = out.shape
+    if (Wo != 1 and out.stride(3) != 1) or (Ho != 1 and out.stride(2) != Wo):
+        return None
+    plane = Ho * Wo if O == 1 else out.stride(1)
+    if plane < Ho * Wo:
+        return None
+    span = (O - 1) * plane + Ho * Wo
+    image = span if N == 1 else out.stride(0)
+    return (image, plane) if image >= span else None
+
+
+def per_image_dense(out: torch.Tensor) -> bool:
+    """Whether each image's [C, Ho, Wo] of a 4-D ``out`` is dense (any image stride): the
+    layouts the pooling and upsampling ops store into directly."""
+    N, C, Ho, Wo = out.shape
+    return (
+        (Wo == 1 or out.stride(3) == 1)
+        and (Ho == 1 or out.stride(2) == Wo)
+        and (C == 1 or out.stride(1) == Ho * Wo)
+        and (N == 1 or out.stride(0) >= C * Ho * Wo)
+    )
+
+
+def plane_dense(out: torch.Tensor) -> bool:
+    """Whether the CPU kernel stores into ``out`` directly (see :func:`plane_strides`)."""
+    return plane_strides(out) is not None
+
+
 def overlap_status(out: torch.Tensor, x: torch.Tensor) -> str:
     """Whether two 4-D tensors share memory: ``"none"``, ``"overlap"`` or ``"unknown"``.
 
-    The same test as the CPU op dsconv2d_out's (csrc/cpu/dsconv2d_cpu.cpp): byte ranges per
-    image, so that channel slices of one buffer (x = buf[:, :32], out = buf[:, 32:]) are
-    disjoint at any batch size although their whole ranges interleave. Intersecting image ranges
-    are an overlap when both images are dense (each covers every slot of its range); otherwise
+    The same test as the CPU op dsconv2d_out's (csrc/cpu/dsconv2d_cpu.cpp): each image's byte
+    range of x against out's dense [Ho, Wo] planes (or, for an out without such planes, its
+    images), so that channel slices of one buffer (x = buf[:, :32], out = buf[:, 32:]) are
+    disjoint at any batch size although their whole ranges interleave. A range meeting a plane
+    is an overlap when both are dense (each covers every slot of its range); otherwise
     (strided within an image) the answer is "unknown"."""
     if out.numel() == 0 or x.numel() == 0:
         return "none"
@@ -266,28 +302,27 @@ def overlap_status(out: torch.Tensor, x: torch.Tensor) -> str:
     x_lo, x_hi = _span(x, x.data_ptr(), 0)
     if o_hi <= x_lo or x_hi <= o_lo:
         return "none"
-    outs = sorted(_span(out, out.data_ptr() + n * out.stride(0) * out.element_size(), 1)
-                  for n in range(out.shape[0]))  # fmt: skip
-    starts = [lo for lo, _ in outs]
-    reach = list(itertools.accumulate((hi for _, hi in outs), max))  # max end of outs[:i+1]
+    es = out.element_size()
+    ps = plane_strides(out)
+    if ps is not None:  # units: planes, each dense
+        plane_bytes = out.shape[2] * out.shape[3] * es
+        units = [(out.data_ptr() + (n * ps[0] + o * ps[1]) * es, plane_bytes)
+                 for n in range(out.shape[0]) for o in range(out.shape[1])]  # fmt: skip
+        units_dense = True
+    else:  # units: images
+        units = [_span(out, out.data_ptr() + n * out.stride(0) * es, 1)
+                 for n in range(out.shape[0])]  # fmt: skip
+        units = [(lo, hi - lo) for lo, hi in units]
+        units_dense = _image_dense(out)
+    units.sort()
+    starts = [lo for lo, _ in units]
+    reach = list(itertools.accumulate((lo + n for lo, n in units), max))  # max end of units[:i+1]
     for n in range(x.shape[0]):
         a, b = _span(x, x.data_ptr() + n * x.stride(0) * x.element_size(), 1)
-        i = bisect.bisect_left(starts, b) - 1  # the out images starting before b: outs[:i+1]
+        i = bisect.bisect_left(starts, b) - 1  # the units starting before b: units[:i+1]
         if i >= 0 and reach[i] > a:
-            return "overlap" if _image_dense(x) and _image_dense(out) else "unknown"
+            return "overlap" if _image_dense(x) and units_dense else "unknown"
     return "none"
-
-
-def per_image_dense(out: torch.Tensor) -> bool:
-    """Whether each image's [O, Ho, Wo] of a 4-D ``out`` is dense (any image stride): the
-    layouts the CPU kernel stores into directly."""
-    N, O, Ho, Wo = out.shape
-    return (
-        (Wo == 1 or out.stride(3) == 1)
-        and (Ho == 1 or out.stride(2) == Wo)
-        and (O == 1 or out.stride(1) == Ho * Wo)
-        and (N == 1 or out.stride(0) >= O * Ho * Wo)
-    )
 
 
 def check_out(out, call: DSConvCall) -> None:

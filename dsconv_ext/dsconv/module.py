@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dsconv2d_args, pair, per_image_dense
+from .checks import check_dsconv2d_args, pair, plane_dense
 from .ops import dsconv2d, dsconv2d_backend
 from .quant_primitives import (
     FUSED_DTYPES,
@@ -343,7 +343,7 @@ class DSConv2d(nn.Module):
             and out.dtype is torch.float32
             and out.is_cpu
             and out.dim() == 4
-            and per_image_dense(out)
+            and plane_dense(out)
         ):
             # The per-call Python checks of dsconv2d() cost as much as the copy saved here; the
             # op checks shapes and overlap itself.

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .._loader import load_library
-from .checks import check_dsconv2d_args, check_out, output_size, per_image_dense
+from .checks import check_dsconv2d_args, check_out, output_size, plane_dense
 from .fallback import fallback_forward
 
 __all__ = ["dsconv2d", "dsconv2d_backend", "dsconv_backend_report", "kernel_for"]
@@ -129,8 +129,9 @@ def dsconv2d(
         fuse_silu: apply SiLU to the output (a fused Conv+BN+SiLU).
         out: optional [N, O, Ho, Wo] tensor of x's dtype and device, not overlapping x, to write
             the result into (e.g. a channel slice of a concatenation buffer). On CPU with float32
-            and each image's [O, Ho, Wo] dense, the kernel stores into it directly; otherwise the
-            result is computed and copied in.
+            and each [Ho, Wo] plane dense, planes apart in (image, channel) order (a channel
+            slice; one level of a [N, O, anchors] buffer viewed as [N, O, Ho, Wo]), the kernel
+            stores into it directly; otherwise the result is computed and copied in.
 
     Returns:
         [N, O, Ho, Wo] in x's dtype (``out`` when given). A NaN or Inf activation makes every
@@ -147,7 +148,7 @@ def dsconv2d(
             y = fallback_forward(call)
         return y if out is None else out.copy_(y)
     args = call.op_args(float_params=True)
-    if out is not None and x.is_cpu and x.dtype == torch.float32 and per_image_dense(out):
+    if out is not None and x.is_cpu and x.dtype == torch.float32 and plane_dense(out):
         torch.ops.dsconv_ext.dsconv2d_out(*args, out)
         return out
     if not (x.dtype == torch.float32 or x.is_cuda):  # the CUDA kernel takes fp16 / bf16 too
