@@ -97,6 +97,7 @@ def test_in_place_concat_is_bit_identical(cfg):
     give exactly the outputs of the torch.cat forward, batch 1 and 2; with autograd on they run the
     inherited forward. yolo11m: C3k2 with C3k inside (c3k=True) and shortcut bottlenecks."""
     from ultralytics.nn.modules.block import SPPF, C2f
+    from ultralytics.nn.modules.head import Detect
 
     from dsconv_ext import quantize
 
@@ -106,9 +107,12 @@ def test_in_place_concat_is_bit_identical(cfg):
     fast = quantize(model, check_speed=False)
     blocks = [n for n, m in plain.named_modules() if isinstance(m, C2f)]
     sppf = [n for n, m in plain.named_modules() if type(m) is SPPF]
-    assert blocks and sppf and sorted(fast.dsconv_ext["in_place_concat"]) == sorted(blocks + sppf)
+    heads = [n for n, m in plain.named_modules() if type(m) is Detect]
+    assert blocks and sppf and heads == ["model.23"]
+    assert sorted(fast.dsconv_ext["in_place_concat"]) == sorted(blocks + sppf + heads)
     assert plain.dsconv_ext["in_place_concat"] == []
     assert all(type(fast.get_submodule(n)).__name__ == "InPlaceSPPF" for n in sppf)
+    assert type(fast.get_submodule(heads[0])).__name__ == "InPlaceDetect"
     kinds = set()
     for n in blocks:
         was, now = type(plain.get_submodule(n)), type(fast.get_submodule(n))
@@ -126,8 +130,37 @@ def test_in_place_concat_is_bit_identical(cfg):
         with torch.no_grad():
             want, got = plain(x), fast(x)
         assert torch.equal(got[0], want[0]), f"batch {n}, size {size}"
+        assert got[1].keys() == want[1].keys()  # the raw head outputs, as Detect returns them
+        for k in ("boxes", "scores"):
+            assert torch.equal(got[1][k], want[1][k]), f"{k}: batch {n}, size {size}"
+        for a, b in zip(got[1]["feats"], want[1]["feats"]):
+            assert torch.equal(a, b)
     with torch.enable_grad():  # the inherited forward: same values again
         assert torch.equal(fast(x)[0], plain(x)[0])
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_in_place_detect_on_float_head_is_bit_identical(n):
+    """InPlaceDetect on a float model (fused, nothing converted: the levels' last layers are
+    nn.Conv2d, stored by copy) and under export / training flags: always the values of
+    Detect.forward, in the structure it returns."""
+    from ultralytics.nn.modules.head import Detect
+
+    from dsconv_ext.yolo.inplace_concat import InPlaceDetect, use_in_place_concat
+
+    plain = trained_like(seed=3).fuse(verbose=False)
+    fast = copy.deepcopy(plain)
+    assert "model.23" in use_in_place_concat(fast)
+    assert type(fast.model[-1]) is InPlaceDetect and isinstance(fast.model[-1], Detect)
+    x = torch.rand(n, 3, IMGSZ, IMGSZ + 32)
+    with torch.no_grad():
+        want, got = plain(x), fast(x)
+        assert torch.equal(got[0], want[0])
+        for k in ("boxes", "scores"):
+            assert torch.equal(got[1][k], want[1][k]), k
+        for m in (plain.model[-1], fast.model[-1]):
+            m.export = True
+        assert torch.equal(fast(x), plain(x))  # export mode: y alone, the inherited forward
 
 
 def test_in_place_concat_threads_do_not_share_buffers():
