@@ -238,7 +238,8 @@ def quantize(
         in_place_concat: also let ultralytics' C2f / C3k2 and SPPF blocks write their branches
             straight into the concatenation ``cv2`` reads instead of copying them there, and let the
             layers feeding the model's ``Concat`` layers (C2f blocks, upsampling) write into its
-            output (bit-identical; :mod:`dsconv_ext.yolo.inplace_concat`). Needs ultralytics;
+            output, and the ``Detect`` head's levels into its anchor buffers (bit-identical;
+            :mod:`dsconv_ext.yolo.inplace_concat`). Needs ultralytics;
             skipped without it.
         fast_dfl: also give ultralytics' box decoders (``DFL``) a faster forward that agrees
             to float rounding (:mod:`dsconv_ext.yolo.fast_dfl`).
@@ -510,8 +511,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--no-in-place-concat",
         dest="in_place_concat",
         action="store_false",
-        help="keep C2f / C3k2's and the Concat layers' torch.cat (default: inputs written into "
-        "the concatenation in place)",
+        help="keep C2f / C3k2's, the Concat layers' and the Detect head's torch.cat (default: "
+        "inputs written into the concatenation in place)",
     )
     p.add_argument(
         "--no-fast-dfl",
