@@ -25,13 +25,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def op(case):
+def op(case, out=None):
+    """The op on a case's arguments; with ``out``, the dsconv2d_out op storing into it."""
     c = case
-    return torch.ops.dsconv_ext.dsconv2d(
+    args = (
         c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),
         c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"],
         c["block_size"], c["act_bits"], c["fuse_silu"],
     )  # fmt: skip
+    if out is None:
+        return torch.ops.dsconv_ext.dsconv2d(*args)
+    torch.ops.dsconv_ext.dsconv2d_out(*args, out)
+    return out
 
 
 def describe(case):
@@ -487,15 +492,6 @@ def test_out_op_copies_x_when_it_cannot_tell(N):
         assert torch.equal(buf2[:, out_ch : out_ch + 1], want), out_ch
 
 
-def _op_out(case, out):
-    c = case
-    torch.ops.dsconv_ext.dsconv2d_out(
-        c["x"], c["intweight"], c["alpha"], c.get("KDSb"), c.get("CDSw"), c.get("CDSb"),
-        c.get("bias"), list(c["stride"]), list(c["padding"]), list(c["dilation"]), c["groups"],
-        c["block_size"], c["act_bits"], c["fuse_silu"], out,
-    )  # fmt: skip
-
-
 def _plane_view(buf, a0, Ho, Wo):
     """Anchors a0 .. a0 + Ho * Wo of a [N, O, anchors] buffer as [N, O, Ho, Wo]: planes
     ``anchors`` floats apart (a detection head's level)."""
@@ -517,7 +513,7 @@ def test_out_with_planes_apart_matches_the_plain_call(isa, chunk):
         buf = torch.full((N, O, before + Ho * Wo + after), float(i) + 0.5)
         sentinel = buf.clone()
         out = _plane_view(buf, before, Ho, Wo)
-        _op_out(case, out)
+        op(case, out)
         where = f"{kind}({i}) {describe(case)}"
         assert torch.equal(out, want), where
         out.copy_(sentinel[:, :, before : before + Ho * Wo].view_as(out))
@@ -538,7 +534,7 @@ def test_depthwise_out_with_planes_apart(isa):
         _, _, Ho, Wo = want.shape
         buf = torch.full((2, C, 5 + Ho * Wo + 9), -7.0)
         out = _plane_view(buf, 5, Ho, Wo)
-        _op_out(case, out)
+        op(case, out)
         assert torch.equal(out, want), (C, H, W, stride)
         assert bool((buf[:, :, :5] == -7).all() and (buf[:, :, 5 + Ho * Wo :] == -7).all())
 
