@@ -212,6 +212,7 @@ def quantize(
     in_place_concat: bool = True,
     fast_dfl: bool = True,
     fast_stem: bool = True,
+    capture_graph: bool = True,
     force: bool = False,
     check_speed: Optional[bool] = None,
     example_input: Optional[torch.Tensor] = None,
@@ -246,6 +247,10 @@ def quantize(
         fast_stem: also give the fused ultralytics ``Conv`` layers left in float that read at
             most 4 channels (the RGB stem) a faster direct convolution with the SiLU fused,
             equal to float rounding (:mod:`dsconv_ext.yolo.fast_stem`).
+        capture_graph: also let an ultralytics model replay its CPU inference forward as one
+            recorded operator sequence once an input shape repeats, instead of walking the module
+            tree in Python (bit-identical; :mod:`dsconv_ext.yolo.graph_capture`, where its
+            limits are).
         force: convert even where this machine runs DSConv slower than the float conv (see
             :mod:`dsconv_ext.yolo.speed_check`): without a fast CPU path nothing is converted
             unless forced, and on the AVX2 path each layer is timed and kept float if slower.
@@ -349,6 +354,14 @@ def quantize(
             pass
         else:
             stems = use_fast_stem(net)
+    captured: Optional[str] = None
+    if capture_graph:
+        try:
+            from .graph_capture import use_graph_capture
+        except ImportError:  # no ultralytics
+            pass
+        else:
+            captured = use_graph_capture(net)
     net.dsconv_ext = {
         "format_version": FORMAT_VERSION,
         "bits": bits,
@@ -363,6 +376,7 @@ def quantize(
         "in_place_concat_layers": graph_concats,
         "fast_dfl": dfl,
         "fast_stem": stems,
+        "graph_capture": captured,
         "policy": f"{policy}: {why}",
         "kept_float": kept,
     }
@@ -400,6 +414,7 @@ def convert_checkpoint(
     force: bool = False,
     imgsz: Optional[int] = None,
     batch: Optional[int] = None,
+    capture_graph: bool = True,
 ) -> Dict:
     """Convert the checkpoint at ``src`` and write it to ``dst``; returns the conversion record.
 
@@ -433,6 +448,7 @@ def convert_checkpoint(
         in_place_concat=in_place_concat,
         fast_dfl=fast_dfl,
         fast_stem=fast_stem,
+        capture_graph=capture_graph,
         force=force,
         example_input=example_input,
     )
@@ -528,6 +544,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         "fused, equal to float rounding)",
     )
     p.add_argument(
+        "--no-capture-graph",
+        dest="capture_graph",
+        action="store_false",
+        help="always walk the module tree (default: CPU inference replays a recorded operator "
+        "sequence once an input shape repeats; bit-identical)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="convert even where this CPU runs DSConv slower than float (default: such layers "
@@ -577,6 +600,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 a.force,
                 a.imgsz,
                 a.batch,
+                a.capture_graph,
             )
     except (ConversionError, ValueError, TypeError, OSError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -589,7 +613,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{len(rec['in_place_concat'])} C2f / SPPF blocks and "
         f"{len(rec.get('in_place_concat_layers', ()))} Concat layers concatenate in place; "
         f"{len(rec.get('fast_dfl', ()))} faster DFL decoders, "
-        f"{len(rec.get('fast_stem', ()))} faster float stems: "
+        f"{len(rec.get('fast_stem', ()))} faster float stems"
+        f"{', forward replayed as a recorded graph' if rec.get('graph_capture') else ''}: "
         f"{a.checkpoint} ({size(a.checkpoint):.2f} MiB) -> {dst} ({size(dst):.2f} MiB)"
     )
     if rec["kept_float"]:

@@ -88,9 +88,10 @@ def _into(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         both = x.new_empty(x.shape[0], 2 * c_, x.shape[2], x.shape[3])
         _into(m.cv2, x, both[:, c_:])
         h = m.cv1(x)
-        for blk in m.m[:-1]:
+        *head, last = m.m  # (slicing an nn.Sequential builds a new one on every call)
+        for blk in head:
             h = blk(h)
-        _into(m.m[-1], h, both[:, :c_])
+        _into(last, h, both[:, :c_])
         _into(m.cv3, both, out)
         return
     out.copy_(m(x))

@@ -117,6 +117,7 @@ def safe_globals() -> List[object]:
         "dsconv_ext.yolo.inplace_concat",
         "dsconv_ext.yolo.fast_dfl",
         "dsconv_ext.yolo.fast_stem",
+        "dsconv_ext.yolo.graph_capture",
     ):
         try:
             mod = importlib.import_module(mod_name)

@@ -1,0 +1,275 @@
+"""Replay of an ultralytics model's forward as one recorded operator sequence (CPU inference).
+
+A converted yolo11n forward at 640 px spends 1-2 ms of its ~22 ms (2 threads) in Python: ~140
+``nn.Module`` calls, the blocks' own code, and the wrapping of ~230 operator calls. None of it
+changes from call to call once the input's shape is fixed. So, after a model has seen the same
+input signature (shape, strides, dtype, device) :data:`CAPTURE_AFTER` times outside autograd,
+its forward is recorded at the operator level (``torch.fx``'s ``make_fx`` on real tensors: the
+ATen and ``dsconv_ext`` operators the forward calls, with their arguments) into a ``GraphModule``
+whose generated code makes those calls in order; later calls with that signature run it instead
+of the module tree.
+
+The recorded graph calls the same operators on the same tensors with the same arguments in the
+same order, so its outputs are bit-identical to the eager forward: this is checked once, when the
+graph is recorded (its outputs against an eager call's, exactly), and a graph that differs is
+dropped. Weights are referenced, not copied: an in-place update (``load_state_dict``) is seen.
+
+Refused (the forward stays eager for that signature; :func:`capture_report` says why): control
+flow that reads tensor values (``make_fx`` raises), operators whose output shape depends on
+values (``nonzero``, boolean masks), any error while recording. Not used with autograd on, in
+training mode, under tracing / scripting / ONNX export / ``torch.compile``, with ``profile`` or
+``embed``, for non-CPU tensors or tensor subclasses, or with ``DSCONV_EXT_CAPTURE=0``.
+
+Recorded graphs are dropped when the model's tensors move or change dtype (``.to()``, ``.half()``;
+``_apply``), when any module, parameter or buffer is registered anywhere in the process (a layer
+replaced, a buffer added: process-wide registration hooks), and are never pickled or deep-copied.
+Other edits of a module's plain attributes after a graph was recorded (``Detect.export = True``,
+a layer's stride) are not seen: call :func:`clear_captures` after such edits.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+from ultralytics.nn import tasks
+
+__all__ = [
+    "CAPTURE_AFTER",
+    "ENV_VAR",
+    "CapturedForward",
+    "capture_report",
+    "clear_captures",
+    "use_graph_capture",
+]
+
+ENV_VAR = "DSCONV_EXT_CAPTURE"
+# Calls with one signature before it is recorded: a stream of same-sized frames is recorded on
+# its third, while a validation run over many letterboxed shapes records few of them (recording
+# costs about a second).
+CAPTURE_AFTER = 3
+MAX_GRAPHS = 8  # recorded signatures per model
+MAX_SEEN = 64  # signatures counted per model before the counts restart
+
+# Bumped whenever a module, parameter or buffer is registered anywhere: recorded graphs reference
+# the modules' tensors as they were, so any such change drops them.
+_epoch = [0]
+
+
+def _bump_epoch(*_args):
+    _epoch[0] += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_bump_epoch)
+nn.modules.module.register_module_parameter_registration_hook(_bump_epoch)
+nn.modules.module.register_module_buffer_registration_hook(_bump_epoch)
+
+
+def _enabled() -> bool:
+    return os.environ.get(ENV_VAR, "1") != "0"
+
+
+def _replay_allowed(model: nn.Module, x) -> bool:
+    return (
+        type(x) is torch.Tensor
+        and not model.training
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.onnx.is_in_onnx_export()
+        and not torch.compiler.is_compiling()
+        and _enabled()
+    )
+
+
+class _Captures:
+    """Per model: recorded graphs by input signature (False where refused), call counts."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.epoch = _epoch[0]
+        self.modules = list(model.modules())
+        self.graphs: Dict[tuple, object] = {}
+        self.refused: Dict[tuple, str] = {}
+        self.seen: Dict[tuple, int] = {}
+        self.lock = threading.Lock()
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook would run: a graph replays operators, not module calls."""
+    mm = nn.modules.module
+    if mm._global_forward_hooks or mm._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _signature(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
+def _value_dependent(gm) -> Optional[str]:
+    """Why replaying ``gm`` could differ from the eager forward on other input values, or None."""
+    tags = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if any(t in getattr(node.target, "tags", ()) for t in tags):
+            return f"operator {node.target} has a value-dependent output"
+    return None
+
+
+def _identical(a, b) -> bool:
+    """Same structure, and every tensor the same shape, dtype and values (NaN equal to NaN)."""
+    fa, sa = pytree.tree_flatten(a)
+    fb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    for u, v in zip(fa, fb):
+        if not isinstance(u, torch.Tensor) or not isinstance(v, torch.Tensor):
+            if isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor) or u != v:
+                return False
+        elif u.shape != v.shape or u.dtype != v.dtype:
+            return False
+        elif not torch.equal(u, v):
+            if not u.is_floating_point():
+                return False
+            if not bool(((u == v) | (torch.isnan(u) & torch.isnan(v))).all()):
+                return False
+    return True
+
+
+class CapturedForward:
+    """Mixin over an ultralytics model class: ``_predict_once`` replays a recorded graph where one
+    applies (see the module docstring), else runs the inherited forward."""
+
+    def _predict_once(self, x, profile=False, embed=None):
+        eager = super()._predict_once
+        if profile or embed or not _replay_allowed(self, x):
+            return eager(x, profile, embed)
+        state = self.__dict__.get("_dsconv_captures")
+        if state is None or state.epoch != _epoch[0]:
+            state = self.__dict__["_dsconv_captures"] = _Captures(self)
+        if _hooked(state.modules):
+            return eager(x)
+        key = _signature(x)
+        graph = state.graphs.get(key)
+        if graph is not None:
+            return graph(x) if graph else eager(x)
+        if len(state.graphs) >= MAX_GRAPHS:
+            return eager(x)
+        if len(state.seen) >= MAX_SEEN:
+            state.seen.clear()
+        n = state.seen.get(key, 0) + 1
+        state.seen[key] = n
+        if n < CAPTURE_AFTER:
+            return eager(x)
+        with state.lock:
+            if key in state.graphs:  # another thread recorded it meanwhile
+                graph = state.graphs[key]
+                return graph(x) if graph else eager(x)
+            return self._record(state, key, x)
+
+    def _record(self, state: _Captures, key: tuple, x: torch.Tensor):
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        base = functools.partial(super()._predict_once)
+        reason = None
+        try:
+            # An eager run first: state a layer keeps per input shape (the Detect head's anchors)
+            # is then this shape's, and enters the graph as constants.
+            y_eager = base(x)
+            gm = make_fx(lambda t: base(t), tracing_mode="real")(x)
+            reason = _value_dependent(gm)
+            if reason is None:
+                y_graph = gm(x)
+                if not _identical(y_graph, y_eager):
+                    reason = "the recorded graph's outputs differ from the eager forward's"
+        except Exception as e:  # any failure to record: stay eager
+            reason = f"recording failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if reason is not None:
+            state.graphs[key] = False
+            state.refused[key] = reason
+            warnings.warn(
+                f"dsconv_ext: {type(self).__name__} input {tuple(x.shape)} runs the eager forward: "
+                f"{reason}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            state.epoch = _epoch[0]
+            return base(x)
+        state.graphs[key] = gm
+        # (building the GraphModule registered its constants: not an edit of the model)
+        state.epoch = _epoch[0]
+        return y_graph
+
+    def _apply(self, *args, **kwargs):
+        self.__dict__.pop("_dsconv_captures", None)
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_dsconv_captures", None)
+        return state
+
+
+def _captured_class(base: type) -> type:
+    return type(
+        f"Captured{base.__name__}",
+        (CapturedForward, base),
+        {"__module__": __name__, "__doc__": f"{base.__name__} with a recorded-graph forward."},
+    )
+
+
+# One subclass per ultralytics model class whose forward is BaseModel._predict_once, under a
+# fixed module-level name so that pickles of a converted model find it.
+_BASES = ("DetectionModel", "SegmentationModel", "PoseModel", "OBBModel", "ClassificationModel")
+_CLASSES: Dict[type, type] = {}
+for _name in _BASES:
+    _base = getattr(tasks, _name, None)
+    if _base is not None:
+        _cls = _captured_class(_base)
+        globals()[_cls.__name__] = _cls
+        _CLASSES[_base] = _cls
+del _name, _base, _cls
+
+
+def use_graph_capture(model: nn.Module) -> Optional[str]:
+    """Give an ultralytics model (one of its plain detection, segmentation, pose, OBB or
+    classification classes, whose forward is ``BaseModel._predict_once``) the recorded-graph
+    forward, in place; returns its new class name, or None where the model is not one of those."""
+    if isinstance(model, CapturedForward):
+        return type(model).__name__
+    cls = _CLASSES.get(type(model))
+    if cls is None or type(model)._predict_once is not tasks.BaseModel._predict_once:
+        return None
+    model.__class__ = cls
+    return cls.__name__
+
+
+def clear_captures(model: nn.Module) -> int:
+    """Drop the graphs recorded for ``model`` (after editing its modules' attributes); returns
+    how many there were."""
+    state = model.__dict__.pop("_dsconv_captures", None)
+    return sum(1 for g in state.graphs.values() if g) if state is not None else 0
+
+
+def capture_report(model: nn.Module) -> Dict[str, List[str]]:
+    """The input signatures ``model`` replays as recorded graphs, and those refused with why."""
+    state = model.__dict__.get("_dsconv_captures")
+    if state is None or state.epoch != _epoch[0]:
+        return {"recorded": [], "refused": []}
+
+    def show(key):
+        shape, _, dtype, device = key
+        return f"{list(shape)} {str(dtype).replace('torch.', '')} {device}"
+
+    return {
+        "recorded": [show(k) for k, g in state.graphs.items() if g],
+        "refused": [f"{show(k)}: {state.refused[k]}" for k, g in state.graphs.items() if not g],
+    }

@@ -1,0 +1,291 @@
+"""The recorded-graph forward of converted ultralytics models (dsconv_ext.yolo.graph_capture).
+
+The reference is the same converted model walking its module tree (``capture_graph=False``, or
+``DSCONV_EXT_CAPTURE=0``): replayed outputs must equal it bit for bit. Whether a call replayed is
+seen from calls of the first layer's forward, which only the module tree makes."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from test_yolo_convert import trained_like  # the same stand-in for a trained model
+from yolo_helpers import CONFIGS, IMGSZ
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    import dsconv_ext.yolo as dy
+
+    dy.register()
+
+
+def converted_pair(cfg: str = "yolo11n.yaml", seed: int = 0):
+    """(captured, plain): one trained-like model converted with and without graph capture."""
+    from dsconv_ext import quantize
+
+    model = trained_like(cfg, seed)
+    plain = quantize(copy.deepcopy(model), capture_graph=False, check_speed=False)
+    return quantize(model, check_speed=False), plain
+
+
+class TreeCalls:
+    """Counts forwards that walked the module tree: calls of the first layer's forward (wrapped
+    as an instance attribute: a hook would itself keep the model off the recorded graph)."""
+
+    def __init__(self, model):
+        self.n = 0
+        layer = model.model[0]
+        inner = layer.forward
+
+        def counted(*args, **kwargs):
+            self.n += 1
+            return inner(*args, **kwargs)
+
+        layer.forward = counted
+
+
+def assert_same(got, want, what=""):
+    gl, gs = torch.utils._pytree.tree_flatten(got)
+    wl, ws = torch.utils._pytree.tree_flatten(want)
+    assert gs == ws, what
+    for a, b in zip(gl, wl):
+        assert a.dtype == b.dtype and torch.equal(a, b), what
+
+
+def test_quantize_gives_the_captured_class():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from dsconv_ext.yolo.graph_capture import CapturedDetectionModel
+
+    fast, plain = converted_pair(seed=1)
+    assert type(fast) is CapturedDetectionModel and isinstance(fast, DetectionModel)
+    assert fast.dsconv_ext["graph_capture"] == "CapturedDetectionModel"
+    assert type(plain) is DetectionModel and plain.dsconv_ext["graph_capture"] is None
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo11-C3k2-DSConv.yaml"])
+def test_replay_is_bit_identical_and_starts_on_the_third_call(cfg):
+    """Each signature (batch, size) walks the tree twice, is recorded on its third call, and
+    replays from then on, alternating with other signatures; every output (decoded boxes and the
+    raw boxes / scores / feature maps) equals the tree walk's."""
+    from dsconv_ext.yolo.graph_capture import CAPTURE_AFTER, capture_report
+
+    path = str(CONFIGS / cfg) if "DSConv" in cfg else cfg
+    fast, plain = converted_pair(path, seed=2)
+    calls = TreeCalls(fast)
+    torch.manual_seed(0)
+    shapes = [(1, IMGSZ, IMGSZ), (2, IMGSZ, IMGSZ), (1, IMGSZ + 32, IMGSZ)]
+    inputs = {s: torch.rand(s[0], 3, s[1], s[2]) for s in shapes}
+    with torch.inference_mode():
+        want = {s: plain(x) for s, x in inputs.items()}
+        for rnd in range(CAPTURE_AFTER + 2):
+            for s, x in inputs.items():
+                before = calls.n
+                got = fast(x)
+                # walks: the first CAPTURE_AFTER - 1 calls, and the recording call (its trace,
+                # and the eager run it is checked against)
+                walked = calls.n - before
+                assert walked >= 1 if rnd < CAPTURE_AFTER else walked == 0, (s, rnd, walked)
+                assert_same(got, want[s], f"{cfg} {s} call {rnd + 1}")
+        # new values through a recorded signature
+        for s in shapes:
+            x = torch.randn(s[0], 3, s[1], s[2])
+            before = calls.n
+            assert_same(fast(x), plain(x), f"{cfg} {s} new values")
+            assert calls.n == before
+    rep = capture_report(fast)
+    assert len(rep["recorded"]) == len(shapes) and rep["refused"] == []
+    assert "[2, 3, 64, 64] float32 cpu" in rep["recorded"]
+
+
+def test_eager_where_replay_does_not_apply(monkeypatch):
+    """Profiling, embeddings, DSCONV_EXT_CAPTURE=0, autograd, other strides and training mode
+    walk the tree; the recorded signature replays again afterwards."""
+    fast, plain = converted_pair(seed=3)
+    calls = TreeCalls(fast)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        for _ in range(4):
+            fast(x)
+        want = plain(x)
+        n = calls.n
+        fast(x)
+        assert calls.n == n  # replayed
+
+        def walks(fn):
+            before = calls.n
+            out = fn()
+            return calls.n - before, out
+
+        assert walks(lambda: fast(x, profile=True))[0] >= 1  # (profiling runs layers again)
+        assert walks(lambda: fast.predict(x, embed=[5]))[0] == 1
+        monkeypatch.setenv("DSCONV_EXT_CAPTURE", "0")
+        k, y = walks(lambda: fast(x))
+        assert k == 1
+        assert_same(y, want)
+        monkeypatch.delenv("DSCONV_EXT_CAPTURE")
+    with torch.enable_grad():
+        k, y = walks(lambda: fast(x))
+        assert k == 1 and torch.equal(y[0], plain(x)[0])
+    with torch.no_grad():
+        assert walks(lambda: fast(x.double().float()[:, :, :, :]))[0] == 0  # same signature
+        assert walks(lambda: fast(x.to(memory_format=torch.channels_last)))[0] == 1  # strides
+        fast.train()
+        assert walks(lambda: fast(x))[0] == 1
+        fast.eval()
+        assert walks(lambda: fast(x))[0] == 0
+        # a forward hook anywhere (here deep in the head): the tree, so that it runs
+        seen = []
+        h = fast.model[-1].cv3[0][1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        k, y = walks(lambda: fast(x))
+        assert k == 1 and len(seen) == 1
+        assert_same(y, want)
+        h.remove()
+        assert walks(lambda: fast(x))[0] == 0
+
+
+def test_recorded_graphs_follow_weight_updates_and_drop_on_changes():
+    """Weights are referenced: load_state_dict into the same tensors is seen. Moving the model
+    (``_apply``) or registering a module anywhere drops the graphs; plain attribute edits need
+    clear_captures()."""
+    from dsconv_ext.yolo.graph_capture import capture_report, clear_captures
+
+    fast, plain = converted_pair(seed=4)
+    other, _ = converted_pair(seed=5)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.inference_mode():
+        for _ in range(3):
+            fast(x)
+        assert capture_report(fast)["recorded"]
+        before = fast(x)
+        fast.load_state_dict(other.state_dict())
+        plain.load_state_dict(other.state_dict())
+        after = fast(x)
+        assert not torch.equal(after[0], before[0])
+        assert_same(after, plain(x))
+        assert capture_report(fast)["recorded"]
+
+        fast.float()  # _apply
+        assert capture_report(fast)["recorded"] == []
+        for _ in range(3):
+            fast(x)
+        assert capture_report(fast)["recorded"]
+        fast.model[10].extra = nn.Identity()  # any module registration
+        assert capture_report(fast)["recorded"] == []
+        for _ in range(3):
+            fast(x)
+        assert clear_captures(fast) == 1 and capture_report(fast)["recorded"] == []
+        # a plain attribute edit, then clear_captures: the new behaviour
+        for m in (fast.model[-1], plain.model[-1]):
+            m.export = True
+        for _ in range(3):
+            y = fast(x)
+        assert isinstance(y, torch.Tensor) and torch.equal(y, plain(x))
+
+
+class _ValueBranch(nn.Module):
+    """Doubles its input where the input's sum is positive: control flow on tensor values."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+class _MaskedShift(nn.Module):
+    """Adds the mean of its positive inputs: a boolean mask, an output shape set by values."""
+
+    def forward(self, x):
+        return x + x[x > 0].mean()
+
+
+@pytest.mark.parametrize("layer", [_ValueBranch, _MaskedShift])
+def test_value_dependent_forward_is_refused(layer):
+    """A layer whose behaviour depends on tensor values is never baked into a graph: the
+    signature stays on the tree walk, with a warning and the reason in capture_report."""
+    from dsconv_ext.yolo.graph_capture import capture_report
+
+    fast, plain = converted_pair(seed=6)
+    for m in (fast, plain):
+        # inside layer 10 (C2PSA's cv2), so the layer list and its save indices stay as they are
+        m.model[10].cv2 = nn.Sequential(m.model[10].cv2, layer())
+    calls = TreeCalls(fast)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ) - 0.5
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            got = fast(x)
+        want = plain(x)
+        assert_same(got, want)
+        assert_same(fast(-x), plain(-x))  # the branch taken changes with the values
+        before = calls.n
+        fast(x)
+        assert calls.n == before + 1
+    assert any("runs the eager forward" in str(m.message) for m in w)
+    rep = capture_report(fast)
+    assert rep["recorded"] == [] and len(rep["refused"]) == 1
+    want_reason = "recording failed" if layer is _ValueBranch else "value-dependent output"
+    assert want_reason in rep["refused"][0]
+
+
+def test_copies_and_checkpoints_carry_no_graphs(tmp_path):
+    from dsconv_ext.yolo.checkpoint import restricted_load
+    from dsconv_ext.yolo.graph_capture import CapturedDetectionModel, capture_report
+
+    fast, plain = converted_pair(seed=7)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.inference_mode():
+        for _ in range(3):
+            fast(x)
+        assert capture_report(fast)["recorded"]
+        twin = copy.deepcopy(fast)
+        assert type(twin) is CapturedDetectionModel and "_dsconv_captures" not in vars(twin)
+        buf = io.BytesIO()
+        torch.save({"model": fast}, buf)
+        path = tmp_path / "m.pt"
+        path.write_bytes(buf.getvalue())
+        loaded = restricted_load(str(path))["model"]
+        assert type(loaded) is CapturedDetectionModel and "_dsconv_captures" not in vars(loaded)
+        for m in (twin, loaded):
+            for _ in range(4):
+                y = m(x)
+            assert capture_report(m)["recorded"]
+            assert_same(y, plain(x))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    ["yolo11n-seg.yaml", "yolo11n-pose.yaml", "yolo11n-obb.yaml", "yolo11n-cls.yaml",
+     "yolo11-C3k2-DSConv-BiFormer.yaml"],
+)  # fmt: skip
+def test_other_heads_and_biformer_replay_bit_identical(cfg):
+    """Segmentation, pose, OBB and classification models, and the BiFormer config (routed
+    attention: top-k and gathers), record on their third call and replay exactly."""
+    from ultralytics.nn import tasks
+
+    from dsconv_ext import quantize
+    from dsconv_ext.yolo.graph_capture import capture_report
+
+    path = str(CONFIGS / cfg) if "BiFormer" in cfg else cfg
+    kind = {"seg": "SegmentationModel", "pose": "PoseModel", "obb": "OBBModel"}
+    name = next((v for k, v in kind.items() if f"-{k}." in cfg), "DetectionModel")
+    name = "ClassificationModel" if "-cls." in cfg else name
+    torch.manual_seed(8)
+    model = getattr(tasks, name)(path, verbose=False).eval()
+    plain = quantize(copy.deepcopy(model), capture_graph=False, check_speed=False)
+    fast = quantize(model, check_speed=False)
+    assert type(fast).__name__ == f"Captured{name}"
+    calls = TreeCalls(fast)
+    xs = [torch.rand(1, 3, IMGSZ, IMGSZ) for _ in range(5)]
+    with torch.inference_mode():
+        for x in xs:
+            got = fast(x)
+            assert_same(got, plain(x), cfg)
+        before = calls.n
+        assert_same(fast(xs[0]), plain(xs[0]), cfg)
+        assert calls.n == before
+    assert capture_report(fast) == {"recorded": ["[1, 3, 64, 64] float32 cpu"], "refused": []}
