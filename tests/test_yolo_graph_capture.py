@@ -289,3 +289,37 @@ def test_other_heads_and_biformer_replay_bit_identical(cfg):
         assert_same(fast(xs[0]), plain(xs[0]), cfg)
         assert calls.n == before
     assert capture_report(fast) == {"recorded": ["[1, 3, 64, 64] float32 cpu"], "refused": []}
+
+
+def test_threads_recording_and_replaying_at_once_agree():
+    """Three threads run one captured model on the same shape at once, through the tree walks,
+    the recording and the replays: every output equals the single-threaded tree walk's."""
+    import threading
+
+    fast, plain = converted_pair(seed=9)
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.rand(1, 3, IMGSZ, IMGSZ, generator=gen) for _ in range(6)]
+    with torch.no_grad():
+        want = [plain(x) for x in xs]
+    errors, done = [], []
+
+    def run(t):
+        try:
+            with torch.no_grad():
+                for k in range(len(xs)):
+                    i = (k + 2 * t) % len(xs)
+                    assert_same(fast(xs[i]), want[i], f"thread {t}, input {i}")
+            done.append(t)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert sorted(done) == [0, 1, 2]
+    from dsconv_ext.yolo.graph_capture import capture_report
+
+    assert capture_report(fast)["recorded"] == ["[1, 3, 64, 64] float32 cpu"]

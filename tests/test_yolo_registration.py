@@ -521,9 +521,13 @@ def test_oldest_supported_ultralytics():
     assert "GFLOPs" in r.stdout + r.stderr  # 8.3's model.info() after fuse, our rules in
 
 
-def test_info_report(registered):
+def test_info_report(registered, monkeypatch):
+    monkeypatch.delenv("DSCONV_EXT_CAPTURE", raising=False)
     report = registered.integration_report()
     assert report["registered"] is True and report["ultralytics"]
+    assert report["graph_capture"] == "on"
+    monkeypatch.setenv("DSCONV_EXT_CAPTURE", "0")
+    assert registered.integration_report()["graph_capture"] == "off (DSCONV_EXT_CAPTURE=0)"
     assert sys.modules["ultralytics.nn.tasks"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

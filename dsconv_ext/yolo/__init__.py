@@ -48,13 +48,17 @@ def autoregister() -> bool:
 
 def integration_report() -> dict:
     """State of the ultralytics integration, for ``python -m dsconv_ext info``."""
+    import os
     import sys
 
     from ._autoload import TARGET
     from .import_hook import pending
 
+    capture = os.environ.get("DSCONV_EXT_CAPTURE", "1") != "0"
     report = {
         "auto_registration": "on" if enabled() else f"off ({ENV_VAR}=0)",
+        # converted ultralytics models' recorded-graph forward (dsconv_ext.yolo.graph_capture)
+        "graph_capture": "on" if capture else "off (DSCONV_EXT_CAPTURE=0)",
         "pth_hook_loaded": "dsconv_ext_yolo_autoload" in sys.modules,
         "import_hooks_waiting": pending(),
     }
