@@ -49,6 +49,17 @@ class TreeCalls:
         layer.forward = counted
 
 
+def record(model, x):
+    """Runs ``model(x)`` until the signature is recorded (CAPTURE_AFTER calls, inside the
+    caller's no-grad block); returns the last output."""
+    from dsconv_ext.yolo.graph_capture import CAPTURE_AFTER, capture_report
+
+    for _ in range(CAPTURE_AFTER):
+        y = model(x)
+    assert capture_report(model)["recorded"], capture_report(model)
+    return y
+
+
 def assert_same(got, want, what=""):
     gl, gs = torch.utils._pytree.tree_flatten(got)
     wl, ws = torch.utils._pytree.tree_flatten(want)
@@ -111,8 +122,7 @@ def test_eager_where_replay_does_not_apply(monkeypatch):
     calls = TreeCalls(fast)
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.no_grad():
-        for _ in range(4):
-            fast(x)
+        record(fast, x)
         want = plain(x)
         n = calls.n
         fast(x)
@@ -160,9 +170,7 @@ def test_recorded_graphs_follow_weight_updates_and_drop_on_changes():
     other, _ = converted_pair(seed=5)
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.inference_mode():
-        for _ in range(3):
-            fast(x)
-        assert capture_report(fast)["recorded"]
+        record(fast, x)
         before = fast(x)
         fast.load_state_dict(other.state_dict())
         plain.load_state_dict(other.state_dict())
@@ -173,19 +181,15 @@ def test_recorded_graphs_follow_weight_updates_and_drop_on_changes():
 
         fast.float()  # _apply
         assert capture_report(fast)["recorded"] == []
-        for _ in range(3):
-            fast(x)
-        assert capture_report(fast)["recorded"]
+        record(fast, x)
         fast.model[10].extra = nn.Identity()  # any module registration
         assert capture_report(fast)["recorded"] == []
-        for _ in range(3):
-            fast(x)
+        record(fast, x)
         assert clear_captures(fast) == 1 and capture_report(fast)["recorded"] == []
         # a plain attribute edit, then clear_captures: the new behaviour
         for m in (fast.model[-1], plain.model[-1]):
             m.export = True
-        for _ in range(3):
-            y = fast(x)
+        y = record(fast, x)
         assert isinstance(y, torch.Tensor) and torch.equal(y, plain(x))
 
 
@@ -234,14 +238,12 @@ def test_value_dependent_forward_is_refused(layer):
 
 def test_copies_and_checkpoints_carry_no_graphs(tmp_path):
     from dsconv_ext.yolo.checkpoint import restricted_load
-    from dsconv_ext.yolo.graph_capture import CapturedDetectionModel, capture_report
+    from dsconv_ext.yolo.graph_capture import CapturedDetectionModel
 
     fast, plain = converted_pair(seed=7)
     x = torch.rand(1, 3, IMGSZ, IMGSZ)
     with torch.inference_mode():
-        for _ in range(3):
-            fast(x)
-        assert capture_report(fast)["recorded"]
+        record(fast, x)
         twin = copy.deepcopy(fast)
         assert type(twin) is CapturedDetectionModel and "_dsconv_captures" not in vars(twin)
         buf = io.BytesIO()
@@ -251,10 +253,7 @@ def test_copies_and_checkpoints_carry_no_graphs(tmp_path):
         loaded = restricted_load(str(path))["model"]
         assert type(loaded) is CapturedDetectionModel and "_dsconv_captures" not in vars(loaded)
         for m in (twin, loaded):
-            for _ in range(4):
-                y = m(x)
-            assert capture_report(m)["recorded"]
-            assert_same(y, plain(x))
+            assert_same(record(m, x), plain(x))
 
 
 @pytest.mark.parametrize(
