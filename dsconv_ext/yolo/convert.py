@@ -212,10 +212,10 @@ def quantize(
     in_place_concat: bool = True,
     fast_dfl: bool = True,
     fast_stem: bool = True,
-    capture_graph: bool = True,
     force: bool = False,
     check_speed: Optional[bool] = None,
     example_input: Optional[torch.Tensor] = None,
+    capture_graph: bool = True,
 ):
     """Convert a trained model's convolutions to inference DSConv, in place.
 
@@ -247,10 +247,6 @@ def quantize(
         fast_stem: also give the fused ultralytics ``Conv`` layers left in float that read at
             most 4 channels (the RGB stem) a faster direct convolution with the SiLU fused,
             equal to float rounding (:mod:`dsconv_ext.yolo.fast_stem`).
-        capture_graph: also let an ultralytics model replay its CPU inference forward as one
-            recorded operator sequence once an input shape repeats, instead of walking the module
-            tree in Python (bit-identical; :mod:`dsconv_ext.yolo.graph_capture`, where its
-            limits are).
         force: convert even where this machine runs DSConv slower than the float conv (see
             :mod:`dsconv_ext.yolo.speed_check`): without a fast CPU path nothing is converted
             unless forced, and on the AVX2 path each layer is timed and kept float if slower.
@@ -259,6 +255,10 @@ def quantize(
             CPU paths not known to be faster (None).
         example_input: the input the layer timing runs the model on (default for ultralytics
             models: one 640x640 image of zeros).
+        capture_graph: also let an ultralytics model replay its CPU inference forward as one
+            recorded operator sequence once an input shape repeats, instead of walking the module
+            tree in Python (bit-identical; :mod:`dsconv_ext.yolo.graph_capture`, where its
+            limits are).
 
     Returns:
         ``model``, converted. ``model.dsconv_ext`` (on the nn.Module) records the settings, what
