@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 
 import pytest
@@ -322,3 +323,45 @@ def test_threads_recording_and_replaying_at_once_agree():
     from dsconv_ext.yolo.graph_capture import capture_report
 
     assert capture_report(fast)["recorded"] == ["[1, 3, 64, 64] float32 cpu"]
+
+
+OLD_CAPTURE_CHECK = """
+import copy, warnings
+import torch
+import dsconv_ext.yolo as dy
+dy.register()
+from ultralytics.nn.tasks import DetectionModel
+from dsconv_ext import quantize
+from dsconv_ext.yolo.graph_capture import capture_report
+torch.manual_seed(0)
+model = DetectionModel("yolo11n.yaml", verbose=False).eval()
+plain = quantize(copy.deepcopy(model), capture_graph=False, check_speed=False)
+fast = quantize(model, check_speed=False)
+x = torch.rand(1, 3, 64, 64)
+with torch.inference_mode(), warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    got = [fast(x) for _ in range(4)] + [fast.predict(x, profile=False, visualize=False)]
+    want = plain(x)
+print("TYPE", type(fast).__name__, "RECORDED", capture_report(fast)["recorded"])
+print("EQUAL", all(torch.equal(g[0], want[0]) for g in got))
+print("WARNINGS", [str(m.message) for m in w if "dsconv_ext" in str(m.message)])
+"""
+
+
+def test_oldest_supported_ultralytics_replays():
+    """ultralytics 8.3.0's predict passes (x, profile, visualize, embed) to _predict_once, later
+    versions (x, profile, embed): both record and replay bit-identically."""
+    from conftest import skip_or_fail
+    from test_yolo_registration import old_ultralytics_problem
+    from yolo_helpers import OLD_ULTRALYTICS, pkg_parent, run_python
+
+    problem = old_ultralytics_problem()
+    if problem:
+        skip_or_fail(problem, should_run=True)
+    r = run_python(
+        OLD_CAPTURE_CHECK, timeout=300, PYTHONPATH=os.pathsep.join([OLD_ULTRALYTICS, pkg_parent()])
+    )
+    assert "TYPE CapturedDetectionModel RECORDED ['[1, 3, 64, 64] float32 cpu']" in r.stdout, (
+        r.stdout
+    )
+    assert "EQUAL True" in r.stdout and "WARNINGS []" in r.stdout, r.stdout

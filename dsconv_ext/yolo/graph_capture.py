@@ -147,10 +147,11 @@ class CapturedForward:
     """Mixin over an ultralytics model class: ``_predict_once`` replays a recorded graph where one
     applies (see the module docstring), else runs the inherited forward."""
 
-    def _predict_once(self, x, profile=False, embed=None):
+    # (*args: ultralytics 8.3 passes profile, visualize, embed; later versions profile, embed)
+    def _predict_once(self, x, *args, **kwargs):
         eager = super()._predict_once
-        if profile or embed or not _replay_allowed(self, x):
-            return eager(x, profile, embed)
+        if any(args) or any(kwargs.values()) or not _replay_allowed(self, x):
+            return eager(x, *args, **kwargs)
         state = self.__dict__.get("_dsconv_captures")
         if state is None or state.epoch != _epoch[0]:
             state = self.__dict__["_dsconv_captures"] = _Captures(self)
