@@ -53,6 +53,9 @@ import _runtimes  # noqa: E402
 from _timing import dump_json, environment, print_header, print_table  # noqa: E402
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
+# Converted models record their forward graph on the third call (dsconv_ext.yolo.graph_capture),
+# inside the warm-up: the steady state of a stream. By default they wait for 10 s of calls.
+os.environ.setdefault("DSCONV_EXT_CAPTURE_AFTER_S", "0")
 IMGSZ = 640
 CLASSES = ("box", "disc", "triangle")
 VARIANTS = tuple(k for k in _runtimes.RUNTIMES if k != "float")
@@ -523,6 +526,9 @@ def main(argv=None) -> int:
     print_header("bench_model", info)
     print(f"# peers: {peers}; dsconv2d cpu backend: "
           f"{dsconv_backend_report().get('cpu', {}).get('backend')}")  # fmt: skip
+    print(f"# dsconv_ext int8: the recorded-graph forward, recorded during the warm-up "
+          f"(DSCONV_EXT_CAPTURE_AFTER_S={os.environ.get('DSCONV_EXT_CAPTURE_AFTER_S')}; by "
+          f"default after 10 s of calls with one input shape)")  # fmt: skip
     print(f"# {args.imgsz} px, batch 1, {args.threads} threads in every runtime; each runtime in "
           f"its own processes ({args.cycles} cycles A B C ... A B C): {args.warmup} warm-up calls, "
           f"median of {args.rounds} calls; latency = median of the per-process medians, spread = "

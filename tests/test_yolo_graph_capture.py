@@ -25,6 +25,12 @@ def registered():
     dy.register()
 
 
+@pytest.fixture(autouse=True)
+def record_early(monkeypatch):
+    """Record on the third call (the default waits for 10 s of eager forwards of a shape)."""
+    monkeypatch.setenv("DSCONV_EXT_CAPTURE_AFTER_S", "0")
+
+
 def converted_pair(cfg: str = "yolo11n.yaml", seed: int = 0):
     """(captured, plain): one trained-like model converted with and without graph capture."""
     from dsconv_ext import quantize
@@ -358,10 +364,50 @@ def test_oldest_supported_ultralytics_replays():
     problem = old_ultralytics_problem()
     if problem:
         skip_or_fail(problem, should_run=True)
-    r = run_python(
-        OLD_CAPTURE_CHECK, timeout=300, PYTHONPATH=os.pathsep.join([OLD_ULTRALYTICS, pkg_parent()])
-    )
+    path = os.pathsep.join([OLD_ULTRALYTICS, pkg_parent()])
+    r = run_python(OLD_CAPTURE_CHECK, timeout=300, PYTHONPATH=path, DSCONV_EXT_CAPTURE_AFTER_S=0)
     assert "TYPE CapturedDetectionModel RECORDED ['[1, 3, 64, 64] float32 cpu']" in r.stdout, (
         r.stdout
     )
     assert "EQUAL True" in r.stdout and "WARNINGS []" in r.stdout, r.stdout
+
+
+def test_recording_waits_for_the_eager_seconds(monkeypatch):
+    """By default a signature is recorded only after CAPTURE_AFTER_SECONDS of eager forwards (a
+    short job never pays for the recording); DSCONV_EXT_CAPTURE_AFTER_S sets the wait, and a
+    value that is not a number of seconds >= 0 is refused by name."""
+    import time
+
+    from dsconv_ext.yolo.graph_capture import CAPTURE_AFTER_SECONDS, capture_report
+
+    assert CAPTURE_AFTER_SECONDS == 10.0
+    fast, plain = converted_pair(seed=10)
+    calls = TreeCalls(fast)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.inference_mode():
+        monkeypatch.delenv("DSCONV_EXT_CAPTURE_AFTER_S")  # the default: 10 s
+        for _ in range(6):
+            fast(x)
+        assert capture_report(fast)["recorded"] == [] and calls.n == 6
+        wait = 0.25
+        monkeypatch.setenv("DSCONV_EXT_CAPTURE_AFTER_S", str(wait))
+        fast.float()  # drops the counts with the (absent) graphs
+        took = []
+        while not capture_report(fast)["recorded"]:
+            t0 = time.perf_counter()
+            fast(x)
+            took.append(time.perf_counter() - t0)
+            assert len(took) < 1000, "never recorded"
+        # the recording call comes once the eager calls before it took the wait (timed here
+        # around the whole call, so a little longer than the forwards the model counts)
+        assert len(took) >= 3 and sum(took[:-1]) >= wait
+        assert sum(took[:-2]) < 2 * wait, took
+        before = calls.n
+        assert_same(fast(x), plain(x))
+        assert calls.n == before
+        for bad in ("-1", "soon", "nan"):
+            monkeypatch.setenv("DSCONV_EXT_CAPTURE_AFTER_S", bad)
+            fast.float()
+            with pytest.raises(ValueError, match="DSCONV_EXT_CAPTURE_AFTER_S must be a number"):
+                for _ in range(3):
+                    fast(x)

@@ -1,13 +1,14 @@
 """Replay of an ultralytics model's forward as one recorded operator sequence (CPU inference).
 
 A converted yolo11n forward walks ~140 ``nn.Module`` calls and the blocks' own Python code to
-make ~230 operator calls, the same ones on every call once the input's shape is fixed. So, after
-a model has seen the same input signature (shape, strides, dtype, device) :data:`CAPTURE_AFTER`
-times outside autograd, its forward is recorded at the operator level (``torch.fx``'s
-``make_fx`` on real tensors: the ATen and ``dsconv_ext`` operators the forward calls, with their
-arguments) into a ``GraphModule`` whose generated code makes those calls in order; later calls
-with that signature run it instead of the module tree (0.6-0.9 ms less per 640 px yolo11n
-forward on an AMD Zen 4, of 23 ms at two threads and 39 ms at one).
+make ~230 operator calls, the same ones on every call once the input's shape is fixed. So, once
+a model has run the same input signature (shape, strides, dtype, device) outside autograd for
+:data:`CAPTURE_AFTER_SECONDS` (and at least :data:`CAPTURE_AFTER` calls), its forward is
+recorded at the operator level (``torch.fx``'s ``make_fx`` on real tensors: the ATen and
+``dsconv_ext`` operators the forward calls, with their arguments) into a ``GraphModule`` whose
+generated code makes those calls in order; later calls with that signature run it instead of
+the module tree (0.6-0.9 ms less per 640 px yolo11n forward on an AMD Zen 4, of 23 ms at two
+threads and 39 ms at one).
 
 The recorded graph calls the same operators on the same tensors with the same arguments in the
 same order, so its outputs are bit-identical to the eager forward: this is checked once, when the
@@ -20,6 +21,12 @@ values (``nonzero``, boolean masks), any error while recording. Not used with au
 training mode, under tracing / scripting / ONNX export / ``torch.compile``, with ``profile`` or
 ``embed``, for non-CPU tensors or tensor subclasses, or with ``DSCONV_EXT_CAPTURE=0``.
 
+Recording costs 0.6-2 s (an eager run, the trace, a checking replay), which a 25 ms forward
+earns back after 1000-3000 calls: hence the wait, so that a short job (a folder of images, a
+validation run over many letterboxed shapes) never pays it and a stream pays it once.
+``DSCONV_EXT_CAPTURE_AFTER_S`` sets the wait in seconds (0: record on the third call, as the
+benchmarks do).
+
 Recorded graphs are dropped when the model's tensors move or change dtype (``.to()``, ``.half()``;
 ``_apply``), when any module, parameter or buffer is registered anywhere in the process (a layer
 replaced, a buffer added: process-wide registration hooks), and are never pickled or deep-copied.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from typing import Dict, List, Optional
 
@@ -41,6 +49,7 @@ from ultralytics.nn import tasks
 
 __all__ = [
     "CAPTURE_AFTER",
+    "CAPTURE_AFTER_SECONDS",
     "ENV_VAR",
     "CapturedForward",
     "capture_report",
@@ -49,10 +58,11 @@ __all__ = [
 ]
 
 ENV_VAR = "DSCONV_EXT_CAPTURE"
-# Calls with one signature before it is recorded: a stream of same-sized frames is recorded on
-# its third, while a validation run over many letterboxed shapes records few of them (recording
-# costs about a second).
+AFTER_ENV_VAR = "DSCONV_EXT_CAPTURE_AFTER_S"
+# A signature is recorded once it has taken CAPTURE_AFTER_SECONDS of eager forwards over at least
+# CAPTURE_AFTER calls (the third call at the earliest: the first two settle per-shape state).
 CAPTURE_AFTER = 3
+CAPTURE_AFTER_SECONDS = 10.0
 MAX_GRAPHS = 8  # recorded signatures per model
 MAX_SEEN = 64  # signatures counted per model before the counts restart
 
@@ -74,6 +84,19 @@ def _enabled() -> bool:
     return os.environ.get(ENV_VAR, "1") != "0"
 
 
+def _after_seconds() -> float:
+    raw = os.environ.get(AFTER_ENV_VAR)
+    if raw is None:
+        return CAPTURE_AFTER_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise ValueError(f"{AFTER_ENV_VAR} must be a number of seconds >= 0, got {raw!r}")
+    return value
+
+
 def _replay_allowed(model: nn.Module, x) -> bool:
     return (
         type(x) is torch.Tensor
@@ -89,14 +112,15 @@ def _replay_allowed(model: nn.Module, x) -> bool:
 
 
 class _Captures:
-    """Per model: recorded graphs by input signature (False where refused), call counts."""
+    """Per model: recorded graphs by input signature (False where refused), and per signature
+    not yet recorded its eager calls and the seconds they took."""
 
     def __init__(self, model: nn.Module) -> None:
         self.epoch = _epoch[0]
         self.modules = list(model.modules())
         self.graphs: Dict[tuple, object] = {}
         self.refused: Dict[tuple, str] = {}
-        self.seen: Dict[tuple, int] = {}
+        self.seen: Dict[tuple, tuple] = {}
         self.lock = threading.Lock()
 
 
@@ -165,10 +189,12 @@ class CapturedForward:
             return eager(x)
         if len(state.seen) >= MAX_SEEN:
             state.seen.clear()
-        n = state.seen.get(key, 0) + 1
-        state.seen[key] = n
-        if n < CAPTURE_AFTER:
-            return eager(x)
+        calls, seconds = state.seen.get(key, (0, 0.0))
+        if calls + 1 < CAPTURE_AFTER or seconds < _after_seconds():
+            t0 = time.perf_counter()
+            y = eager(x)
+            state.seen[key] = (calls + 1, seconds + time.perf_counter() - t0)
+            return y
         with state.lock:
             if key in state.graphs:  # another thread recorded it meanwhile
                 graph = state.graphs[key]
