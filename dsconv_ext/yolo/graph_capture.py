@@ -218,6 +218,8 @@ class CapturedForward:
                     reason = "the recorded graph's outputs differ from the eager forward's"
         except Exception as e:  # any failure to record: stay eager
             reason = f"recording failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        # (building the GraphModule registered its constants: not an edit of the model)
+        state.epoch = _epoch[0]
         if reason is not None:
             state.graphs[key] = False
             state.refused[key] = reason
@@ -227,11 +229,8 @@ class CapturedForward:
                 RuntimeWarning,
                 stacklevel=4,
             )
-            state.epoch = _epoch[0]
             return y_eager if y_eager is not None else base(x)
         state.graphs[key] = gm
-        # (building the GraphModule registered its constants: not an edit of the model)
-        state.epoch = _epoch[0]
         return y_graph
 
     def _apply(self, *args, **kwargs):

@@ -87,11 +87,7 @@ def _into(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
         c_ = m.cv2.conv.out_channels
         both = x.new_empty(x.shape[0], 2 * c_, x.shape[2], x.shape[3])
         _into(m.cv2, x, both[:, c_:])
-        h = m.cv1(x)
-        *head, last = m.m  # (slicing an nn.Sequential builds a new one on every call)
-        for blk in head:
-            h = blk(h)
-        _into(last, h, both[:, :c_])
+        _into(m.m, m.cv1(x), both[:, :c_])
         _into(m.cv3, both, out)
         return
     out.copy_(m(x))
