@@ -119,7 +119,7 @@ def test_replay_is_bit_identical_and_starts_on_the_third_call(cfg):
             assert calls.n == before
     rep = capture_report(fast)
     assert len(rep["recorded"]) == len(shapes) and rep["refused"] == []
-    assert "[2, 3, 64, 64] float32 cpu" in rep["recorded"]
+    assert "[2, 3, 64, 64] float32 cpu: TorchScript" in rep["recorded"]
 
 
 def test_eager_where_replay_does_not_apply(monkeypatch):
@@ -294,7 +294,10 @@ def test_other_heads_and_biformer_replay_bit_identical(cfg):
         before = calls.n
         assert_same(fast(xs[0]), plain(xs[0]), cfg)
         assert calls.n == before
-    assert capture_report(fast) == {"recorded": ["[1, 3, 64, 64] float32 cpu"], "refused": []}
+    assert capture_report(fast) == {
+        "recorded": ["[1, 3, 64, 64] float32 cpu: TorchScript"],
+        "refused": [],
+    }
 
 
 def test_threads_recording_and_replaying_at_once_agree():
@@ -328,7 +331,7 @@ def test_threads_recording_and_replaying_at_once_agree():
     assert sorted(done) == [0, 1, 2]
     from dsconv_ext.yolo.graph_capture import capture_report
 
-    assert capture_report(fast)["recorded"] == ["[1, 3, 64, 64] float32 cpu"]
+    assert capture_report(fast)["recorded"] == ["[1, 3, 64, 64] float32 cpu: TorchScript"]
 
 
 OLD_CAPTURE_CHECK = """
@@ -366,9 +369,8 @@ def test_oldest_supported_ultralytics_replays():
         skip_or_fail(problem, should_run=True)
     path = os.pathsep.join([OLD_ULTRALYTICS, pkg_parent()])
     r = run_python(OLD_CAPTURE_CHECK, timeout=300, PYTHONPATH=path, DSCONV_EXT_CAPTURE_AFTER_S=0)
-    assert "TYPE CapturedDetectionModel RECORDED ['[1, 3, 64, 64] float32 cpu']" in r.stdout, (
-        r.stdout
-    )
+    want = "TYPE CapturedDetectionModel RECORDED ['[1, 3, 64, 64] float32 cpu: TorchScript']"
+    assert want in r.stdout, r.stdout
     assert "EQUAL True" in r.stdout and "WARNINGS []" in r.stdout, r.stdout
 
 
@@ -411,3 +413,56 @@ def test_recording_waits_for_the_eager_seconds(monkeypatch):
             with pytest.raises(ValueError, match="DSCONV_EXT_CAPTURE_AFTER_S must be a number"):
                 for _ in range(3):
                     fast(x)
+
+
+def test_torchscript_replay_and_its_fallbacks_to_the_fx_graph(monkeypatch):
+    """The recorded graph replays through TorchScript where tracing it works and its replay is
+    bit-identical; a trace that fails or replays different values (here planted: a trace that
+    adds 1 to every output), or DSCONV_EXT_CAPTURE=fx, replays the fx graph instead, still bit
+    for bit. A DSCONV_EXT_CAPTURE value other than 0, 1 or fx is refused by name."""
+    from dsconv_ext.yolo.graph_capture import capture_report
+
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    real_trace = torch.jit.trace
+
+    class _OffByOne(nn.Module):
+        def __init__(self, traced):
+            super().__init__()
+            self.traced = traced
+
+        def forward(self, t):
+            return tuple(v + 1 for v in self.traced(t))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no TorchScript here")
+
+    def off_by_one(*args, **kwargs):
+        return _OffByOne(real_trace(*args, **kwargs))
+
+    cases = [
+        ("1", None, "TorchScript"),
+        ("fx", None, "fx"),
+        ("1", failing, "fx"),
+        ("1", off_by_one, "fx"),
+    ]
+    for env, trace, engine in cases:
+        monkeypatch.setenv("DSCONV_EXT_CAPTURE", env)
+        monkeypatch.setattr(torch.jit, "trace", trace or real_trace)
+        fast, plain = converted_pair(seed=11)
+        calls = TreeCalls(fast)
+        with torch.inference_mode():
+            record(fast, x)
+            assert capture_report(fast)["recorded"] == [
+                f"[1, 3, {IMGSZ}, {IMGSZ}] float32 cpu: {engine}"
+            ], (
+                env,
+                trace,
+            )
+            before = calls.n
+            x2 = torch.randn(1, 3, IMGSZ, IMGSZ)
+            assert_same(fast(x2), plain(x2), f"{env} {engine}")
+            assert calls.n == before
+    monkeypatch.setattr(torch.jit, "trace", real_trace)
+    monkeypatch.setenv("DSCONV_EXT_CAPTURE", "yes")
+    with torch.inference_mode(), pytest.raises(ValueError, match="DSCONV_EXT_CAPTURE must be 0"):
+        fast(x)
