@@ -525,9 +525,13 @@ def test_info_report(registered, monkeypatch):
     monkeypatch.delenv("DSCONV_EXT_CAPTURE", raising=False)
     report = registered.integration_report()
     assert report["registered"] is True and report["ultralytics"]
-    assert report["graph_capture"] == "on"
+    assert report["graph_capture"].startswith("on (replayed by TorchScript")
     monkeypatch.setenv("DSCONV_EXT_CAPTURE", "0")
     assert registered.integration_report()["graph_capture"] == "off (DSCONV_EXT_CAPTURE=0)"
+    monkeypatch.setenv("DSCONV_EXT_CAPTURE", "fx")
+    assert registered.integration_report()["graph_capture"].startswith("on (replayed by torch.fx")
+    monkeypatch.setenv("DSCONV_EXT_CAPTURE", "off")
+    assert "must be 0, 1 or fx, got 'off'" in registered.integration_report()["graph_capture"]
     assert sys.modules["ultralytics.nn.tasks"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -54,11 +54,16 @@ def integration_report() -> dict:
     from ._autoload import TARGET
     from .import_hook import pending
 
-    capture = os.environ.get("DSCONV_EXT_CAPTURE", "1") != "0"
+    capture = os.environ.get("DSCONV_EXT_CAPTURE", "1")
+    capture_state = {
+        "1": "on (replayed by TorchScript where the graph traces, else by torch.fx)",
+        "fx": "on (replayed by torch.fx: DSCONV_EXT_CAPTURE=fx)",
+        "0": "off (DSCONV_EXT_CAPTURE=0)",
+    }.get(capture, f"error: DSCONV_EXT_CAPTURE must be 0, 1 or fx, got {capture!r}")
     report = {
         "auto_registration": "on" if enabled() else f"off ({ENV_VAR}=0)",
         # converted ultralytics models' recorded-graph forward (dsconv_ext.yolo.graph_capture)
-        "graph_capture": "on" if capture else "off (DSCONV_EXT_CAPTURE=0)",
+        "graph_capture": capture_state,
         "pth_hook_loaded": "dsconv_ext_yolo_autoload" in sys.modules,
         "import_hooks_waiting": pending(),
     }
