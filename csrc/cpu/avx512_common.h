@@ -109,6 +109,22 @@ DSCONV_AVX512 inline void store_vec(const Layout& lay, float* out, int64_t oh, i
     _mm512_storeu_ps(out + oh * Wo + ow, y);
     return;
   }
+  // Two q-rows, both in the band: output rows are adjacent in the plane, so the real lanes are
+  // contiguous there once the q-grid's Wq - Wo extra columns are squeezed out of the vector (none
+  // when Wq == Wo: one plain store). One store instead of a loop of two masked ones (narrow maps,
+  // where most vectors cross a row end).
+  const int64_t n1 = lay.Wq - ow;  // lanes in the first q-row
+  if (n1 < kVec && kVec - n1 <= lay.Wq && oh + 1 < oh1) {
+    if (lay.Wq == Wo) {
+      _mm512_storeu_ps(out + oh * Wo + ow, y);
+      return;
+    }
+    const int64_t v1 = ow < Wo ? Wo - ow : 0, v2 = std::min<int64_t>(kVec - n1, Wo);
+    const __m512 real = _mm512_maskz_compress_ps(lane_range(0, v1) | lane_range(n1, n1 + v2), y);
+    _mm512_mask_storeu_ps(out + (ow < Wo ? oh * Wo + ow : (oh + 1) * Wo), lane_range(0, v1 + v2),
+                          real);
+    return;
+  }
   int64_t lane = 0;
   while (lane < kVec && oh < oh1) {
     const int64_t n = std::min(kVec - lane, lay.Wq - ow);
