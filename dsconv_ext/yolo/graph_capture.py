@@ -9,9 +9,9 @@ recorded at the operator level (``torch.fx``'s ``make_fx`` on real tensors: the 
 generated code makes those calls in order; later calls with that signature run it instead of
 the module tree (0.6-0.9 ms less per 640 px yolo11n forward on an AMD Zen 4, of 23 ms at two
 threads and 39 ms at one). That graph is then traced into TorchScript, whose interpreter makes
-the same calls from C++ without the generated Python in between (up to 9-12% less again on the
-same machine; ``_torchscript_runner``); where tracing fails or its replay differs, or with
-``DSCONV_EXT_CAPTURE=fx``, the fx graph itself replays.
+the same calls from C++ without the generated Python in between (8-14% less again on the same
+machine in a same-model A/B; ``_torchscript_runner``); where tracing fails or its replay
+differs, or with ``DSCONV_EXT_CAPTURE=fx``, the fx graph itself replays.
 
 The recorded graph calls the same operators on the same tensors with the same arguments in the
 same order, so its outputs are bit-identical to the eager forward: this is checked once, when the
@@ -191,10 +191,11 @@ class _FlatOutputs(nn.Module):
 
 def _torchscript_runner(gm: nn.Module, x: torch.Tensor, y_ref):
     """``gm`` traced into TorchScript, whose interpreter makes the operator calls from C++ instead
-    of the generated Python (~8% less per 640 px yolo11n forward at two threads on a Zen 4), run
-    without the graph executor's optimisation passes so that it is the traced graph, checked
-    bit-identical to ``y_ref``; None where tracing fails (a PyTorch without ``torch.jit``, an
-    output that is not all tensors), the replay differs, or ``DSCONV_EXT_CAPTURE=fx``."""
+    of the generated Python (0.86-0.92x the time of a 640 px yolo11n forward at two threads on a
+    Zen 4, same-model A/B), run without the graph executor's optimisation passes so that it is
+    the traced graph, checked bit-identical to ``y_ref``; None where tracing fails (a PyTorch
+    without ``torch.jit``, an output that is not all tensors), the replay differs, or
+    ``DSCONV_EXT_CAPTURE=fx``."""
     if os.environ.get(ENV_VAR) == "fx":
         return None
     flat, spec = pytree.tree_flatten(y_ref)
