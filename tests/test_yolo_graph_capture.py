@@ -452,12 +452,8 @@ def test_torchscript_replay_and_its_fallbacks_to_the_fx_graph(monkeypatch):
         calls = TreeCalls(fast)
         with torch.inference_mode():
             record(fast, x)
-            assert capture_report(fast)["recorded"] == [
-                f"[1, 3, {IMGSZ}, {IMGSZ}] float32 cpu: {engine}"
-            ], (
-                env,
-                trace,
-            )
+            want = [f"[1, 3, {IMGSZ}, {IMGSZ}] float32 cpu: {engine}"]
+            assert capture_report(fast)["recorded"] == want, (env, trace)
             before = calls.n
             x2 = torch.randn(1, 3, IMGSZ, IMGSZ)
             assert_same(fast(x2), plain(x2), f"{env} {engine}")
