@@ -9,7 +9,7 @@ recorded at the operator level (``torch.fx``'s ``make_fx`` on real tensors: the 
 generated code makes those calls in order; later calls with that signature run it instead of
 the module tree (0.6-0.9 ms less per 640 px yolo11n forward on an AMD Zen 4, of 23 ms at two
 threads and 39 ms at one). That graph is then traced into TorchScript, whose interpreter makes
-the same calls from C++ without the generated Python in between (8-14% less again on the same
+the same calls from C++ without the generated Python in between (3-14% less again on the same
 machine in a same-model A/B; ``_torchscript_runner``); where tracing fails or its replay
 differs, or with ``DSCONV_EXT_CAPTURE=fx``, the fx graph itself replays.
 
@@ -191,7 +191,7 @@ class _FlatOutputs(nn.Module):
 
 def _torchscript_runner(gm: nn.Module, x: torch.Tensor, y_ref):
     """``gm`` traced into TorchScript, whose interpreter makes the operator calls from C++ instead
-    of the generated Python (0.86-0.92x the time of a 640 px yolo11n forward at two threads on a
+    of the generated Python (0.86-0.97x the time of a 640 px yolo11n forward at two threads on a
     Zen 4, same-model A/B), run without the graph executor's optimisation passes so that it is
     the traced graph, checked bit-identical to ``y_ref``; None where tracing fails (a PyTorch
     without ``torch.jit``, an output that is not all tensors), the replay differs, or
