@@ -48,18 +48,19 @@ def autoregister() -> bool:
 
 def integration_report() -> dict:
     """State of the ultralytics integration, for ``python -m dsconv_ext info``."""
-    import os
     import sys
 
     from ._autoload import TARGET
     from .import_hook import pending
 
-    capture = os.environ.get("DSCONV_EXT_CAPTURE", "1")
-    capture_state = {
-        "1": "on (replayed by TorchScript where the graph traces, else by torch.fx)",
-        "fx": "on (replayed by torch.fx: DSCONV_EXT_CAPTURE=fx)",
-        "0": "off (DSCONV_EXT_CAPTURE=0)",
-    }.get(capture, f"error: DSCONV_EXT_CAPTURE must be 0, 1 or fx, got {capture!r}")
+    try:
+        from .graph_capture import CAPTURE_MODES, capture_mode
+
+        capture_state = CAPTURE_MODES[capture_mode()]
+    except ImportError:  # no ultralytics: no model to record
+        capture_state = "n/a (ultralytics not installed)"
+    except ValueError as e:
+        capture_state = f"error: {e}"
     report = {
         "auto_registration": "on" if enabled() else f"off ({ENV_VAR}=0)",
         # converted ultralytics models' recorded-graph forward (dsconv_ext.yolo.graph_capture)

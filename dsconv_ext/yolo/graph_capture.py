@@ -54,8 +54,10 @@ from ultralytics.nn import tasks
 __all__ = [
     "CAPTURE_AFTER",
     "CAPTURE_AFTER_SECONDS",
+    "CAPTURE_MODES",
     "ENV_VAR",
     "CapturedForward",
+    "capture_mode",
     "capture_report",
     "clear_captures",
     "use_graph_capture",
@@ -84,14 +86,27 @@ nn.modules.module.register_module_parameter_registration_hook(_bump_epoch)
 nn.modules.module.register_module_buffer_registration_hook(_bump_epoch)
 
 
-def _enabled() -> bool:
+# DSCONV_EXT_CAPTURE: what each value does (also what `python -m dsconv_ext info` reports).
+CAPTURE_MODES = {
+    "1": "on (replayed by TorchScript where the graph traces, else by torch.fx)",
+    "fx": "on (replayed by torch.fx: DSCONV_EXT_CAPTURE=fx)",
+    "0": "off (DSCONV_EXT_CAPTURE=0)",
+}
+
+
+def capture_mode() -> str:
+    """``DSCONV_EXT_CAPTURE`` (default ``"1"``), checked against :data:`CAPTURE_MODES`."""
     raw = os.environ.get(ENV_VAR, "1")
-    if raw not in ("0", "1", "fx"):
+    if raw not in CAPTURE_MODES:
         raise ValueError(
-            f"{ENV_VAR} must be 0 (no recorded graphs), 1 (the default) or fx (replay the fx "
-            f"graph, not TorchScript), got {raw!r}"
+            f"{ENV_VAR} must be 0, 1 or fx, got {raw!r} (0: no recorded graphs; 1: the default; "
+            f"fx: replay the fx graph, not TorchScript)"
         )
-    return raw != "0"
+    return raw
+
+
+def _enabled() -> bool:
+    return capture_mode() != "0"
 
 
 def _after_seconds() -> float:
@@ -196,7 +211,7 @@ def _torchscript_runner(gm: nn.Module, x: torch.Tensor, y_ref):
     the traced graph, checked bit-identical to ``y_ref``; None where tracing fails (a PyTorch
     without ``torch.jit``, an output that is not all tensors), the replay differs, or
     ``DSCONV_EXT_CAPTURE=fx``."""
-    if os.environ.get(ENV_VAR) == "fx":
+    if capture_mode() == "fx":
         return None
     flat, spec = pytree.tree_flatten(y_ref)
     if not flat or not all(type(t) is torch.Tensor for t in flat):
@@ -266,7 +281,9 @@ class CapturedForward:
                     reason = "the recorded graph's outputs differ from the eager forward's"
         except Exception as e:  # any failure to record: stay eager
             reason = f"recording failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        # (building the GraphModule registered its constants: not an edit of the model)
+        runner = _torchscript_runner(gm, x, y_eager) if reason is None else None
+        # (building the GraphModule registered its constants, and the TorchScript wrapper gm:
+        # not edits of the model)
         state.epoch = _epoch[0]
         if reason is not None:
             state.graphs[key] = False
@@ -278,10 +295,8 @@ class CapturedForward:
                 stacklevel=4,
             )
             return y_eager if y_eager is not None else base(x)
-        runner = _torchscript_runner(gm, x, y_eager)
         state.graphs[key] = runner if runner is not None else gm
         state.engines[key] = "TorchScript" if runner is not None else "fx"
-        state.epoch = _epoch[0]  # (the TorchScript wrapper registered gm as its submodule)
         return y_graph
 
     def _apply(self, *args, **kwargs):
