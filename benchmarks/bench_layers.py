@@ -1,0 +1,507 @@
+"""Per-layer benchmark: every convolution of a converted YOLO11 against the same layer in
+OpenVINO int8, with both put against this CPU's multiply-add peak.
+
+``bench_model.py`` gives one ratio per model; this shows where it comes from. For each model
+(the same random-weight checkpoint, image and conversions as ``bench_model.py --no-accuracy``):
+
+- ours: the model converted by ``dsconv_ext.quantize`` (as bench_model's ``int8`` row), its
+  forward replayed from the recorded graph as deployed, under the PyTorch profiler: each
+  convolution op's own time (the int8 DSConv layers, the float stem, any layer kept float),
+  median of ``--rounds`` forwards.
+- OpenVINO int8 (``--peer openvino-int8``, the default: NNCF, MIXED preset, the Detect head's
+  postprocessing left in float, as ``bench_model``'s ``openvino-int8`` row), or OpenVINO at its
+  default precision (``--peer openvino``: bf16 where the CPU has it, the fastest peer on AMX
+  CPUs; needs no NNCF): the model inferred ``--rounds`` times with
+  ``PERF_COUNT`` on, the median of each node's own time. OpenVINO fuses the activation and the
+  requantisation of the output into the convolution node, and its input is already int8 in its
+  blocked layout. Its own process.
+
+Both are times inside the model's forward, each layer after the one that produced its input
+(what is still in cache, as deployed).
+
+Per layer: multiply-accumulates, both times, ``speed vs OpenVINO`` (OpenVINO's time / ours, as
+bench_model's ``dsconv_ext int8 vs this``), GMAC/s, and the share of the int8 multiply-add peak
+of ``--threads`` cores: one core's ``vpdpbusd`` rate, measured as ``bench_isa.py`` does (zmm on
+AVX-512 VNNI, ymm on AVX-VNNI; no column on other CPUs). A layer near 100% is bound by its
+multiply-adds; the gap between ours and OpenVINO's on such a layer is what our packing of the
+float32 input, the float epilogue and the thread fork cost beyond its integer dot products.
+Then totals per layer kind, and what OpenVINO spends outside its convolutions.
+
+Reading it: the profilers add a little to every op, both sides; OpenVINO reports some fused
+nodes' time on a neighbour: a node above the peak is flagged, not believed.
+
+    python benchmarks/bench_layers.py                       # yolo11n and yolo11s, 640 px
+    python benchmarks/bench_layers.py --models yolo11n --threads 2 --json layers.json
+    python benchmarks/bench_layers.py --manifest ~/.cache/dsconv_ext_bench_model/artifacts/*.json
+
+``--manifest`` reuses the artifacts a ``bench_model.py`` run prepared (it must hold the ``int8``
+and the ``--peer`` files); otherwise they are made here (about a minute per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _runtimes  # noqa: E402
+from _timing import (  # noqa: E402
+    _cpu_model_and_flags,
+    dump_json,
+    environment,
+    print_header,
+    print_table,
+    warm_allocator,
+)
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+SCRIPT = os.path.abspath(__file__)
+BENCH_MODEL = os.path.join(os.path.dirname(SCRIPT), "bench_model.py")
+PEERS = ("openvino-int8", "openvino")
+# OpenVINO names a node after the module that traced it: "__module.model.3.conv/aten::_convolution
+# /Convolution" for ultralytics' model.3.conv.
+_OV_CONV = re.compile(r"^__module\.(?P<module>[^/]+)/aten::_convolution/")
+KINDS = ("3x3 stride 1", "3x3 stride 2", "1x1", "depthwise", "other")
+
+
+def layer_key(module_name: str) -> str:
+    """The name both sides share: ultralytics' ``Conv`` wraps its ``nn.Conv2d`` as ``.conv``,
+    which our stem module replaces whole (``model.0``) and OpenVINO names with the suffix
+    (``model.0.conv``)."""
+    return module_name[: -len(".conv")] if module_name.endswith(".conv") else module_name
+
+
+def openvino_conv_layer(node_name: str, node_type: str) -> Optional[str]:
+    """The layer key of an OpenVINO convolution node, None for any other node."""
+    if node_type not in ("Convolution", "GroupConvolution"):
+        return None
+    m = _OV_CONV.match(node_name)
+    return layer_key(m.group("module")) if m else None
+
+
+def layer_kind(k: int, stride: int, groups: int, cin: int) -> str:
+    if groups > 1 and groups == cin:
+        return "depthwise"
+    if groups == 1 and k == 3:
+        return f"3x3 stride {stride}" if stride in (1, 2) else "other"
+    if groups == 1 and k == 1 and stride == 1:
+        return "1x1"
+    return "other"
+
+
+def conv_macs(out_shape, cin: int, groups: int, kh: int, kw: int) -> int:
+    n, cout, ho, wo = out_shape
+    return n * cout * ho * wo * (cin // groups) * kh * kw
+
+
+# ---------------------------------------------------------------- our side
+def our_layers(model) -> Dict[str, object]:
+    """name -> module of every convolution the converted model runs: DSConv2d layers, the
+    float stem (FastStemConv, which replaces its whole Conv), float nn.Conv2d layers (kept by the
+    speed check, or the DFL's fixed conv: FastDFL has none)."""
+    from dsconv_ext.dsconv.module import DSConv2d
+    from dsconv_ext.yolo.fast_stem import FastStemConv
+
+    layers, inside_stem = {}, set()
+    for name, m in model.named_modules():
+        if isinstance(m, FastStemConv):
+            layers[name] = m
+            inside_stem.update(f"{name}.{sub}" for sub, _ in m.named_modules() if sub)
+        elif isinstance(m, (DSConv2d, torch.nn.Conv2d)) and name not in inside_stem:
+            layers[name] = m
+    return layers
+
+
+def _conv_of(m):
+    """The nn.Conv2d-like module holding the geometry (the stem wraps one as ``.conv``)."""
+    return m.conv if hasattr(m, "conv") and isinstance(m.conv, torch.nn.Module) else m
+
+
+# Ops a converted model's convolutions run as (a float conv kept by the speed check: aten).
+CONV_OPS = (
+    "dsconv_ext::dsconv2d",
+    "dsconv_ext::dsconv2d_out",
+    "dsconv_ext::stem_conv2d",
+    "aten::conv2d",
+    "aten::_convolution",
+    "aten::convolution",
+)
+
+
+def _conv_events(events) -> List[object]:
+    """The outermost convolution op events of a profile, in the order they started."""
+    found = []
+    for e in events:
+        if e.name not in CONV_OPS:
+            continue
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if parent.name in CONV_OPS:
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            found.append(e)
+    return sorted(found, key=lambda e: e.time_range.start)
+
+
+def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
+    """Each convolution's op time inside the converted model's forward (the recorded graph's
+    replay, as deployed), from the PyTorch profiler's events, median over ``rounds`` forwards;
+    the layers are named by the order an eager forward calls them, checked against each event's
+    input shape."""
+    from torch.profiler import ProfilerActivity, profile
+    from ultralytics import YOLO
+
+    import dsconv_ext  # noqa: F401  (registers the converted modules with ultralytics)
+
+    torch.set_num_threads(threads)
+    model = YOLO(man["files"]["int8"]).model.float().eval()
+    x = torch.from_numpy(np.load(man["input"]))
+    layers = our_layers(model)
+    order: List[str] = []
+    rows: Dict[str, Dict[str, object]] = {}
+
+    def record(name, m, inp, out):
+        order.append(name)
+        c = _conv_of(m)
+        kh, kw = c.kernel_size
+        rows[name] = {
+            "layer": layer_key(name),
+            "module": type(m).__name__,
+            "in": c.in_channels,
+            "out": c.out_channels,
+            "k": kh,
+            "stride": c.stride[0],
+            "groups": c.groups,
+            "input hw": list(inp[0].shape[2:]),
+            "input shape": list(inp[0].shape),
+            "kind": layer_kind(kh, c.stride[0], c.groups, c.in_channels),
+            "MACs": conv_macs(tuple(out.shape), c.in_channels, c.groups, kh, kw),
+        }
+
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, name=name: record(name, m, i, o))
+        for name, m in layers.items()
+    ]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    samples: Dict[str, List[float]] = {name: [] for name in order}
+    forwards, plain = [], []
+    with torch.inference_mode():
+        warm_allocator()
+        for _ in range(warmup + 3):  # the graph is recorded on the third call
+            model(x)
+        for r in range(rounds):
+            # Shapes (to check which op is which layer) only in the first round: recording them
+            # slows every op. A forward without the profiler after each one, for the total.
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=r == 0) as prof:
+                t0 = time.perf_counter()
+                model(x)
+                forwards.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            model(x)
+            plain.append((time.perf_counter() - t0) * 1e3)
+            events = _conv_events(prof.events())
+            if len(events) != len(order):
+                raise RuntimeError(
+                    f"{len(events)} convolution ops in a forward, {len(order)} conv layers called"
+                )
+            for name, e in zip(order, events):
+                shape = e.input_shapes[0] if e.input_shapes else None
+                if r == 0 and shape != rows[name]["input shape"]:
+                    raise RuntimeError(
+                        f"op {e.name} on input {shape} does not match layer {name}'s input "
+                        f"{rows[name]['input shape']}: the forward ran its convs in another order"
+                    )
+                samples[name].append(e.time_range.end - e.time_range.start)  # microseconds
+    for name in order:
+        rows[name]["us"] = statistics.median(samples[name])
+    return {
+        "layers": [rows[name] for name in order],
+        "forward ms (profiler on)": statistics.median(forwards),
+        "forward ms": statistics.median(plain),
+    }
+
+
+# ---------------------------------------------------------------- OpenVINO's side
+def time_openvino(
+    man: Dict, peer: str, threads: int, rounds: int, warmup: int
+) -> Dict[str, object]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(
+        man["files"][peer],
+        "CPU",
+        {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True},
+    )
+    req = compiled.create_infer_request()
+    feed = {0: np.load(man["input"])}
+    for _ in range(warmup):
+        req.infer(feed, share_inputs=True, share_outputs=True)
+    nodes: Dict[str, Dict[str, object]] = {}
+    walls = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        req.infer(feed, share_inputs=True, share_outputs=True)
+        walls.append((time.perf_counter() - t0) * 1e3)
+        for p in req.profiling_info:
+            if p.status != p.Status.EXECUTED:  # fused into another node, or optimised out
+                continue
+            node = nodes.setdefault(
+                p.node_name, {"type": p.node_type, "exec": p.exec_type, "samples": []}
+            )
+            node["samples"].append(p.real_time.total_seconds() * 1e6)
+    out = {}
+    for name, node in nodes.items():
+        s = node.pop("samples")
+        # A node that ran in only some rounds took 0 in the others.
+        out[name] = {**node, "us": statistics.median(s + [0.0] * (rounds - len(s)))}
+    return {"nodes": out, "inference ms (counters on)": statistics.median(walls)}
+
+
+# ---------------------------------------------------------------- the parent
+def vnni_peak_macs_per_ns() -> Optional[Dict[str, object]]:
+    """One core's int8 multiply-add peak: the vpdpbusd rate, as bench_isa.py measures it."""
+    import bench_isa
+
+    _, flags = _cpu_model_and_flags()
+    name = (
+        "vpdpbusd zmm"
+        if "avx512_vnni" in flags
+        else ("vpdpbusd ymm (AVX-VNNI)" if "avx_vnni" in flags else None)
+    )
+    if name is None or shutil.which("cc") is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        _, macs_per_ns = bench_isa.measure(name, 20_000_000, 5, tmp)
+    return {"instruction": name, "MACs per ns per core": round(macs_per_ns, 1)}
+
+
+def join(ours: List[Dict], ov_nodes: Dict[str, Dict], peak_gmacs: Optional[float]):
+    """Our layers and OpenVINO's convolution nodes, matched by layer; OpenVINO's other nodes."""
+    ov_convs: Dict[str, Dict] = {}
+    outside = 0.0
+    for name, node in ov_nodes.items():
+        key = openvino_conv_layer(name, node["type"])
+        if key is None:
+            outside += node["us"]
+        else:
+            ov_convs[key] = {"node": name, **node}
+    rows, only_ours = [], []
+    for row in ours:
+        ov = ov_convs.pop(row["layer"], None)
+        if ov is None:
+            only_ours.append(row["layer"])
+            continue
+        r = dict(row)
+        r["OpenVINO us"] = ov["us"]
+        r["OpenVINO kernel"] = ov["exec"]
+        r["speed vs OpenVINO"] = ov["us"] / row["us"]
+        r["GMAC/s"] = row["MACs"] / row["us"] / 1e3
+        r["OpenVINO GMAC/s"] = row["MACs"] / ov["us"] / 1e3 if ov["us"] > 0 else None
+        if peak_gmacs:
+            r["% peak"] = 100 * r["GMAC/s"] / peak_gmacs
+            if r["OpenVINO GMAC/s"] is not None:
+                r["OpenVINO % peak"] = 100 * r["OpenVINO GMAC/s"] / peak_gmacs
+                if "I8" in ov["exec"] and r["OpenVINO % peak"] > 100:
+                    r["note"] = "OpenVINO above the peak: part of its time is on another node"
+        rows.append(r)
+    return rows, only_ours, sorted(ov_convs), outside
+
+
+def by_kind(rows: List[Dict], peak_gmacs: Optional[float]) -> List[Dict]:
+    out = []
+    for kind in (*KINDS, "all"):
+        sel = [r for r in rows if kind == "all" or r["kind"] == kind]
+        if not sel:
+            continue
+        macs = sum(r["MACs"] for r in sel)
+        ours = sum(r["us"] for r in sel)
+        ov = sum(r["OpenVINO us"] for r in sel)
+        row = {
+            "kind": kind,
+            "layers": len(sel),
+            "GMAC": macs / 1e9,
+            "ours ms": ours / 1e3,
+            "OpenVINO ms": ov / 1e3,
+            "speed vs OpenVINO": ov / ours,
+            "GMAC/s": macs / ours / 1e3,
+            "OpenVINO GMAC/s": macs / ov / 1e3,
+        }
+        if peak_gmacs:
+            row["% peak"] = 100 * row["GMAC/s"] / peak_gmacs
+            row["OpenVINO % peak"] = 100 * row["OpenVINO GMAC/s"] / peak_gmacs
+        out.append(row)
+    return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _child_env(threads: int) -> Dict[str, str]:
+    import dsconv_ext
+
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(dsconv_ext.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    env.update(YOLO_OFFLINE="1", OMP_NUM_THREADS=str(threads))
+    return env
+
+
+def prepare(name: str, args, env: Dict[str, str]) -> Dict:
+    manifest = Path(args.work) / "artifacts" / f"{name}-{args.imgsz}.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, BENCH_MODEL, "--worker", "prepare", "--models", name,
+           "--manifest", str(manifest), "--imgsz", str(args.imgsz), "--threads", str(args.threads),
+           "--calib-images", str(args.calib_images), "--seed", str(args.seed),
+           "--variants", "int8", args.peer]  # fmt: skip
+    _log(f"# {name}: converting and quantising (random weights, seed {args.seed})")
+    rc, tail = _runtimes.run_subprocess(cmd, env, args.timeout)
+    if rc != 0:
+        raise RuntimeError(f"preparing {name} failed (rc {rc}):\n{tail}")
+    with open(manifest) as f:
+        man = json.load(f)
+    man["manifest"] = str(manifest)
+    return man
+
+
+def run_side(side: str, man: Dict, args, env: Dict[str, str], tmp: str) -> Dict:
+    out = os.path.join(tmp, f"{side}.json")
+    cmd = [sys.executable, SCRIPT, "--worker", side, "--manifest", man["manifest"],
+           "--threads", str(args.threads), "--rounds", str(args.rounds),
+           "--warmup", str(args.warmup), "--json-out", out]  # fmt: skip
+    rc, tail = _runtimes.run_subprocess(cmd, env, args.timeout)
+    if rc != 0:
+        raise RuntimeError(f"the {side} worker failed (rc {rc}):\n{tail}")
+    with open(out) as f:
+        return json.load(f)
+
+
+LAYER_COLUMNS = ["layer", "kind", "in", "out", "input hw", "MACs", "us", "OpenVINO us",
+                 "speed vs OpenVINO", "% peak", "OpenVINO % peak", "OpenVINO kernel",
+                 "note"]  # fmt: skip
+KIND_COLUMNS = ["kind", "layers", "GMAC", "ours ms", "OpenVINO ms", "speed vs OpenVINO",
+                "GMAC/s", "OpenVINO GMAC/s", "% peak", "OpenVINO % peak"]  # fmt: skip
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["yolo11n", "yolo11s"])
+    p.add_argument(
+        "--peer", choices=PEERS, default="openvino-int8", help="what each layer is put against"
+    )
+    p.add_argument("--manifest", nargs="+", help="reuse bench_model.py artifacts (one per model)")
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "dsconv_ext_bench_layers"))
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=30, help="timed rounds (every layer once each)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--calib-images", type=int, default=16, help="int8 calibration images")
+    p.add_argument("--seed", type=int, default=0, help="random weights and images")
+    p.add_argument("--timeout", type=float, default=1800, help="s per child process")
+    p.add_argument("--top", type=int, default=0, help="print only the N layers furthest behind")
+    p.add_argument("--json", help="write the results here ('-' for stdout)")
+    for flag in ("--worker", "--json-out"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        with open(args.manifest[0]) as f:
+            man = json.load(f)
+        if args.worker == "ours":
+            got = time_ours(man, args.threads, args.rounds, args.warmup)
+        else:
+            got = time_openvino(man, args.worker, args.threads, args.rounds, args.warmup)
+        dump_json(args.json_out, got)
+        return 0
+
+    missing = _runtimes.missing(args.peer)
+    if missing:
+        print(f"bench_layers: --peer {args.peer} needs {missing}; pip install .[bench]")
+        return 1
+    torch.set_num_threads(args.threads)
+    env = environment()
+    print_header("bench_layers", env)
+    peak = vnni_peak_macs_per_ns()
+    peak_gmacs = peak["MACs per ns per core"] * args.threads if peak else None
+    if peak:
+        print(f"# int8 peak: {peak['instruction']} at {peak['MACs per ns per core']} MAC/ns per "
+              f"core, x {args.threads} threads = {peak_gmacs:.0f} GMAC/s")  # fmt: skip
+    else:
+        print("# int8 peak: not measured (no AVX-512 VNNI / AVX-VNNI, or no C compiler)")
+    print(f"# per layer, inside the forward: our op times (PyTorch profiler) and "
+          f"{_runtimes.RUNTIMES[args.peer].label}'s node times (PERF_COUNT), medians of "
+          f"{args.rounds} forwards")  # fmt: skip
+    child_env = _child_env(args.threads)
+    results = {"environment": env, "peak": peak, "args": vars(args), "models": {}}
+    if args.manifest:
+        mans = []
+        for path in args.manifest:
+            with open(path) as f:
+                man = json.load(f)
+            man["manifest"] = path
+            absent = [k for k in ("int8", args.peer) if k not in man["files"]]
+            if absent:
+                print(f"bench_layers: {path} has no {', '.join(absent)} artifact")
+                return 1
+            mans.append(man)
+    else:
+        mans = [prepare(name, args, child_env) for name in args.models]
+    with tempfile.TemporaryDirectory() as tmp:
+        for man in mans:
+            name = f"{man['model']} {man['imgsz']} px"
+            ours = run_side("ours", man, args, child_env, tmp)
+            ov = run_side(args.peer, man, args, child_env, tmp)
+            rows, only_ours, only_ov, outside = join(ours["layers"], ov["nodes"], peak_gmacs)
+            kinds = by_kind(rows, peak_gmacs)
+            results["models"][name] = {
+                "layers": rows,
+                "by kind": kinds,
+                "only ours": only_ours,
+                "only OpenVINO": only_ov,
+                "OpenVINO outside convolutions ms": outside / 1e3,
+                "ours forward ms (profiler on)": ours["forward ms (profiler on)"],
+                "ours forward ms": ours["forward ms"],
+                "OpenVINO inference ms (counters on)": ov["inference ms (counters on)"],
+            }
+            print(f"\n## {name}: by layer kind")
+            print_table(kinds, [c for c in KIND_COLUMNS if peak or "peak" not in c])
+            conv_ms = sum(r["us"] for r in ours["layers"]) / 1e3
+            fwd = ours["forward ms"]
+            ov_conv_ms = sum(r["OpenVINO us"] for r in rows) / 1e3
+            print(f"# convolutions: ours {conv_ms:.2f} ms of a {fwd:.2f} ms forward ("
+                  f"{ours['forward ms (profiler on)']:.2f} ms with the profiler); OpenVINO "
+                  f"{ov_conv_ms:.2f} ms + "
+                  f"{outside / 1e3:.2f} ms outside them of a "
+                  f"{ov['inference ms (counters on)']:.2f} ms inference (counters on)")  # fmt: skip
+            if only_ours or only_ov:
+                print(f"# unmatched: ours {only_ours or '-'}; OpenVINO {only_ov or '-'}")
+            shown = rows
+            if args.top:
+                shown = sorted(rows, key=lambda r: r["OpenVINO us"] - r["us"])[: args.top]
+            which = f" (the {args.top} furthest behind)" if args.top else ""
+            print(f"\n## {name}: per layer{which}")
+            print_table(shown, [c for c in LAYER_COLUMNS if peak or "peak" not in c])
+    if args.json:
+        dump_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
