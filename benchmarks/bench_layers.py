@@ -7,14 +7,16 @@ OpenVINO int8, with both put against this CPU's multiply-add peak.
 - ours: the model converted by ``dsconv_ext.quantize`` (as bench_model's ``int8`` row), its
   forward replayed from the recorded graph as deployed, under the PyTorch profiler: each
   convolution op's own time (the int8 DSConv layers, the float stem, any layer kept float),
-  median of ``--rounds`` forwards.
+  median of ``--rounds`` forwards in each of ``--cycles`` processes.
 - OpenVINO int8 (``--peer openvino-int8``, the default: NNCF, MIXED preset, the Detect head's
   postprocessing left in float, as ``bench_model``'s ``openvino-int8`` row), or OpenVINO at its
   default precision (``--peer openvino``: bf16 where the CPU has it, the fastest peer on AMX
-  CPUs; needs no NNCF): the model inferred ``--rounds`` times with
-  ``PERF_COUNT`` on, the median of each node's own time. OpenVINO fuses the activation and the
-  requantisation of the output into the convolution node, and its input is already int8 in its
-  blocked layout. Its own process.
+  CPUs; needs no NNCF): the model inferred with ``PERF_COUNT`` on, the median of each node's own
+  time, alike. OpenVINO fuses the activation and the requantisation of the output into the
+  convolution node, and its input is already int8 in its blocked layout.
+
+Each side runs in processes of its own, alternated (ours, OpenVINO, ours, ...) so that a slow
+stretch of the host falls on both.
 
 Both are times inside the model's forward, each layer after the one that produced its input
 (what is still in cache, as deployed).
@@ -159,8 +161,8 @@ def _conv_events(events) -> List[object]:
 
 def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
     """Each convolution's op time inside the converted model's forward (the recorded graph's
-    replay, as deployed), from the PyTorch profiler's events, median over ``rounds`` forwards;
-    the layers are named by the order an eager forward calls them, checked against each event's
+    replay, as deployed), from the PyTorch profiler's events, one sample per forward; the
+    layers are named by the order an eager forward calls them, checked against each event's
     input shape."""
     from torch.profiler import ProfilerActivity, profile
     from ultralytics import YOLO
@@ -230,11 +232,11 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
                     )
                 samples[name].append(e.time_range.end - e.time_range.start)  # microseconds
     for name in order:
-        rows[name]["us"] = statistics.median(samples[name])
+        rows[name]["samples us"] = samples[name]
     return {
         "layers": [rows[name] for name in order],
-        "forward ms (profiler on)": statistics.median(forwards),
-        "forward ms": statistics.median(plain),
+        "forward ms (profiler on)": forwards,
+        "forward ms": plain,
     }
 
 
@@ -270,8 +272,8 @@ def time_openvino(
     for name, node in nodes.items():
         s = node.pop("samples")
         # A node that ran in only some rounds took 0 in the others.
-        out[name] = {**node, "us": statistics.median(s + [0.0] * (rounds - len(s)))}
-    return {"nodes": out, "inference ms (counters on)": statistics.median(walls)}
+        out[name] = {**node, "samples us": s + [0.0] * (rounds - len(s))}
+    return {"nodes": out, "inference ms (counters on)": walls}
 
 
 # ---------------------------------------------------------------- the parent
@@ -350,6 +352,43 @@ def by_kind(rows: List[Dict], peak_gmacs: Optional[float]) -> List[Dict]:
     return out
 
 
+def merge_cycles(ours_runs: List[Dict], ov_runs: List[Dict]):
+    """One result per side from its processes: per layer / node, the median of all rounds."""
+    layers = []
+    for i, row in enumerate(ours_runs[0]["layers"]):
+        samples = [s for run in ours_runs for s in run["layers"][i]["samples us"]]
+        layers.append({**{k: v for k, v in row.items() if k != "samples us"},
+                       "us": statistics.median(samples)})  # fmt: skip
+    ours = {
+        "layers": layers,
+        **{
+            key: statistics.median([v for run in ours_runs for v in run[key]])
+            for key in ("forward ms", "forward ms (profiler on)")
+        },
+    }
+    nodes: Dict[str, Dict] = {}
+    for run in ov_runs:
+        for name, node in run["nodes"].items():
+            entry = nodes.setdefault(name, {"type": node["type"], "exec": node["exec"], "s": []})
+            entry["s"].extend(node["samples us"])
+    rounds = sum(len(run["inference ms (counters on)"]) for run in ov_runs)
+    ov = {
+        # A node absent from a process (fused differently) took 0 there.
+        "nodes": {
+            name: {
+                "type": e["type"],
+                "exec": e["exec"],
+                "us": statistics.median(e["s"] + [0.0] * (rounds - len(e["s"]))),
+            }
+            for name, e in nodes.items()
+        },  # fmt: skip
+        "inference ms (counters on)": statistics.median(
+            [v for run in ov_runs for v in run["inference ms (counters on)"]]
+        ),
+    }
+    return ours, ov
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -412,6 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (every layer once each)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cycles", type=int, default=2, help="processes per side, alternated")
     p.add_argument("--calib-images", type=int, default=16, help="int8 calibration images")
     p.add_argument("--seed", type=int, default=0, help="random weights and images")
     p.add_argument("--timeout", type=float, default=1800, help="s per child process")
@@ -447,7 +487,7 @@ def main(argv=None) -> int:
         print("# int8 peak: not measured (no AVX-512 VNNI / AVX-VNNI, or no C compiler)")
     print(f"# per layer, inside the forward: our op times (PyTorch profiler) and "
           f"{_runtimes.RUNTIMES[args.peer].label}'s node times (PERF_COUNT), medians of "
-          f"{args.rounds} forwards")  # fmt: skip
+          f"{args.rounds} forwards x {args.cycles} alternated processes per side")  # fmt: skip
     child_env = _child_env(args.threads)
     results = {"environment": env, "peak": peak, "args": vars(args), "models": {}}
     if args.manifest:
@@ -466,8 +506,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for man in mans:
             name = f"{man['model']} {man['imgsz']} px"
-            ours = run_side("ours", man, args, child_env, tmp)
-            ov = run_side(args.peer, man, args, child_env, tmp)
+            # Processes alternate (ours, OpenVINO, ours, ...): a slow stretch of the host then
+            # falls on both sides; each layer's median is over all cycles' rounds.
+            runs = [
+                (
+                    run_side("ours", man, args, child_env, tmp),
+                    run_side(args.peer, man, args, child_env, tmp),
+                )
+                for _ in range(args.cycles)
+            ]
+            ours, ov = merge_cycles([r[0] for r in runs], [r[1] for r in runs])
             rows, only_ours, only_ov, outside = join(ours["layers"], ov["nodes"], peak_gmacs)
             kinds = by_kind(rows, peak_gmacs)
             results["models"][name] = {
