@@ -2,12 +2,13 @@
 OpenVINO int8, with both put against this CPU's multiply-add peak.
 
 ``bench_model.py`` gives one ratio per model; this shows where it comes from. For each model
-(the same random-weight checkpoint, image and conversions as ``bench_model.py --no-accuracy``):
+(the same checkpoint, random weights unless ``--weights-dir``, image and conversions as
+``bench_model.py --no-accuracy``):
 
 - ours: the model converted by ``dsconv_ext.quantize`` (as bench_model's ``int8`` row), its
-  forward replayed from the recorded graph as deployed, under the PyTorch profiler: each
-  convolution op's own time (the int8 DSConv layers, the float stem, any layer kept float),
-  median of ``--rounds`` forwards in each of ``--cycles`` processes.
+  eager forward under the PyTorch profiler: each convolution op's own time (the int8 DSConv
+  layers, the float stem, any layer kept float), median of ``--rounds`` forwards in each of
+  ``--cycles`` processes.
 - OpenVINO int8 (``--peer openvino-int8``, the default: NNCF, MIXED preset, the Detect head's
   postprocessing left in float, as ``bench_model``'s ``openvino-int8`` row), or OpenVINO at its
   default precision (``--peer openvino``: bf16 where the CPU has it, the fastest peer on AMX
@@ -59,6 +60,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _runtimes  # noqa: E402
+import bench_model  # noqa: E402  (its preparation step and worker environment)
 from _timing import (  # noqa: E402
     _cpu_model_and_flags,
     dump_json,
@@ -68,9 +70,7 @@ from _timing import (  # noqa: E402
     warm_allocator,
 )
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
 SCRIPT = os.path.abspath(__file__)
-BENCH_MODEL = os.path.join(os.path.dirname(SCRIPT), "bench_model.py")
 PEERS = ("openvino-int8", "openvino")
 # OpenVINO names a node after the module that traced it: "__module.model.3.conv/aten::_convolution
 # /Convolution" for ultralytics' model.3.conv.
@@ -159,11 +159,35 @@ def _conv_events(events) -> List[object]:
     return sorted(found, key=lambda e: e.time_range.start)
 
 
+def match_events(events, order: List[str], rows: Dict[str, Dict]) -> List[str]:
+    """The layer of each op event: the first layer, in the order the eager forward called them,
+    not yet taken and with the event's input and weight shapes. The recorded graph may run
+    independent convolutions in another order than the eager forward; layers of the same shapes
+    are told apart by their order alone (their rows differ only in name)."""
+    free = list(order)
+    which = []
+    for e in events:
+        shapes = e.input_shapes or [None, None]
+        for name in free:
+            if [rows[name]["input shape"], rows[name]["weight shape"]] == shapes[:2]:
+                free.remove(name)
+                which.append(name)
+                break
+        else:
+            raise RuntimeError(f"op {e.name} with input and weight shapes {shapes[:2]} matches "
+                               "no convolution layer the forward called")  # fmt: skip
+    return which
+
+
 def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
-    """Each convolution's op time inside the converted model's forward (the recorded graph's
-    replay, as deployed), from the PyTorch profiler's events, one sample per forward; the
-    layers are named by the order an eager forward calls them, checked against each event's
-    input shape."""
+    """Each convolution's op time inside the converted model's forward, from the PyTorch
+    profiler's events, one sample per forward; the events are matched to the layers by their
+    input and weight shapes (match_events).
+
+    The forward is the eager one: the replay of the recorded graph makes the same op calls,
+    but under TorchScript the profiler records some ops' input shapes shifted to other
+    arguments (torch 2.14), so its events could not be told apart."""
+    os.environ["DSCONV_EXT_CAPTURE"] = "0"
     from torch.profiler import ProfilerActivity, profile
     from ultralytics import YOLO
 
@@ -190,6 +214,7 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
             "groups": c.groups,
             "input hw": list(inp[0].shape[2:]),
             "input shape": list(inp[0].shape),
+            "weight shape": [c.out_channels, c.in_channels // c.groups, kh, kw],
             "kind": layer_kind(kh, c.stride[0], c.groups, c.in_channels),
             "MACs": conv_macs(tuple(out.shape), c.in_channels, c.groups, kh, kw),
         }
@@ -209,8 +234,9 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
         for _ in range(warmup + 3):  # the graph is recorded on the third call
             model(x)
         for r in range(rounds):
-            # Shapes (to check which op is which layer) only in the first round: recording them
-            # slows every op. A forward without the profiler after each one, for the total.
+            # Shapes (to match ops to layers) only in the first round: recording them slows every
+            # op; the graph runs its ops in the same order every time. After each, a forward
+            # without the profiler, for the total.
             with profile(activities=[ProfilerActivity.CPU], record_shapes=r == 0) as prof:
                 t0 = time.perf_counter()
                 model(x)
@@ -223,13 +249,9 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
                 raise RuntimeError(
                     f"{len(events)} convolution ops in a forward, {len(order)} conv layers called"
                 )
-            for name, e in zip(order, events):
-                shape = e.input_shapes[0] if e.input_shapes else None
-                if r == 0 and shape != rows[name]["input shape"]:
-                    raise RuntimeError(
-                        f"op {e.name} on input {shape} does not match layer {name}'s input "
-                        f"{rows[name]['input shape']}: the forward ran its convs in another order"
-                    )
+            if r == 0:
+                which = match_events(events, order, rows)
+            for name, e in zip(which, events):
                 samples[name].append(e.time_range.end - e.time_range.start)  # microseconds
     for name in order:
         rows[name]["samples us"] = samples[name]
@@ -389,35 +411,15 @@ def merge_cycles(ours_runs: List[Dict], ov_runs: List[Dict]):
     return ours, ov
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _child_env(threads: int) -> Dict[str, str]:
-    import dsconv_ext
-
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(dsconv_ext.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
-    env.update(YOLO_OFFLINE="1", OMP_NUM_THREADS=str(threads))
-    return env
-
-
 def prepare(name: str, args, env: Dict[str, str]) -> Dict:
-    manifest = Path(args.work) / "artifacts" / f"{name}-{args.imgsz}.json"
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, BENCH_MODEL, "--worker", "prepare", "--models", name,
-           "--manifest", str(manifest), "--imgsz", str(args.imgsz), "--threads", str(args.threads),
-           "--calib-images", str(args.calib_images), "--seed", str(args.seed),
-           "--variants", "int8", args.peer]  # fmt: skip
-    _log(f"# {name}: converting and quantising (random weights, seed {args.seed})")
-    rc, tail = _runtimes.run_subprocess(cmd, env, args.timeout)
-    if rc != 0:
-        raise RuntimeError(f"preparing {name} failed (rc {rc}):\n{tail}")
-    with open(manifest) as f:
-        man = json.load(f)
-    man["manifest"] = str(manifest)
-    return man
+    """bench_model.py's preparation of ``name``: random weights (or ``--weights-dir``), the
+    converted checkpoint and the peer's model, in a process of its own."""
+    prep = argparse.Namespace(
+        work=args.work, imgsz=args.imgsz, threads=args.threads, calib_images=args.calib_images,
+        seed=args.seed, variants=["int8", args.peer], depthwise=True,
+        prepare_timeout=args.timeout, weights_dir=args.weights_dir, accuracy=False,
+    )  # fmt: skip
+    return bench_model.prepare_model(name, prep, None, env)
 
 
 def run_side(side: str, man: Dict, args, env: Dict[str, str], tmp: str) -> Dict:
@@ -454,6 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--cycles", type=int, default=2, help="processes per side, alternated")
     p.add_argument("--calib-images", type=int, default=16, help="int8 calibration images")
     p.add_argument("--seed", type=int, default=0, help="random weights and images")
+    p.add_argument("--weights-dir", help="directory with yolo11n.pt / yolo11s.pt (else random)")
     p.add_argument("--timeout", type=float, default=1800, help="s per child process")
     p.add_argument("--top", type=int, default=0, help="print only the N layers furthest behind")
     p.add_argument("--json", help="write the results here ('-' for stdout)")
@@ -488,7 +491,7 @@ def main(argv=None) -> int:
     print(f"# per layer, inside the forward: our op times (PyTorch profiler) and "
           f"{_runtimes.RUNTIMES[args.peer].label}'s node times (PERF_COUNT), medians of "
           f"{args.rounds} forwards x {args.cycles} alternated processes per side")  # fmt: skip
-    child_env = _child_env(args.threads)
+    child_env = bench_model._worker_env(args)
     results = {"environment": env, "peak": peak, "args": vars(args), "models": {}}
     if args.manifest:
         mans = []
