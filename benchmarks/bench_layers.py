@@ -231,11 +231,11 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
     forwards, plain = [], []
     with torch.inference_mode():
         warm_allocator()
-        for _ in range(warmup + 3):  # the graph is recorded on the third call
+        for _ in range(warmup):
             model(x)
         for r in range(rounds):
             # Shapes (to match ops to layers) only in the first round: recording them slows every
-            # op; the graph runs its ops in the same order every time. After each, a forward
+            # op; the forward calls its ops in the same order every time. After each, a forward
             # without the profiler, for the total.
             with profile(activities=[ProfilerActivity.CPU], record_shapes=r == 0) as prof:
                 t0 = time.perf_counter()
@@ -290,11 +290,8 @@ def time_openvino(
                 p.node_name, {"type": p.node_type, "exec": p.exec_type, "samples": []}
             )
             node["samples"].append(p.real_time.total_seconds() * 1e6)
-    out = {}
-    for name, node in nodes.items():
-        s = node.pop("samples")
-        # A node that ran in only some rounds took 0 in the others.
-        out[name] = {**node, "samples us": s + [0.0] * (rounds - len(s))}
+    # A node that ran in only some rounds: merge_cycles counts 0 for the others.
+    out = {name: {**node, "samples us": node.pop("samples")} for name, node in nodes.items()}
     return {"nodes": out, "inference ms (counters on)": walls}
 
 
@@ -395,7 +392,7 @@ def merge_cycles(ours_runs: List[Dict], ov_runs: List[Dict]):
             entry["s"].extend(node["samples us"])
     rounds = sum(len(run["inference ms (counters on)"]) for run in ov_runs)
     ov = {
-        # A node absent from a process (fused differently) took 0 there.
+        # A node absent from some rounds (fused differently in a process) took 0 there.
         "nodes": {
             name: {
                 "type": e["type"],
