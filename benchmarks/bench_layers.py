@@ -160,10 +160,9 @@ def _conv_events(events) -> List[object]:
 
 
 def match_events(events, order: List[str], rows: Dict[str, Dict]) -> List[str]:
-    """The layer of each op event: the first layer, in the order the eager forward called them,
-    not yet taken and with the event's input and weight shapes. The recorded graph may run
-    independent convolutions in another order than the eager forward; layers of the same shapes
-    are told apart by their order alone (their rows differ only in name)."""
+    """The layer of each op event: the first layer, in the order the forward called them, not yet
+    taken and with the event's input and weight shapes; layers of the same shapes are told apart
+    by their order alone (their rows differ only in name)."""
     free = list(order)
     which = []
     for e in events:
@@ -297,20 +296,19 @@ def time_openvino(
 
 # ---------------------------------------------------------------- the parent
 def vnni_peak_macs_per_ns() -> Optional[Dict[str, object]]:
-    """One core's int8 multiply-add peak: the vpdpbusd rate, as bench_isa.py measures it."""
+    """One core's int8 multiply-add peak: the vpdpbusd rate, as bench_isa.py measures it (its
+    widest form this CPU has)."""
     import bench_isa
 
     _, flags = _cpu_model_and_flags()
-    name = (
-        "vpdpbusd zmm"
-        if "avx512_vnni" in flags
-        else ("vpdpbusd ymm (AVX-VNNI)" if "avx_vnni" in flags else None)
-    )
-    if name is None or shutil.which("cc") is None:
+    names = [
+        n for n in ("vpdpbusd zmm", "vpdpbusd ymm (AVX-VNNI)") if bench_isa.KERNELS[n][0] <= flags
+    ]
+    if not names or shutil.which("cc") is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        _, macs_per_ns = bench_isa.measure(name, 20_000_000, 5, tmp)
-    return {"instruction": name, "MACs per ns per core": round(macs_per_ns, 1)}
+        _, macs_per_ns = bench_isa.measure(names[0], 20_000_000, 5, tmp)
+    return {"instruction": names[0], "MACs per ns per core": round(macs_per_ns, 1)}
 
 
 def join(ours: List[Dict], ov_nodes: Dict[str, Dict], peak_gmacs: Optional[float]):
