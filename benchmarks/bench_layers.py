@@ -6,9 +6,9 @@ OpenVINO int8, with both put against this CPU's multiply-add peak.
 ``bench_model.py --no-accuracy``):
 
 - ours: the model converted by ``dsconv_ext.quantize`` (as bench_model's ``int8`` row), its
-  eager forward under the PyTorch profiler: each convolution op's own time (the int8 DSConv
-  layers, the float stem, any layer kept float), median of ``--rounds`` forwards in each of
-  ``--cycles`` processes.
+  eager forward with a wall-clock timer around each convolution layer's call (the int8 DSConv
+  layers, the float stem, any layer kept float; see ``time_ours`` for why not the PyTorch
+  profiler), median of ``--rounds`` forwards in each of ``--cycles`` processes.
 - OpenVINO int8 (``--peer openvino-int8``, the default: NNCF, MIXED preset, the Detect head's
   postprocessing left in float, as ``bench_model``'s ``openvino-int8`` row), or OpenVINO at its
   default precision (``--peer openvino``: bf16 where the CPU has it, the fastest peer on AMX
@@ -30,8 +30,9 @@ multiply-adds; the gap between ours and OpenVINO's on such a layer is what our p
 float32 input, the float epilogue and the thread fork cost beyond its integer dot products.
 Then totals per layer kind, and what OpenVINO spends outside its convolutions.
 
-Reading it: the profilers add a little to every op, both sides; OpenVINO reports some fused
-nodes' time on a neighbour: a node above the peak is flagged, not believed.
+Reading it: our timers add a few microseconds of Python to each layer, OpenVINO's counters a
+little to each node; OpenVINO reports some fused nodes' time on a neighbour: a node above the
+peak is flagged, not believed.
 
     python benchmarks/bench_layers.py                       # yolo11n and yolo11s, 640 px
     python benchmarks/bench_layers.py --models yolo11n --threads 2 --json layers.json
@@ -131,63 +132,57 @@ def _conv_of(m):
     return m.conv if hasattr(m, "conv") and isinstance(m.conv, torch.nn.Module) else m
 
 
-# Ops a converted model's convolutions run as (a float conv kept by the speed check: aten).
-CONV_OPS = (
-    "dsconv_ext::dsconv2d",
-    "dsconv_ext::dsconv2d_out",
-    "dsconv_ext::stem_conv2d",
-    "aten::conv2d",
-    "aten::_convolution",
-    "aten::convolution",
-)
+def _install_timers(layers: Dict[str, object], samples: Dict[str, List[float]]):
+    """Wraps each layer's ``forward`` (and a DSConv2d's ``forward_into``, which in-place
+    concatenations call instead) in a wall-clock timer, on the instance: no forward hook, which
+    would send ``forward_into`` down its copying path. A call made inside a timed one (a layer's
+    fallback through its own forward) is not timed twice. Returns a function undoing it."""
+    busy = [False]
 
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            if busy[0]:
+                return fn(*args, **kwargs)
+            busy[0] = True
+            try:
+                t0 = time.perf_counter()
+                out = fn(*args, **kwargs)
+                samples[name].append((time.perf_counter() - t0) * 1e6)
+                return out
+            finally:
+                busy[0] = False
 
-def _conv_events(events) -> List[object]:
-    """The outermost convolution op events of a profile, in the order they started."""
-    found = []
-    for e in events:
-        if e.name not in CONV_OPS:
-            continue
-        parent, nested = e.cpu_parent, False
-        while parent is not None:
-            if parent.name in CONV_OPS:
-                nested = True
-                break
-            parent = parent.cpu_parent
-        if not nested:
-            found.append(e)
-    return sorted(found, key=lambda e: e.time_range.start)
+        return call
 
+    wrapped = []
+    for name, m in layers.items():
+        for attr in ("forward", "forward_into"):
+            fn = getattr(m, attr, None)
+            if fn is not None:
+                # (ultralytics' fuse() sets an instance's own forward: put that one back)
+                wrapped.append((m, attr, vars(m).get(attr)))
+                setattr(m, attr, timed(name, fn))
 
-def match_events(events, order: List[str], rows: Dict[str, Dict]) -> List[str]:
-    """The layer of each op event: the first layer, in the order the forward called them, not yet
-    taken and with the event's input and weight shapes; layers of the same shapes are told apart
-    by their order alone (their rows differ only in name)."""
-    free = list(order)
-    which = []
-    for e in events:
-        shapes = e.input_shapes or [None, None]
-        for name in free:
-            if [rows[name]["input shape"], rows[name]["weight shape"]] == shapes[:2]:
-                free.remove(name)
-                which.append(name)
-                break
-        else:
-            raise RuntimeError(f"op {e.name} with input and weight shapes {shapes[:2]} matches "
-                               "no convolution layer the forward called")  # fmt: skip
-    return which
+    def undo():
+        for m, attr, own in wrapped:
+            if own is None:
+                delattr(m, attr)
+            else:
+                setattr(m, attr, own)
+
+    return undo
 
 
 def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
-    """Each convolution's op time inside the converted model's forward, from the PyTorch
-    profiler's events, one sample per forward; the events are matched to the layers by their
-    input and weight shapes (match_events).
+    """Each convolution's time inside the converted model's eager forward, one sample per
+    forward: a wall-clock timer around each layer's call (the op and the layer's Python around
+    it, a few microseconds).
 
-    The forward is the eager one: the replay of the recorded graph makes the same op calls,
-    but under TorchScript the profiler records some ops' input shapes shifted to other
-    arguments (torch 2.14), so its events could not be told apart."""
+    Not the PyTorch profiler: a profiling session makes the forward page-fault (here ~1,000
+    minor faults per yolo11n forward with it, none without), and its cost lands on the layers
+    that write large outputs into fresh memory (on an AMX Xeon, model.2.cv2 took 2.0 ms under
+    the profiler against 0.74 ms without it)."""
     os.environ["DSCONV_EXT_CAPTURE"] = "0"
-    from torch.profiler import ProfilerActivity, profile
     from ultralytics import YOLO
 
     import dsconv_ext  # noqa: F401  (registers the converted modules with ultralytics)
@@ -232,31 +227,23 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
         warm_allocator()
         for _ in range(warmup):
             model(x)
-        for r in range(rounds):
-            # Shapes (to match ops to layers) only in the first round: recording them slows every
-            # op; the forward calls its ops in the same order every time. After each, a forward
-            # without the profiler, for the total.
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=r == 0) as prof:
-                t0 = time.perf_counter()
-                model(x)
-                forwards.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(rounds):
+            # A timed forward, then one without the timers, for the total.
+            undo = _install_timers(layers, samples)
+            t0 = time.perf_counter()
+            model(x)
+            forwards.append((time.perf_counter() - t0) * 1e3)
+            undo()
             t0 = time.perf_counter()
             model(x)
             plain.append((time.perf_counter() - t0) * 1e3)
-            events = _conv_events(prof.events())
-            if len(events) != len(order):
-                raise RuntimeError(
-                    f"{len(events)} convolution ops in a forward, {len(order)} conv layers called"
-                )
-            if r == 0:
-                which = match_events(events, order, rows)
-            for name, e in zip(which, events):
-                samples[name].append(e.time_range.end - e.time_range.start)  # microseconds
     for name in order:
+        if len(samples[name]) != rounds:
+            raise RuntimeError(f"{name} ran {len(samples[name])} times in {rounds} forwards")
         rows[name]["samples us"] = samples[name]
     return {
         "layers": [rows[name] for name in order],
-        "forward ms (profiler on)": forwards,
+        "forward ms (timers on)": forwards,
         "forward ms": plain,
     }
 
@@ -380,7 +367,7 @@ def merge_cycles(ours_runs: List[Dict], ov_runs: List[Dict]):
         "layers": layers,
         **{
             key: statistics.median([v for run in ours_runs for v in run[key]])
-            for key in ("forward ms", "forward ms (profiler on)")
+            for key in ("forward ms", "forward ms (timers on)")
         },
     }
     nodes: Dict[str, Dict] = {}
@@ -483,7 +470,7 @@ def main(argv=None) -> int:
               f"core, x {args.threads} threads = {peak_gmacs:.0f} GMAC/s")  # fmt: skip
     else:
         print("# int8 peak: not measured (no AVX-512 VNNI / AVX-VNNI, or no C compiler)")
-    print(f"# per layer, inside the forward: our op times (PyTorch profiler) and "
+    print(f"# per layer, inside the forward: our layer times (wall-clock timers) and "
           f"{_runtimes.RUNTIMES[args.peer].label}'s node times (PERF_COUNT), medians of "
           f"{args.rounds} forwards x {args.cycles} alternated processes per side")  # fmt: skip
     child_env = bench_model._worker_env(args)
@@ -522,7 +509,7 @@ def main(argv=None) -> int:
                 "only ours": only_ours,
                 "only OpenVINO": only_ov,
                 "OpenVINO outside convolutions ms": outside / 1e3,
-                "ours forward ms (profiler on)": ours["forward ms (profiler on)"],
+                "ours forward ms (timers on)": ours["forward ms (timers on)"],
                 "ours forward ms": ours["forward ms"],
                 "OpenVINO inference ms (counters on)": ov["inference ms (counters on)"],
             }
@@ -532,7 +519,7 @@ def main(argv=None) -> int:
             fwd = ours["forward ms"]
             ov_conv_ms = sum(r["OpenVINO us"] for r in rows) / 1e3
             print(f"# convolutions: ours {conv_ms:.2f} ms of a {fwd:.2f} ms forward ("
-                  f"{ours['forward ms (profiler on)']:.2f} ms with the profiler); OpenVINO "
+                  f"{ours['forward ms (timers on)']:.2f} ms with the timers); OpenVINO "
                   f"{ov_conv_ms:.2f} ms + "
                   f"{outside / 1e3:.2f} ms outside them of a "
                   f"{ov['inference ms (counters on)']:.2f} ms inference (counters on)")  # fmt: skip

@@ -49,6 +49,47 @@ def test_openvino_node_names_map_to_layers():
     assert bench_layers.layer_key("model.0") == "model.0"  # our stem replaces its whole Conv
 
 
+def test_timers_count_each_layer_call_once_and_undo_restores_forwards():
+    """Our side's timers (bench_layers._install_timers) on a toy model: a layer whose forward
+    falls back through another timed layer's call counts once, forward_into is timed like
+    forward, and undo puts back an instance's own forward (ultralytics' fuse() sets one)."""
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    class Outer(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 2
+
+        def forward_into(self, x, out):
+            return out.copy_(self(x))
+
+    inner = Inner()
+    outer = Outer(inner)
+    own = outer.forward_into  # stands in for an instance's own forward (fuse())
+    outer.__dict__["forward"] = lambda x: Outer.forward(outer, x)
+    own_forward = vars(outer)["forward"]
+    samples = {"outer": [], "inner": []}
+    undo = bench_layers._install_timers({"outer": outer, "inner": inner}, samples)
+    x = torch.zeros(2)
+    assert torch.equal(outer(x), torch.full((2,), 2.0))  # outer, and inner inside it
+    assert torch.equal(inner(x), torch.ones(2))  # inner alone
+    out = torch.empty(2)
+    outer.forward_into(x, out)  # forward_into, then forward and inner inside it
+    assert torch.equal(out, torch.full((2,), 2.0))
+    assert len(samples["outer"]) == 2 and len(samples["inner"]) == 1, samples
+    assert all(t >= 0 for ts in samples.values() for t in ts)
+    undo()
+    assert vars(outer)["forward"] is own_forward
+    assert "forward_into" not in vars(outer) and outer.forward_into == own
+    assert "forward" not in vars(inner) and "forward_into" not in vars(inner)
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     if not HAS_OPENVINO:
