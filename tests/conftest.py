@@ -104,7 +104,7 @@ def skip_or_fail(reason: str, should_run: bool) -> None:
 # tiles; "amx_model" runs the same AMX kernel on a software model of the tiles, on any AVX-512
 # VNNI machine (both are forced: an error where the machine cannot run them).
 CPU_ISAS = ("amx", "amx_model", "avx512_vnni", "avx2", "scalar")
-_AVX512_VNNI = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+_AVX512_VNNI = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"})
 ISA_CPU_FLAGS = {
     "amx": _AVX512_VNNI | {"amx_tile", "amx_int8"},
     "amx_model": _AVX512_VNNI,

@@ -141,7 +141,7 @@ def test_skip_or_fail(monkeypatch):
 def test_cpu_can_run_reads_the_flags(monkeypatch):
     monkeypatch.setattr(conftest, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     assert conftest.cpu_can_run("avx2") and conftest.cpu_can_run("scalar")
-    assert not conftest.cpu_can_run("avx512_vnni")  # avx512bw, avx512vl, avx512_vnni missing
+    assert not conftest.cpu_can_run("avx512_vnni")  # avx512bw, dq, vl, avx512_vnni missing
     monkeypatch.undo()
     real = conftest.cpu_flags()
     if Path("/proc/cpuinfo").is_file():
@@ -192,7 +192,7 @@ TINY_SUITE = """
     def fake_machine(request, monkeypatch):
         flags = {"avx2", "fma"}
         if "avx512cpu" in request.node.name:
-            flags |= {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+            flags |= {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
         monkeypatch.setattr(conftest, "cpu_flags", lambda: frozenset(flags))
         # the build's best path is AVX2; DSCONV_EXT_CPU_ISA (set by the isa fixture) lowers it
         monkeypatch.setattr(conftest, "active_cpu_isa", lambda: min_isa(os.environ))

@@ -210,11 +210,16 @@ struct ExponentRange {
 };
 constexpr int32_t kEscNonFinite = INT32_MIN;
 
-// The SIMD SiLU epilogues' 2^f on [-1/2, 1/2] (avx512_common.h silu_ps, kernel_avx2.cpp): a
+// The AVX2 SiLU epilogue's 2^f on [-1/2, 1/2] (kernel_avx2.cpp silu_ps): a
 // degree-5 polynomial, highest power first, fitted for relative error (1.9e-7 in float32).
 constexpr float kExp2Poly[6] = {1.3264656299725175e-3f, 9.671513922512531e-3f,
                                 5.550733953714371e-2f,  2.4022242426872253e-1f,
                                 6.931470036506653e-1f,  1.f};
+// The same on [0, 1), for the AVX-512 SiLU, which reduces t to t - floor(t) in one vreduceps
+// (1.6e-7 in float32).
+constexpr float kExp2Poly01[6] = {1.8775906646624207e-3f, 8.989307098090649e-3f,
+                                  5.5826347321271896e-2f, 2.4015361070632935e-1f,
+                                  6.931530833244324e-1f,  9.999999403953552e-1f};
 constexpr float kNegLog2E = -1.44269504088896341f;
 
 // Phase row (ry, yq) of the padded input, written as row yl of the band's planes, for the block
