@@ -30,9 +30,10 @@ multiply-adds; the gap between ours and OpenVINO's on such a layer is what our p
 float32 input, the float epilogue and the thread fork cost beyond its integer dot products.
 Then totals per layer kind, and what OpenVINO spends outside its convolutions.
 
-Reading it: our timers add a few microseconds of Python to each layer, OpenVINO's counters a
-little to each node; OpenVINO reports some fused nodes' time on a neighbour: a node above the
-peak is flagged, not believed.
+Reading it: our layer times include the layer's own Python call (30-40 us on an AMX Xeon,
+small against the large layers, not against the smallest), OpenVINO's counters add a little to
+each node; OpenVINO reports some fused nodes' time on a neighbour: a node above the peak is
+flagged, not believed.
 
     python benchmarks/bench_layers.py                       # yolo11n and yolo11s, 640 px
     python benchmarks/bench_layers.py --models yolo11n --threads 2 --json layers.json
@@ -175,8 +176,8 @@ def _install_timers(layers: Dict[str, object], samples: Dict[str, List[float]]):
 
 def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
     """Each convolution's time inside the converted model's eager forward, one sample per
-    forward: a wall-clock timer around each layer's call (the op and the layer's Python around
-    it, a few microseconds).
+    forward: a wall-clock timer around each layer's call, so the op and the layer's own Python
+    (30-40 us per layer on an AMX Xeon, which the recorded-graph forward mostly skips).
 
     Not the PyTorch profiler: a profiling session makes the forward page-fault (here ~1,000
     minor faults per yolo11n forward with it, none without), and its cost lands on the layers

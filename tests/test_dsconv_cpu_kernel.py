@@ -272,13 +272,24 @@ def test_weight_cache_sees_in_place_updates(isa):
     assert_close(op(case), dsconv2d_reference(**case), "new tensor")
     case["intweight"] = torch.flip(q, [0]).contiguous()
     assert_close(op(case), dsconv2d_reference(**case), "new values")
-    with torch.inference_mode():  # inference tensors have no version counter: never cached
+    # Inference tensors have no version counter: cached all the same, with all of intweight's
+    # bytes compared on every hit, so that any write to them, even of one element, is seen.
+    with torch.inference_mode():
         qi = q.clone()
-        y1 = op(dict(case, intweight=qi))
+        ci = dict(case, intweight=qi)
+        packs = torch.ops.dsconv_ext._cpu_weight_packs()
+        y1 = op(ci)
+        assert torch.equal(op(ci), y1)
+        assert torch.ops.dsconv_ext._cpu_weight_packs() == packs + 1, "second call repacked"
         qi.neg_()
-        assert_close(op(dict(case, intweight=qi)), dsconv2d_reference(**dict(case, intweight=qi)),
-                     "inference tensor")  # fmt: skip
-        assert not torch.equal(y1, op(dict(case, intweight=qi)))
+        assert_close(op(ci), dsconv2d_reference(**ci), "inference tensor after neg_()")
+        assert not torch.equal(y1, op(ci))
+        y2 = op(ci)
+        qi[5, 17, 1, 2] = -qi[5, 17, 1, 2] if qi[5, 17, 1, 2] != 0 else 7  # one element
+        y3 = op(ci)
+        assert_close(y3, dsconv2d_reference(**ci), "inference tensor after a one-element write")
+        assert not torch.equal(y3[0, 5], y2[0, 5]), "stale packed weights after a one-element write"
+        assert torch.ops.dsconv_ext._cpu_weight_packs() == packs + 3
 
 
 def test_weight_cache_sees_any_output_channel_rewritten_behind_its_back():

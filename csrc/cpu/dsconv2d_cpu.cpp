@@ -280,8 +280,9 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   // 7: one of two threads then does 4 bands, the other 3). Of the band counts from nb / 2 (no
   // taller than the budget) to 2 nb, take the one whose busiest thread has the least to do, as
   // parallel_for_tasks deals the tasks out: its rows to compute, and per band it packs, the
-  // band's rows plus the taps' extra input rows; nearest nb on a tie.
-  {
+  // band's rows plus the taps' extra input rows; nearest nb on a tie. With many tasks per
+  // thread the last one's imbalance is small, and the search is skipped (it is per call).
+  if (slices * nb * *ochunks < 16 * threads) {
     const int64_t extra = (g.kh - 1) * g.dh / g.sh, oc = *ochunks;
     auto busiest = [&](int64_t n) {
       const int64_t r = (g.Ho + n - 1) / n, bands = (g.Ho + r - 1) / r;
@@ -684,4 +685,6 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
     for (const auto& c : dsconv_ext::cpu::path_calls) n.push_back(c.load());
     return n;
   });
+  // Test hook: int8 weight packs so far (a call served by the packed-weight cache adds none).
+  m.def("_cpu_weight_packs() -> int", []() -> int64_t { return dsconv_ext::cpu::weight_packs(); });
 }

@@ -18,5 +18,8 @@ std::shared_ptr<const PackedWeights> packed_weights(const at::Tensor& intweight,
                                                     const Layout& lay, int elem_bytes,
                                                     bool amx_weights);
 
+// Weight packs since load (cache misses and uncacheable weights): a test hook.
+int64_t weight_packs();
+
 }  // namespace cpu
 }  // namespace dsconv_ext
