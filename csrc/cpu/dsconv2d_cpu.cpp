@@ -267,47 +267,13 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   const int64_t per_pixel = lay.kfloat ? 4 * g.Cg : g.nblk * (4 * lay.K4 + 4 + (with_kdsb ? 4 : 0));
   const int64_t row_bytes = std::max<int64_t>(1, per_pixel * lay.Wp * g.sh);
   int64_t rows = std::clamp<int64_t>(band_bytes / row_bytes, 1, g.Ho);
-  const int64_t nb_budget = (g.Ho + rows - 1) / rows;
-  int64_t nb = nb_budget;
+  int64_t nb = (g.Ho + rows - 1) / rows;
   const int64_t slices = g.N * groups;
   *ochunks = 1;
   if (slices * nb < 4 * threads) {
     const int64_t want = (slices * nb + threads - 1) / threads * threads;
     nb = std::max(nb, std::min((want + slices - 1) / slices, std::max<int64_t>(1, g.Ho / 2)));
     if (slices * nb < want) *ochunks = (want + slices * nb - 1) / (slices * nb);
-  }
-  // Equal bands of ceil(Ho / nb) rows can come out fewer than nb (20 rows in 8 bands of 3 make
-  // 7: one of two threads then does 4 bands, the other 3). Of the band counts from nb / 2 (no
-  // taller than the budget) to 2 nb, take the one whose busiest thread has the least to do, as
-  // parallel_for_tasks deals the tasks out: its rows to compute, and per band it packs, the
-  // band's rows plus the taps' extra input rows; nearest nb on a tie. With many tasks per
-  // thread the last one's imbalance is small, and the search is skipped (it is per call).
-  if (slices * nb * *ochunks < 16 * threads) {
-    const int64_t extra = (g.kh - 1) * g.dh / g.sh, oc = *ochunks;
-    auto busiest = [&](int64_t n) {
-      const int64_t r = (g.Ho + n - 1) / n, bands = (g.Ho + r - 1) / r;
-      const int64_t tasks = slices * bands * oc, chunk = (tasks + threads - 1) / threads;
-      int64_t worst = 0;
-      for (int64_t t0 = 0; t0 < tasks; t0 += chunk) {
-        int64_t cost = 0, packed = -1;
-        for (int64_t t = t0; t < std::min(tasks, t0 + chunk); ++t) {
-          const int64_t slice_band = t / oc, band = slice_band % bands;
-          const int64_t band_rows = std::min(r, g.Ho - band * r);
-          cost += band_rows;  // an output chunk's compute (in units of 1 / oc row)
-          if (slice_band != packed) cost += (band_rows + extra) * oc, packed = slice_band;
-        }
-        worst = std::max(worst, cost);
-      }
-      return worst;
-    };
-    const int64_t lo = std::max(nb_budget, nb / 2), hi = std::max(lo, std::min(g.Ho, 2 * nb));
-    int64_t best = nb, best_cost = busiest(nb);
-    for (int64_t n = lo; n <= hi; ++n) {
-      const int64_t cost = busiest(n);
-      if (cost < best_cost || (cost == best_cost && std::abs(n - nb) < std::abs(best - nb)))
-        best = n, best_cost = cost;
-    }
-    nb = best;
   }
   lay.band_rows = (g.Ho + nb - 1) / nb;
   lay.nbands = (g.Ho + lay.band_rows - 1) / lay.band_rows;
