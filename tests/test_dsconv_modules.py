@@ -436,3 +436,33 @@ def test_new_module_at_a_freed_modules_address():
         with torch.no_grad():
             assert_close(m(x), dsconv2d_fallback(x, *_op_args(m)), f"seed {seed}")
         del m
+
+
+@needs_kernel
+def test_channels_last_weights_are_cached_and_still_checked():
+    """ultralytics' AutoBackend converts a PyTorch model to channels_last on x86 CPUs, which
+    makes a 3x3 layer's int8 weights (and alpha) channels-last, not contiguous. The packed-weight
+    cache must still serve them (no pack on the second call), follow a write to them that
+    bypasses the version counter (numpy on the channels-last tensor), and compute the same as
+    the contiguous module."""
+    from dsconv_compare import assert_close
+
+    from dsconv_ext.dsconv.fallback import dsconv2d_fallback
+
+    torch.manual_seed(7)
+    m = DSConv2d(64, 32, 3, padding=1, bias=True, block_size=16, KDSBias=True, CDS=True).freeze()
+    x = realistic_activations(1, 64, 9, 9, seed=7)
+    with torch.no_grad():
+        want = m(x)
+        m.to(memory_format=torch.channels_last)
+        assert not m.intweight.is_contiguous(), "nothing tested: the weights stayed contiguous"
+        assert m.intweight.is_contiguous(memory_format=torch.channels_last)
+        y1 = m(x)
+        packs = torch.ops.dsconv_ext._cpu_weight_packs()
+        y2 = m(x)
+        assert torch.ops.dsconv_ext._cpu_weight_packs() == packs, "channels-last weights repacked"
+        assert torch.equal(y1, want) and torch.equal(y2, want)
+        m.intweight.numpy()[...] *= -1  # a write the version counter does not see
+        y3 = m(x)
+    assert_close(y3, dsconv2d_fallback(x, *_op_args(m), fuse_silu=m.fuse_silu), "after the write")
+    assert not torch.equal(y3, want), "the write did not change the output: nothing tested"

@@ -10,8 +10,8 @@
 // not deallocated. Inference tensors (weights made under torch.inference_mode) have no version
 // counter, so every write to them goes unseen by it: their entries keep a byte copy of intweight
 // too, compared in full on every hit (a memcmp per call, against repacking per call: a 3x3
-// 256 -> 256 layer at 20x20 took 3.6x as long made under inference mode). Non-contiguous
-// weights have no cheap content check: they are packed on every call.
+// 256 -> 256 layer at 20x20 took 3.6x as long made under inference mode). Weights with gaps or
+// overlaps (strided views) have no cheap content check: they are packed on every call.
 #include <c10/core/StorageImpl.h>
 #include <c10/util/intrusive_ptr.h>
 
@@ -39,8 +39,11 @@ struct TensorId {
   bool present = false;
 };
 
-// Contiguous, so that the content check below reads exactly the tensor's bytes.
-bool trackable(const at::Tensor& t) { return t.has_storage() && t.is_contiguous(); }
+// Dense (contiguous in some order of its dimensions), so that the content check below reads
+// exactly the tensor's bytes: numel bytes from data_ptr. Channels-last weights count:
+// ultralytics' AutoBackend converts a PyTorch model to channels_last on x86 CPUs, and every 3x3
+// layer's weights were then repacked on every predict call.
+bool trackable(const at::Tensor& t) { return t.has_storage() && t.is_non_overlapping_and_dense(); }
 
 // Packs done so far (a test hook: a cache hit packs nothing).
 std::atomic<int64_t> g_packs{0};
