@@ -208,8 +208,6 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
             "stride": c.stride[0],
             "groups": c.groups,
             "input hw": list(inp[0].shape[2:]),
-            "input shape": list(inp[0].shape),
-            "weight shape": [c.out_channels, c.in_channels // c.groups, kh, kw],
             "kind": layer_kind(kh, c.stride[0], c.groups, c.in_channels),
             "MACs": conv_macs(tuple(out.shape), c.in_channels, c.groups, kh, kw),
         }
