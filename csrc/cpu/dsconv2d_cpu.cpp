@@ -242,8 +242,9 @@ std::atomic<int64_t> path_calls[kPaths];
 // the output channels into `ochunks` when the rows alone cannot give enough tasks.
 Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef stride,
                    c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
-                   int64_t block, int64_t qtile, int64_t float_qtile, bool with_kdsb,
-                   int64_t threads, int64_t band_bytes, int64_t plane_slack, int64_t* ochunks) {
+                   int64_t block, int64_t qtile, int64_t float_qtile, int64_t planes_per_k4,
+                   bool with_kdsb, int64_t threads, int64_t band_bytes, int64_t plane_slack,
+                   int64_t* ochunks) {
   Layout lay;
   ConvGeometry& g = lay.g;
   g.N = x.size(0), g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
@@ -261,10 +262,12 @@ Layout make_layout(const at::Tensor& x, const at::Tensor& w, c10::IntArrayRef st
   lay.K4 = (std::min(block, g.Cg) + 3) / 4;
   lay.K4_last = (block_end(g.nblk - 1, block, g.Cg) - block_begin(g.nblk - 1, block) + 3) / 4;
   lay.kfloat = lay.K4 <= 1;
+  lay.kplanes = lay.K4 * planes_per_k4;
   lay.qtile = lay.kfloat ? float_qtile : qtile;
 
   // Bands: as tall as the budget allows, then more of them while there are too few tasks.
-  const int64_t per_pixel = lay.kfloat ? 4 * g.Cg : g.nblk * (4 * lay.K4 + 4 + (with_kdsb ? 4 : 0));
+  const int64_t per_pixel =
+      lay.kfloat ? 4 * g.Cg : g.nblk * (4 * lay.kplanes + 4 + (with_kdsb ? 4 : 0));
   const int64_t row_bytes = std::max<int64_t>(1, per_pixel * lay.Wp * g.sh);
   int64_t rows = std::clamp<int64_t>(band_bytes / row_bytes, 1, g.Ho);
   int64_t nb = (g.Ho + rows - 1) / rows;
@@ -425,10 +428,11 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   // The depthwise quantiser stores whole vectors: a row's last one may run 15 floats past the
   // plane (never read as a tap of a stored output).
   const int64_t float_qtile = kern.float_qtile ? kern.float_qtile : kern.qtile;
-  const Layout lay = make_layout(
-      x, intweight_in, stride, padding, dilation, groups, block_size,
-      depthwise ? kern.dw_qtile : kern.qtile, depthwise ? kern.dw_qtile : float_qtile, with_kdsb,
-      at::get_num_threads(), depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
+  const Layout lay =
+      make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
+                  depthwise ? kern.dw_qtile : kern.qtile, depthwise ? kern.dw_qtile : float_qtile,
+                  kern.planes_per_k4, with_kdsb, at::get_num_threads(),
+                  depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles of every kind (4, 8 or 16 channels):
@@ -532,7 +536,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
           if (lay.kfloat) {
             pr.esc = esc + c0 * lay.P * lay.Lq;  // one plane per channel
           } else {
-            pr.act = act + b * lay.K4 * lay.P * lay.Lq;
+            pr.act = act + b * lay.kplanes * lay.P * lay.Lq;
             pr.esc = esc + b * lay.P * lay.Lq;
             pr.usum = usum ? usum + b * lay.P * lay.Lq : nullptr;
           }

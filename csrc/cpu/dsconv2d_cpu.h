@@ -107,6 +107,7 @@ struct Layout {
   int64_t K4;         // int8: 4-channel groups per block
   int64_t K4_last;    // of them, those holding channels in the last block (a partial block's
                       // other groups are zero: packed, and skipped by the VNNI kernels)
+  int64_t kplanes;    // int8: activation planes per block, K4 * IsaKernels::planes_per_k4
   int64_t ntaps;      // kh * kw
   int64_t qtile;      // pixels per microkernel call
   int64_t band_rows;  // output rows per band (the last band may be shorter)
@@ -117,7 +118,7 @@ struct Layout {
   std::vector<int64_t> tapoff;  // per tap: phase * Lq + in-phase offset
 
   // Per-thread buffer sizes, in elements.
-  int64_t act_words() const { return kfloat ? 0 : g.nblk * K4 * P * Lq; }
+  int64_t act_words() const { return kfloat ? 0 : g.nblk * kplanes * P * Lq; }
   int64_t esc_floats() const { return kfloat ? g.Cg * P * Lq : g.nblk * P * Lq; }
 };
 
@@ -322,6 +323,9 @@ struct IsaKernels {
   int64_t otile = kOTile;
   // int8 weights in the AMX layout (AmxSegHeader) instead of SegHeader.
   bool amx_weights = false;
+  // int8 activation planes per 4-channel group: 1 (one uint32 of 4 bytes per q), or 2 for the
+  // AVX2 layout of int16 pairs (one uint32 of 2 signed int16 mantissas per q).
+  int64_t planes_per_k4 = 1;
   // If set, replaces conv_tiles: o-tiles [ot0, ot1) over every q tile of one slice in one call
   // (the AMX kernels load the tile configuration once per call). `wstreams` is o-tile 0 of the
   // slice's group, o-tile ot at wstreams + ot * stream_bytes.

@@ -1,8 +1,11 @@
-// AVX2 path (CPUs without AVX-512 VNNI): the same layouts and maths as the AVX-512 path with
-// 8-pixel vectors. The int8 products use vpmaddwd on operands widened to int16: vpmaddubsw would
-// be twice as fast, but its int16 pair sums saturate (255 * -128 * 2 < -32768), which would break
-// the exact integer sums. Subnormal, huge or non-finite blocks fall back to the scalar header
-// functions per lane, so every value matches the reference bit for bit.
+// AVX2 path (CPUs without AVX-512 VNNI): the same maths as the AVX-512 path with 8-pixel
+// vectors. The int8 products use vpmaddwd on mantissas stored as int16: vpmaddubsw would multiply
+// twice as many bytes per instruction, but its int16 pair sums saturate (255 * -128 * 2 < -32768),
+// which would break the exact integer sums. So the packed activations are pairs of signed int16
+// mantissas (one uint32 per q and pair of channels, two planes per 4-channel group), and the
+// weights' int16 pairs are broadcast as dwords: each vpmaddwd leaves one whole pixel sum per lane.
+// Subnormal, huge or non-finite blocks fall back to the scalar header functions per lane, so
+// every value matches the reference bit for bit.
 #include <immintrin.h>
 
 #include <cstring>
@@ -16,12 +19,13 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kVec = 8;
-constexpr int64_t kQTile = kVec;
-constexpr int64_t kHalf = 4;  // output channels per pass over a weight stream
+// Pixels per int8 tile: two vectors, so that each weight broadcast feeds two vpmaddwd.
+constexpr int64_t kIntVecs = 2;
+constexpr int64_t kQTile = kIntVecs * kVec;
+constexpr int64_t kFloatQTile = kVec;
 // Software prefetch distance of output stores and packer loads (both together: converted yolo11n
 // ~2% faster on the AVX2 path, same-process A/B on the Zen 5 test machine).
 constexpr int64_t kPrefetchFloats = 64;
-static_assert(kOTile % kHalf == 0, "whole passes");
 
 DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -167,9 +171,9 @@ inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* 
       // (a block whose max |x| is below 2^(-149 + mant_bits - 2) lost all its values).
       out_vals[c] = finite ? ldexpf(float(m), e) : NAN;
     } else {
-      uint32_t& w = words[c / 4];
-      if (c % 4 == 0) w = 0;
-      w |= uint32_t(uint8_t(m + 128)) << (8 * (c % 4));
+      uint32_t& w = words[c / 2];
+      if (c % 2 == 0) w = 0;
+      w |= uint32_t(uint16_t(int16_t(m))) << (16 * (c % 2));
     }
   }
   *scale_out = scale;
@@ -189,8 +193,8 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
       const int64_t nl = std::min(kVec, lay.Wq - x0);
       const int64_t w0 = x0 * g.sw + rx - g.pw;
       const float* row = hrow >= 0 ? r.x + hrow * g.W : nullptr;
-      alignas(32) float vals[4][kVec];  // float family: up to 4 channels
-      alignas(32) uint32_t words[kMaxBlockSize / 4][kVec];
+      alignas(32) float vals[4][kVec];                      // float family: up to 4 channels
+      alignas(32) uint32_t words[kMaxBlockSize / 2][kVec];  // int8: channel pairs
       alignas(32) float esc[kVec], us[kVec];
       __m256i amax = _mm256_setzero_si256(), e;
       if (row) {
@@ -216,15 +220,11 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           for (int64_t c = 0; c < r.nch; ++c)
             _mm256_store_ps(vals[c], _mm256_mul_ps(_mm256_cvtepi32_ps(channel(c)), scale));
         } else {
-          // Each word (4 channels' offset bytes) is built in a register and stored once.
-          for (int64_t k = 0; k < lay.K4; ++k) {
-            __m256i word = _mm256_setzero_si256();
-            for (int j = 0; j < 4; ++j) {
-              const __m256i m = channel(4 * k + j);
-              msum = _mm256_add_epi32(msum, m);
-              word = _mm256_or_si256(
-                  word, _mm256_slli_epi32(_mm256_add_epi32(m, _mm256_set1_epi32(128)), 8 * j));
-            }
+          // Each word (2 channels' int16 mantissas) is built in a register and stored once.
+          for (int64_t k = 0; k < lay.kplanes; ++k) {
+            const __m256i m0 = channel(2 * k), m1 = channel(2 * k + 1);
+            msum = _mm256_add_epi32(msum, _mm256_add_epi32(m0, m1));
+            const __m256i word = _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA);
             _mm256_store_si256(reinterpret_cast<__m256i*>(words[k]), word);
           }
         }
@@ -234,18 +234,18 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         for (int64_t l = 0; l < nl; ++l) {
           const int64_t w = w0 + l * g.sw;
           float v[4];
-          uint32_t wd[kMaxBlockSize / 4];
+          uint32_t wd[kMaxBlockSize / 2];
           if (row && in_range(w, g.W)) {
             scalar_pixel(r, row + w, kFloat, v, wd, &esc[l], &us[l]);
           } else {
             for (int64_t c = 0; c < 4; ++c) v[c] = 0.f;
-            for (int64_t k = 0; k < lay.K4; ++k) wd[k] = 0x80808080u;
+            for (int64_t k = 0; k < lay.kplanes; ++k) wd[k] = 0;
             esc[l] = 1.f, us[l] = 0.f;
           }
           if (kFloat) {
             for (int64_t c = 0; c < r.nch; ++c) vals[c][l] = v[c];
           } else {
-            for (int64_t k = 0; k < lay.K4; ++k) words[k][l] = wd[k];
+            for (int64_t k = 0; k < lay.kplanes; ++k) words[k][l] = wd[k];
           }
         }
       }
@@ -255,7 +255,7 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         for (int64_t c = 0; c < r.nch; ++c)
           store_lanes(r.esc + c * kplane + base + x0, _mm256_load_ps(vals[c]), full, st);
       } else {
-        for (int64_t k = 0; k < lay.K4; ++k) {
+        for (int64_t k = 0; k < lay.kplanes; ++k) {
           store_lanes(reinterpret_cast<float*>(r.act + k * kplane + base + x0),
                       _mm256_load_ps(reinterpret_cast<const float*>(words[k])), full, st);
         }
@@ -271,73 +271,108 @@ DSCONV_AVX2 void pack_row_float(const PackRow& r) { pack_row_impl<true>(r); }
 
 // --- Microkernels --------------------------------------------------------------------------
 
-// 8 pixels x kOTile channels, in two passes of kHalf channels over the weight stream. Per
-// 4-channel group: the 8 pixels' 32 activation bytes widen to two int16 vectors (pixels 0-3 and
-// 4-7, channels interleaved), and each channel's 4 int16 weights are broadcast as a qword, so
-// vpmaddwd leaves per pixel two partial sums (channels 0-1 and 2-3), added pairwise at the flush.
+// acc[r][v] += the int16 pair products of vector v of the 16 pixels at `a` and the dword
+// w[2 * r] of output r. In assembly: written in C, GCC keeps the eight accumulators in registers
+// only in some builds and spills them to the stack in others (measured: half the speed on AMD
+// Zen 3). Registers: the accumulators, two activation vectors, a weight and a product.
+static_assert(kOTile == 4 && kIntVecs == 2, "madd_pair is written for 4 x 2 accumulators");
+DSCONV_AVX2 inline void madd_pair(const uint32_t* a, const int32_t* w,
+                                  __m256i (&acc)[kOTile][kIntVecs]) {
+  __asm__(
+      "vmovdqu (%[a]), %%ymm0\n\t"
+      "vmovdqu 32(%[a]), %%ymm1\n\t"
+      "vpbroadcastd (%[w]), %%ymm2\n\t"
+      "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"
+      "vpaddd %%ymm3, %[c00], %[c00]\n\t"
+      "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"
+      "vpaddd %%ymm2, %[c01], %[c01]\n\t"
+      "vpbroadcastd 8(%[w]), %%ymm2\n\t"
+      "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"
+      "vpaddd %%ymm3, %[c10], %[c10]\n\t"
+      "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"
+      "vpaddd %%ymm2, %[c11], %[c11]\n\t"
+      "vpbroadcastd 16(%[w]), %%ymm2\n\t"
+      "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"
+      "vpaddd %%ymm3, %[c20], %[c20]\n\t"
+      "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"
+      "vpaddd %%ymm2, %[c21], %[c21]\n\t"
+      "vpbroadcastd 24(%[w]), %%ymm2\n\t"
+      "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"
+      "vpaddd %%ymm3, %[c30], %[c30]\n\t"
+      "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"
+      "vpaddd %%ymm2, %[c31], %[c31]\n\t"
+      : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]),
+        [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1])
+      : [a] "r"(a), [w] "r"(w), "m"(*reinterpret_cast<const uint32_t (*)[kQTile]>(a)),
+        "m"(*reinterpret_cast<const int32_t (*)[2 * kOTile]>(w))
+      : "xmm0", "xmm1", "xmm2", "xmm3");
+}
+
+// kQTile pixels (kIntVecs vectors) x kOTile channels. Per channel pair k2 (a whole plane of int16
+// pairs), each vector of 8 pixels is one load, and each output channel's two int16 weights one
+// dword broadcast feeding kIntVecs vpmaddwd: 8 int32 accumulators, the activations and one
+// weight fit AVX2's 16 registers, and no pair sums need adding up at the flush. The float
+// accumulators live in a stack buffer (L1): they are touched once per (block, tap) segment.
 template <bool kKdsb>
 DSCONV_AVX2 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
                                  int64_t ot, int64_t qt0, int64_t qt1) {
   const Layout& lay = *sl.lay;
-  const int64_t K4 = lay.K4, ntaps = lay.ntaps, plane = lay.P * lay.Lq;
+  const int64_t K4 = lay.K4, K2 = lay.kplanes, ntaps = lay.ntaps, plane = lay.P * lay.Lq;
   const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 8;
   const int64_t* tapoff = lay.tapoff.data();
+  const int64_t o0 = ot * kOTile;
   for (int64_t qt = qt0; qt < qt1; ++qt) {
     const int64_t q0 = qt * kQTile;
-    for (int64_t half = 0; half < kOTile / kHalf; ++half) {
-      __m256 f[kHalf];
-      for (int r = 0; r < kHalf; ++r) f[r] = _mm256_setzero_ps();
-      const uint8_t* ws = wstream;
-      for (int64_t b = 0; b < lay.g.nblk; ++b) {
-        for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
-          const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
-          const int64_t* w =
-              reinterpret_cast<const int64_t*>(ws + sizeof(SegHeader)) + half * kHalf;
-          const uint32_t* a = sl.act + b * K4 * plane + tapoff[t] + q0;
-          __m256i lo[kHalf], hi[kHalf];
-          for (int r = 0; r < kHalf; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-          const int64_t K4b = b + 1 < lay.g.nblk ? K4 : lay.K4_last;
-          for (int64_t k = 0; k < K4b; ++k, a += plane, w += kOTile) {
-            const __m256i a_lo =
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a)));
-            const __m256i a_hi =
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 4)));
-            for (int r = 0; r < kHalf; ++r) {
-              const __m256i wr = _mm256_set1_epi64x(w[r]);
-              lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(a_lo, wr));
-              hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(a_hi, wr));
-            }
-          }
-          const int64_t eo = b * plane + tapoff[t] + q0;
-          const __m256 scale = _mm256_loadu_ps(sl.esc + eo);
-          for (int r = 0; r < kHalf; ++r) {
-            // hadd pairs: lanes come out as pixels 0 1 4 5 | 2 3 6 7; the permute restores order.
-            __m256i S = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[r], hi[r]), 0xD8);
-            S = _mm256_add_epi32(S, _mm256_set1_epi32(h->corr[half * kHalf + r]));
-            const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(S), scale);
-            f[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(h->alpha[half * kHalf + r]), f[r]);
-            if (kKdsb) {
-              f[r] = _mm256_fmadd_ps(_mm256_set1_ps(h->kdsb[half * kHalf + r]),
-                                     _mm256_loadu_ps(sl.usum + eo), f[r]);
-            }
+    alignas(32) float f[kOTile][kQTile];
+    // (vector stores: an `= {}` becomes a rep stosq, slow to start on AMD cores)
+    for (int r = 0; r < kOTile; ++r)
+      for (int v = 0; v < kIntVecs; ++v) _mm256_store_ps(f[r] + v * kVec, _mm256_setzero_ps());
+    const uint8_t* ws = wstream;
+    for (int64_t b = 0; b < lay.g.nblk; ++b) {
+      const int64_t K4b = b + 1 < lay.g.nblk ? K4 : lay.K4_last;
+      for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
+        const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
+        // dword (k4 * kOTile + r) * 2 + k2 % 2: channels 2 * k2 and 2 * k2 + 1 of output r
+        const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
+        const uint32_t* a = sl.act + b * K2 * plane + tapoff[t] + q0;
+        __m256i acc[kOTile][kIntVecs];
+        for (int r = 0; r < kOTile; ++r)
+          for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
+        for (int64_t k4 = 0; k4 < K4b; ++k4, w += 2 * kOTile) {
+          for (int pair = 0; pair < 2; ++pair, a += plane) madd_pair(a, w + pair, acc);
+        }
+        const int64_t eo = b * plane + tapoff[t] + q0;
+        for (int v = 0; v < kIntVecs; ++v) {
+          const __m256 scale = _mm256_loadu_ps(sl.esc + eo + v * kVec);
+          __m256 us;
+          if (kKdsb) us = _mm256_loadu_ps(sl.usum + eo + v * kVec);
+#pragma GCC unroll 4
+          for (int r = 0; r < kOTile; ++r) {
+            const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), scale);
+            __m256 fr =
+                _mm256_fmadd_ps(s, _mm256_set1_ps(h->alpha[r]), _mm256_load_ps(f[r] + v * kVec));
+            if (kKdsb) fr = _mm256_fmadd_ps(_mm256_set1_ps(h->kdsb[r]), us, fr);
+            _mm256_store_ps(f[r] + v * kVec, fr);
           }
         }
       }
-      // The whole pass's epilogue before its stores, so that the SiLU chains overlap (see
-      // avx512::epilogue_tile; the constants are padded past the last channel).
-      const int64_t o0 = ot * kOTile + half * kHalf;
+    }
+    // The whole tile's epilogue before its stores, so that the SiLU chains overlap (see
+    // avx512::epilogue_tile; the constants are padded past the last channel).
+    for (int v = 0; v < kIntVecs; ++v) {
+      __m256 y[kOTile];
 #pragma GCC unroll 4
-      for (int r = 0; r < kHalf; ++r)
-        f[r] =
-            _mm256_fmadd_ps(f[r], _mm256_set1_ps(ep.cdsw[o0 + r]), _mm256_set1_ps(ep.cb[o0 + r]));
+      for (int r = 0; r < kOTile; ++r)
+        y[r] = _mm256_fmadd_ps(_mm256_load_ps(f[r] + v * kVec), _mm256_set1_ps(ep.cdsw[o0 + r]),
+                               _mm256_set1_ps(ep.cb[o0 + r]));
       if (ep.silu) {
 #pragma GCC unroll 4
-        for (int r = 0; r < kHalf; ++r) f[r] = silu_ps(f[r]);
+        for (int r = 0; r < kOTile; ++r) y[r] = silu_ps(y[r]);
       }
-      const int64_t ohl = q0 / lay.Wq, ow = q0 - ohl * lay.Wq;
-      for (int r = 0; r < kHalf; ++r) {
+      const int64_t q = q0 + v * kVec, ohl = q / lay.Wq, ow = q - ohl * lay.Wq;
+      for (int r = 0; r < kOTile; ++r) {
         if (o0 + r >= sl.nout) break;
-        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1, f[r]);
+        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1, y[r]);
       }
     }
   }
@@ -361,7 +396,7 @@ DSCONV_AVX2 void float_tiles_impl(const Slice& sl, const float* wf, const Epilog
   const int64_t plane = lay.P * lay.Lq, T = lay.ntaps;
   const int64_t* tapoff = lay.tapoff.data();
   for (int64_t qt = qt0; qt < qt1; ++qt) {
-    const int64_t q0 = qt * kQTile;
+    const int64_t q0 = qt * kFloatQTile;
     __m256 acc[kSets][R];
     for (int k = 0; k < kSets; ++k)
       for (int r = 0; r < R; ++r) acc[k][r] = _mm256_setzero_ps();
@@ -646,6 +681,8 @@ const IsaKernels& kernels_avx2() {
                  &dfl_side_scalar, /*esc_shift=*/false};
     t.stem_rows = &stem_rows;
     t.stem_otile = kVec;
+    t.float_qtile = kFloatQTile;
+    t.planes_per_k4 = 2;
     return t;
   }();
   return k;
