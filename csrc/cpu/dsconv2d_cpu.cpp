@@ -478,8 +478,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     return y;
   }
   path_calls[lay.kfloat ? kPathFloat : kPathInt8].fetch_add(1, std::memory_order_relaxed);
-  if (!lay.kfloat && kern.conv_band != nullptr)
-    path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
+  if (!lay.kfloat && kern.amx_weights) path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
 
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;

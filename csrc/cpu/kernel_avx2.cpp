@@ -180,6 +180,83 @@ inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* 
   *usum_out = scale * float(msum);
 }
 
+// 8 lanes x[l * SW] of a row, all inside it: plain loads (stride 2: two and a de-interleave).
+template <int SW>
+DSCONV_AVX2 inline __m256 load_inside(const float* p) {
+  if (SW == 1) return _mm256_loadu_ps(p);
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + kVec);
+  const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// Chunks of 8 q per row that the row-wise int8 pack below takes at once (longer rows: the rest
+// take the per-chunk path).
+constexpr int64_t kRowChunks = 64;
+
+// The int8 pack of chunks [0, n) of a phase row, chunk i being 8 whole pixels whose lanes all lie
+// inside the input row, from px + i * 8 * SW (channel 0) into act / esc / usum + i * 8. Channel
+// by channel along the row: each channel's row streams through once per pass (the per-chunk
+// order jumped between the block's channels, H * W floats apart, for every 8 pixels: measured
+// 1.2x slower on AMD Zen 3). ok[i] false (chunk i not stored) where a lane's block needs the
+// scalar path. The mantissa is cvtps under the default rounding mode (to nearest, ties to even,
+// as rintf).
+template <int SW>
+DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, uint32_t* act,
+                                 int64_t kplane, float* esc, float* usum, bool* ok) {
+  const int64_t cs = r.x_cstride, nch = r.nch, kplanes = r.lay->kplanes;
+  constexpr int64_t kStep = kVec * SW;
+  alignas(32) __m256i amax[kRowChunks];
+  alignas(32) __m256 inv[kRowChunks];
+  alignas(32) __m256i msum[kRowChunks];
+  for (int64_t i = 0; i < n; ++i) amax[i] = _mm256_setzero_si256();
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  for (int64_t c = 0; c < nch; ++c) {
+    const float* p = px + c * cs;
+    for (int64_t i = 0; i < n; ++i)
+      amax[i] = _mm256_max_epi32(
+          amax[i], _mm256_and_si256(_mm256_castps_si256(load_inside<SW>(p + i * kStep)), abs_mask));
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    __m256i e;
+    ok[i] = block_exponent(amax[i], r.mant_bits, &e);
+    // (a chunk that is not ok is packed with E = 0 here, then overwritten by the caller)
+    if (!ok[i]) e = _mm256_setzero_si256();
+    _mm256_storeu_ps(esc + i * kVec, pow2(e));
+    inv[i] = pow2(_mm256_sub_epi32(_mm256_setzero_si256(), e));
+    msum[i] = _mm256_setzero_si256();
+  }
+  const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
+  const __m256i nlim = _mm256_sub_epi32(_mm256_setzero_si256(), lim);
+  auto mant = [&](const float* p, int64_t i) DSCONV_AVX2 {
+    const __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(load_inside<SW>(p + i * kStep), inv[i]));
+    return _mm256_min_epi32(_mm256_max_epi32(m, nlim), lim);
+  };
+  for (int64_t k = 0; k < kplanes; ++k) {
+    __m256i* dst = reinterpret_cast<__m256i*>(act + k * kplane);
+    const float* p0 = px + 2 * k * cs;
+    if (2 * k + 1 < nch) {
+      for (int64_t i = 0; i < n; ++i) {
+        const __m256i m0 = mant(p0, i), m1 = mant(p0 + cs, i);
+        msum[i] = _mm256_add_epi32(msum[i], _mm256_add_epi32(m0, m1));
+        _mm256_storeu_si256(dst + i, _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA));
+      }
+    } else if (2 * k < nch) {
+      for (int64_t i = 0; i < n; ++i) {
+        const __m256i m0 = mant(p0, i);
+        msum[i] = _mm256_add_epi32(msum[i], m0);
+        _mm256_storeu_si256(dst + i, _mm256_blend_epi16(m0, _mm256_setzero_si256(), 0xAA));
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) _mm256_storeu_si256(dst + i, _mm256_setzero_si256());
+    }
+  }
+  if (usum) {
+    for (int64_t i = 0; i < n; ++i)
+      _mm256_storeu_ps(usum + i * kVec,
+                       _mm256_mul_ps(_mm256_cvtepi32_ps(msum[i]), _mm256_loadu_ps(esc + i * kVec)));
+  }
+}
+
 template <bool kFloat>
 DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
   const Layout& lay = *r.lay;
@@ -189,10 +266,35 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
   const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
   for (int64_t rx = 0; rx < g.sw; ++rx) {
     const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
+    // int8: the chunks [fa, fb) of whole pixels inside the input row go row-wise first.
+    int64_t fa = 0, fb = 0;
+    bool fast_ok[kRowChunks];
+    if (!kFloat && hrow >= 0 && g.sw <= 2) {
+      const int64_t first_x = std::max<int64_t>(0, g.pw - rx + g.sw - 1) / g.sw;  // w0 >= 0
+      fa = (first_x + kVec - 1) / kVec;
+      // whole 8-lane chunks (nl == kVec) whose loads (stride 2: 16 floats) stay in the row
+      const int64_t span = g.sw == 1 ? kVec : 2 * kVec;
+      fb = std::min(lay.Wq / kVec, (g.W - span + g.pw - rx) >= 0
+                                       ? (g.W - span + g.pw - rx) / g.sw / kVec + 1
+                                       : int64_t(0));
+      fb = std::min(fb, fa + kRowChunks);
+      if (fb > fa) {
+        const float* px = r.x + hrow * g.W + fa * kVec * g.sw + rx - g.pw;
+        const int64_t at = base + fa * kVec;
+        float* usum = r.usum ? r.usum + at : nullptr;
+        if (g.sw == 1)
+          pack_row_inside<1>(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
+        else
+          pack_row_inside<2>(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
+      } else {
+        fb = fa;
+      }
+    }
     for (int64_t x0 = 0; x0 < lay.Wq; x0 += kVec) {
       const int64_t nl = std::min(kVec, lay.Wq - x0);
       const int64_t w0 = x0 * g.sw + rx - g.pw;
       const float* row = hrow >= 0 ? r.x + hrow * g.W : nullptr;
+      if (x0 / kVec >= fa && x0 / kVec < fb && fast_ok[x0 / kVec - fa]) continue;
       alignas(32) float vals[4][kVec];                      // float family: up to 4 channels
       alignas(32) uint32_t words[kMaxBlockSize / 2][kVec];  // int8: channel pairs
       alignas(32) float esc[kVec], us[kVec];
@@ -308,82 +410,120 @@ DSCONV_AVX2 inline void madd_pair(const uint32_t* a, const int32_t* w,
       : "xmm0", "xmm1", "xmm2", "xmm3");
 }
 
-// kQTile pixels (kIntVecs vectors) x kOTile channels. Per channel pair k2 (a whole plane of int16
-// pairs), each vector of 8 pixels is one load, and each output channel's two int16 weights one
-// dword broadcast feeding kIntVecs vpmaddwd: 8 int32 accumulators, the activations and one
-// weight fit AVX2's 16 registers, and no pair sums need adding up at the flush. The float
-// accumulators live in a stack buffer (L1): they are touched once per (block, tap) segment.
+// Where the kIntVecs vectors of a q tile go: output row (band-local) and column of each one's
+// first q.
+struct TilePos {
+  int64_t ohl[kIntVecs], ow[kIntVecs];
+};
+
+// kQTile pixels (kIntVecs vectors) from q0 x the kOTile channels of weight stream `ws`, from
+// output o0. Per channel pair k2 (a whole plane of int16 pairs), each vector of 8 pixels is one
+// load, and each output channel's two int16 weights one dword broadcast feeding kIntVecs
+// vpmaddwd: 8 int32 accumulators, the activations and one weight fit AVX2's 16 registers, and no
+// pair sums need adding up at the flush. The float accumulators live in a stack buffer (L1):
+// they are touched once per (block, tap) segment.
 template <bool kKdsb>
-DSCONV_AVX2 void conv_tiles_impl(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
-                                 int64_t ot, int64_t qt0, int64_t qt1) {
+DSCONV_AVX2 inline void conv_tile(const Slice& sl, const uint8_t* ws, const Epilogue& ep,
+                                  int64_t o0, int64_t q0, const TilePos& pos) {
   const Layout& lay = *sl.lay;
   const int64_t K4 = lay.K4, K2 = lay.kplanes, ntaps = lay.ntaps, plane = lay.P * lay.Lq;
   const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 8;
   const int64_t* tapoff = lay.tapoff.data();
-  const int64_t o0 = ot * kOTile;
-  for (int64_t qt = qt0; qt < qt1; ++qt) {
-    const int64_t q0 = qt * kQTile;
-    alignas(32) float f[kOTile][kQTile];
-    // (vector stores: an `= {}` becomes a rep stosq, slow to start on AMD cores)
-    for (int r = 0; r < kOTile; ++r)
-      for (int v = 0; v < kIntVecs; ++v) _mm256_store_ps(f[r] + v * kVec, _mm256_setzero_ps());
-    const uint8_t* ws = wstream;
-    for (int64_t b = 0; b < lay.g.nblk; ++b) {
-      const int64_t K4b = b + 1 < lay.g.nblk ? K4 : lay.K4_last;
-      for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
-        const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
-        // dword (k4 * kOTile + r) * 2 + k2 % 2: channels 2 * k2 and 2 * k2 + 1 of output r
-        const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
-        const uint32_t* a = sl.act + b * K2 * plane + tapoff[t] + q0;
-        __m256i acc[kOTile][kIntVecs];
-        for (int r = 0; r < kOTile; ++r)
-          for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
-        for (int64_t k4 = 0; k4 < K4b; ++k4, w += 2 * kOTile) {
-          for (int pair = 0; pair < 2; ++pair, a += plane) madd_pair(a, w + pair, acc);
-        }
-        const int64_t eo = b * plane + tapoff[t] + q0;
-        for (int v = 0; v < kIntVecs; ++v) {
-          const __m256 scale = _mm256_loadu_ps(sl.esc + eo + v * kVec);
-          __m256 us;
-          if (kKdsb) us = _mm256_loadu_ps(sl.usum + eo + v * kVec);
+  alignas(32) float f[kOTile][kQTile];
+  // (vector stores: an `= {}` becomes a rep stosq, slow to start on AMD cores)
+  for (int r = 0; r < kOTile; ++r)
+    for (int v = 0; v < kIntVecs; ++v) _mm256_store_ps(f[r] + v * kVec, _mm256_setzero_ps());
+  for (int64_t b = 0; b < lay.g.nblk; ++b) {
+    const int64_t K4b = b + 1 < lay.g.nblk ? K4 : lay.K4_last;
+    for (int64_t t = 0; t < ntaps; ++t, ws += seg_b) {
+      const SegHeader* h = reinterpret_cast<const SegHeader*>(ws);
+      // dword (k4 * kOTile + r) * 2 + k2 % 2: channels 2 * k2 and 2 * k2 + 1 of output r
+      const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
+      const uint32_t* a = sl.act + b * K2 * plane + tapoff[t] + q0;
+      __m256i acc[kOTile][kIntVecs];
+      for (int r = 0; r < kOTile; ++r)
+        for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
+      for (int64_t k4 = 0; k4 < K4b; ++k4, w += 2 * kOTile) {
+        for (int pair = 0; pair < 2; ++pair, a += plane) madd_pair(a, w + pair, acc);
+      }
+      const int64_t eo = b * plane + tapoff[t] + q0;
+      for (int v = 0; v < kIntVecs; ++v) {
+        const __m256 scale = _mm256_loadu_ps(sl.esc + eo + v * kVec);
+        __m256 us;
+        if (kKdsb) us = _mm256_loadu_ps(sl.usum + eo + v * kVec);
 #pragma GCC unroll 4
-          for (int r = 0; r < kOTile; ++r) {
-            const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), scale);
-            __m256 fr =
-                _mm256_fmadd_ps(s, _mm256_set1_ps(h->alpha[r]), _mm256_load_ps(f[r] + v * kVec));
-            if (kKdsb) fr = _mm256_fmadd_ps(_mm256_set1_ps(h->kdsb[r]), us, fr);
-            _mm256_store_ps(f[r] + v * kVec, fr);
-          }
+        for (int r = 0; r < kOTile; ++r) {
+          const __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][v]), scale);
+          __m256 fr =
+              _mm256_fmadd_ps(s, _mm256_set1_ps(h->alpha[r]), _mm256_load_ps(f[r] + v * kVec));
+          if (kKdsb) fr = _mm256_fmadd_ps(_mm256_set1_ps(h->kdsb[r]), us, fr);
+          _mm256_store_ps(f[r] + v * kVec, fr);
         }
       }
     }
-    // The whole tile's epilogue before its stores, so that the SiLU chains overlap (see
-    // avx512::epilogue_tile; the constants are padded past the last channel).
-    for (int v = 0; v < kIntVecs; ++v) {
-      __m256 y[kOTile];
+  }
+  // The whole tile's epilogue before its stores, so that the SiLU chains overlap (see
+  // avx512::epilogue_tile; the constants are padded past the last channel).
+  for (int v = 0; v < kIntVecs; ++v) {
+    __m256 y[kOTile];
 #pragma GCC unroll 4
-      for (int r = 0; r < kOTile; ++r)
-        y[r] = _mm256_fmadd_ps(_mm256_load_ps(f[r] + v * kVec), _mm256_set1_ps(ep.cdsw[o0 + r]),
-                               _mm256_set1_ps(ep.cb[o0 + r]));
-      if (ep.silu) {
+    for (int r = 0; r < kOTile; ++r)
+      y[r] = _mm256_fmadd_ps(_mm256_load_ps(f[r] + v * kVec), _mm256_set1_ps(ep.cdsw[o0 + r]),
+                             _mm256_set1_ps(ep.cb[o0 + r]));
+    if (ep.silu) {
 #pragma GCC unroll 4
-        for (int r = 0; r < kOTile; ++r) y[r] = silu_ps(y[r]);
-      }
-      const int64_t q = q0 + v * kVec, ohl = q / lay.Wq, ow = q - ohl * lay.Wq;
-      for (int r = 0; r < kOTile; ++r) {
-        if (o0 + r >= sl.nout) break;
-        store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, sl.oh0 + ohl, ow, sl.oh1, y[r]);
-      }
+      for (int r = 0; r < kOTile; ++r) y[r] = silu_ps(y[r]);
+    }
+    for (int r = 0; r < kOTile; ++r) {
+      if (o0 + r >= sl.nout) break;
+      store_vec(lay, sl.out + (o0 + r) * sl.out_cstride, sl.oh0 + pos.ohl[v], pos.ow[v], sl.oh1,
+                y[r]);
     }
   }
 }
 
+// Every q tile of the band, and per q tile the o-tiles [ot0, ot1) innermost: the tile's
+// activations stay in L1 while the weights stream from L2, and a q tile's store positions are
+// found once for all its o-tiles.
+template <bool kKdsb>
+DSCONV_AVX2 void conv_band_impl(const Slice& sl, const uint8_t* wstreams, int64_t stream_bytes,
+                                const Epilogue& ep, int64_t ot0, int64_t ot1) {
+  const int64_t Wq = sl.lay->Wq;
+  TilePos pos;
+  for (int v = 0; v < kIntVecs; ++v) pos.ohl[v] = (v * kVec) / Wq, pos.ow[v] = (v * kVec) % Wq;
+  for (int64_t qt = 0; qt < sl.nqt; ++qt) {
+    for (int64_t ot = ot0; ot < ot1; ++ot)
+      conv_tile<kKdsb>(sl, wstreams + ot * stream_bytes, ep, ot * kOTile, qt * kQTile, pos);
+    for (int v = 0; v < kIntVecs; ++v) {
+      pos.ow[v] += kQTile;
+      while (pos.ow[v] >= Wq) pos.ow[v] -= Wq, ++pos.ohl[v];
+    }
+  }
+}
+
+DSCONV_AVX2 void conv_band(const Slice& sl, const uint8_t* wstreams, int64_t stream_bytes,
+                           const Epilogue& ep, int64_t ot0, int64_t ot1) {
+  if (sl.usum)
+    conv_band_impl<true>(sl, wstreams, stream_bytes, ep, ot0, ot1);
+  else
+    conv_band_impl<false>(sl, wstreams, stream_bytes, ep, ot0, ot1);
+}
+
+// The conv_tiles entry of the table (conv_band replaces it in the driver): q tiles [qt0, qt1) of
+// o-tile ot.
 DSCONV_AVX2 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int64_t ot,
                             int64_t qt0, int64_t qt1) {
-  if (sl.usum)
-    conv_tiles_impl<true>(sl, wstream, ep, ot, qt0, qt1);
-  else
-    conv_tiles_impl<false>(sl, wstream, ep, ot, qt0, qt1);
+  for (int64_t qt = qt0; qt < qt1; ++qt) {
+    TilePos pos;
+    for (int v = 0; v < kIntVecs; ++v) {
+      const int64_t q = qt * kQTile + v * kVec;
+      pos.ohl[v] = q / sl.lay->Wq, pos.ow[v] = q % sl.lay->Wq;
+    }
+    if (sl.usum)
+      conv_tile<true>(sl, wstream, ep, ot * kOTile, qt * kQTile, pos);
+    else
+      conv_tile<false>(sl, wstream, ep, ot * kOTile, qt * kQTile, pos);
+  }
 }
 
 // Float family: R output channels x 8 pixels; with R == 1, four accumulators over the taps hide
@@ -683,6 +823,7 @@ const IsaKernels& kernels_avx2() {
     t.stem_otile = kVec;
     t.float_qtile = kFloatQTile;
     t.planes_per_k4 = 2;
+    t.conv_band = &conv_band;
     return t;
   }();
   return k;
