@@ -16,7 +16,9 @@
 // Two kernel families:
 //  * int8 (blocks of >= 5 channels). Per block b and 4-channel group k4: one uint32 per q holding
 //    4 mantissas + 128 as bytes (vpdpbusd multiplies u8 by s8; the weight streams pre-subtract
-//    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD. Per
+//    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD; the
+//    AVX2 path (vpmaddwd, no VNNI) two planes per k4 group instead, each uint32 holding two
+//    channels' mantissas as signed int16 (IsaKernels::planes_per_k4, Layout::kplanes). Per
 //    block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel (vscalefps), NaN for a
 //    block holding NaN/Inf; `usum`, 2^E * (sum of the block's mantissas), for KDSb. Each (block,
 //    tap) segment is an exact int32 dot product, then acc += alpha * 2^E * S (+ KDSb * usum). The
@@ -127,6 +129,7 @@ struct Layout {
 // vpmaddwd).
 struct SegHeader {
   int32_t corr[kOTile];  // -128 * sum of the segment's q: undoes the +128 of the activations
+                         // (unused by AVX2, whose int16 mantissas are signed)
   float alpha[kOTile];
   float kdsb[kOTile];
 };
