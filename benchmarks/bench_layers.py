@@ -25,9 +25,12 @@ Both are times inside the model's forward, each layer after the one that produce
 Per layer: multiply-accumulates, both times, ``speed vs OpenVINO`` (OpenVINO's time / ours, as
 bench_model's ``dsconv_ext int8 vs this``), GMAC/s, and the share of the int8 multiply-add peak
 of ``--threads`` cores: one core's ``vpdpbusd`` rate, measured as ``bench_isa.py`` does (zmm on
-AVX-512 VNNI, ymm on AVX-VNNI; no column on other CPUs). A layer near 100% is bound by its
-multiply-adds; the gap between ours and OpenVINO's on such a layer is what our packing of the
-float32 input, the float epilogue and the thread fork cost beyond its integer dot products.
+AVX-512 VNNI, ymm on AVX-VNNI), or on AVX2 CPUs without VNNI its ``vpmaddwd`` rate (16 exact
+int8 products per instruction, the accumulating ``vpaddd`` not counted: what both our AVX2
+kernel and OpenVINO's ``vpmaddubsw`` path are bound by); no column on other CPUs. A layer near
+100% is bound by its multiply-adds; the gap between ours and OpenVINO's on such a layer is what
+our packing of the float32 input, the float epilogue and the thread fork cost beyond its integer
+dot products.
 Then totals per layer kind, and what OpenVINO spends outside its convolutions.
 
 Reading it: our layer times include the layer's own Python call (30-40 us on an AMX Xeon,
@@ -281,14 +284,16 @@ def time_openvino(
 
 
 # ---------------------------------------------------------------- the parent
-def vnni_peak_macs_per_ns() -> Optional[Dict[str, object]]:
-    """One core's int8 multiply-add peak: the vpdpbusd rate, as bench_isa.py measures it (its
-    widest form this CPU has)."""
+def int8_peak_macs_per_ns() -> Optional[Dict[str, object]]:
+    """One core's int8 multiply-add peak as bench_isa.py measures it: the vpdpbusd rate in its
+    widest form this CPU has, else (AVX2 without VNNI) the vpmaddwd rate."""
     import bench_isa
 
     _, flags = _cpu_model_and_flags()
     names = [
-        n for n in ("vpdpbusd zmm", "vpdpbusd ymm (AVX-VNNI)") if bench_isa.KERNELS[n][0] <= flags
+        n
+        for n in ("vpdpbusd zmm", "vpdpbusd ymm (AVX-VNNI)", "vpmaddwd ymm")
+        if bench_isa.KERNELS[n][0] <= flags
     ]
     if not names or shutil.which("cc") is None:
         return None
@@ -462,13 +467,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     env = environment()
     print_header("bench_layers", env)
-    peak = vnni_peak_macs_per_ns()
+    peak = int8_peak_macs_per_ns()
     peak_gmacs = peak["MACs per ns per core"] * args.threads if peak else None
     if peak:
         print(f"# int8 peak: {peak['instruction']} at {peak['MACs per ns per core']} MAC/ns per "
               f"core, x {args.threads} threads = {peak_gmacs:.0f} GMAC/s")  # fmt: skip
     else:
-        print("# int8 peak: not measured (no AVX-512 VNNI / AVX-VNNI, or no C compiler)")
+        print("# int8 peak: not measured (no AVX2, or no C compiler)")
     print(f"# per layer, inside the forward: our layer times (wall-clock timers) and "
           f"{_runtimes.RUNTIMES[args.peer].label}'s node times (PERF_COUNT), medians of "
           f"{args.rounds} forwards x {args.cycles} alternated processes per side")  # fmt: skip
