@@ -159,6 +159,26 @@ def test_nonfinite_activations_propagate(isa, value, stride):
         assert_close(y, ref, f"{value} {describe(case)}")
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_long_rows_with_far_nonfinite_and_subnormal_blocks(isa, stride):
+    """Rows of more than 512 phase columns (the AVX2 packer takes a row's inner pixels in runs of
+    at most 64 chunks of 8, the rest chunk by chunk), with a NaN, an Inf and a subnormal block
+    far along the row (the per-chunk path) and an Inf inside the first run."""
+    g = torch.Generator().manual_seed(11)
+    W = 1100 * stride
+    q, alpha, kb = quantize_weight(torch.randn(12, 40, 3, 3, generator=g), 8, 32, kds_bias=True)
+    x = torch.randn(1, 40, 3, W, generator=g)
+    x[0, 5, 1, 600 * stride] = math.nan
+    x[0, 33, 2, 1000 * stride] = math.inf
+    x[0, :32, 0, 700 * stride] = 1e-41
+    x[0, 20, 2, 100 * stride] = -math.inf  # inside the first run
+    case = dict(x=x, intweight=q, alpha=alpha, KDSb=kb, stride=(stride, stride), padding=(1, 1),
+                dilation=(1, 1), groups=1, block_size=32, act_bits=8, fuse_silu=True)  # fmt: skip
+    y, ref = op(case), dsconv2d_reference(**case)
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    assert_close(y, ref, f"stride {stride} {describe(case)}")
+
+
 def _scalef_bands():
     return torch.ops.dsconv_ext._cpu_path_calls()[3]
 
