@@ -330,8 +330,9 @@ struct IsaKernels {
   // AVX2 layout of int16 pairs (one uint32 of 2 signed int16 mantissas per q).
   int64_t planes_per_k4 = 1;
   // If set, replaces conv_tiles: o-tiles [ot0, ot1) over every q tile of one slice in one call
-  // (the AMX kernels load the tile configuration once per call). `wstreams` is o-tile 0 of the
-  // slice's group, o-tile ot at wstreams + ot * stream_bytes.
+  // (the AMX kernels load the tile configuration once per call, the AVX2 kernel finds each q
+  // tile's store positions once for all its o-tiles). `wstreams` is o-tile 0 of the slice's
+  // group, o-tile ot at wstreams + ot * stream_bytes.
   void (*conv_band)(const Slice&, const uint8_t* wstreams, int64_t stream_bytes, const Epilogue&,
                     int64_t ot0, int64_t ot1) = nullptr;
   // Float stem convolution (stem_conv_cpu.cpp): output rows [oy0, oy1) of image n for the

@@ -195,11 +195,11 @@ constexpr int64_t kRowChunks = 64;
 
 // The int8 pack of chunks [0, n) of a phase row, chunk i being 8 whole pixels whose lanes all lie
 // inside the input row, from px + i * 8 * SW (channel 0) into act / esc / usum + i * 8. Channel
-// by channel along the row: each channel's row streams through once per pass (the per-chunk
-// order jumped between the block's channels, H * W floats apart, for every 8 pixels: measured
-// 1.2x slower on AMD Zen 3). ok[i] false (chunk i not stored) where a lane's block needs the
-// scalar path. The mantissa is cvtps under the default rounding mode (to nearest, ties to even,
-// as rintf).
+// by channel along the row: each channel's row streams through once per pass, where the
+// per-chunk order jumped between the block's channels, H * W floats apart, for every 8 pixels (a
+// stride-2 3x3 64 -> 64 layer at 160x160, a quarter of it packing, 7.75 -> 6.97 ms on AMD Zen 3).
+// ok[i] false (chunk i not stored) where a lane's block needs the scalar path. The mantissa is
+// cvtps under the default rounding mode (to nearest, ties to even, as rintf).
 template <int SW>
 DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, uint32_t* act,
                                  int64_t kplane, float* esc, float* usum, bool* ok) {
@@ -374,9 +374,9 @@ DSCONV_AVX2 void pack_row_float(const PackRow& r) { pack_row_impl<true>(r); }
 // --- Microkernels --------------------------------------------------------------------------
 
 // acc[r][v] += the int16 pair products of vector v of the 16 pixels at `a` and the dword
-// w[2 * r] of output r. In assembly: written in C, GCC keeps the eight accumulators in registers
-// only in some builds and spills them to the stack in others (measured: half the speed on AMD
-// Zen 3). Registers: the accumulators, two activation vectors, a weight and a product.
+// w[2 * r] of output r. In assembly: from intrinsics GCC spilled four of the accumulators to
+// the stack (the 3x3 64 -> 64 layer at 80x80 ran 16% slower on AMD Zen 3). Registers: the
+// accumulators, two activation vectors, a weight and a product.
 static_assert(kOTile == 4 && kIntVecs == 2, "madd_pair is written for 4 x 2 accumulators");
 DSCONV_AVX2 inline void madd_pair(const uint32_t* a, const int32_t* w,
                                   __m256i (&acc)[kOTile][kIntVecs]) {
@@ -507,23 +507,6 @@ DSCONV_AVX2 void conv_band(const Slice& sl, const uint8_t* wstreams, int64_t str
     conv_band_impl<true>(sl, wstreams, stream_bytes, ep, ot0, ot1);
   else
     conv_band_impl<false>(sl, wstreams, stream_bytes, ep, ot0, ot1);
-}
-
-// The conv_tiles entry of the table (conv_band replaces it in the driver): q tiles [qt0, qt1) of
-// o-tile ot.
-DSCONV_AVX2 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int64_t ot,
-                            int64_t qt0, int64_t qt1) {
-  for (int64_t qt = qt0; qt < qt1; ++qt) {
-    TilePos pos;
-    for (int v = 0; v < kIntVecs; ++v) {
-      const int64_t q = qt * kQTile + v * kVec;
-      pos.ohl[v] = q / sl.lay->Wq, pos.ow[v] = q % sl.lay->Wq;
-    }
-    if (sl.usum)
-      conv_tile<true>(sl, wstream, ep, ot * kOTile, qt * kQTile, pos);
-    else
-      conv_tile<false>(sl, wstream, ep, ot * kOTile, qt * kQTile, pos);
-  }
 }
 
 // Float family: R output channels x 8 pixels; with R == 1, four accumulators over the taps hide
@@ -814,16 +797,21 @@ DSCONV_AVX2 void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0
 
 const IsaKernels& kernels_avx2() {
   static const IsaKernels k = [] {
-    IsaKernels t{kQTile,           /*weight_elem_bytes=*/2,
-                 &pack_row,        &pack_row_float,
-                 &conv_tiles,      &float_tiles,
-                 &depthwise,       /*dw_qtile=*/32,
-                 &dfl_side_scalar, /*esc_shift=*/false};
+    IsaKernels t{kQTile,
+                 /*weight_elem_bytes=*/2,
+                 &pack_row,
+                 &pack_row_float,
+                 /*conv_tiles=*/nullptr,
+                 &float_tiles,
+                 &depthwise,
+                 /*dw_qtile=*/32,
+                 &dfl_side_scalar,
+                 /*esc_shift=*/false};
     t.stem_rows = &stem_rows;
     t.stem_otile = kVec;
     t.float_qtile = kFloatQTile;
     t.planes_per_k4 = 2;
-    t.conv_band = &conv_band;
+    t.conv_band = &conv_band;  // every int8 call
     return t;
   }();
   return k;
