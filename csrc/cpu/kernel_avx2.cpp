@@ -200,7 +200,7 @@ constexpr int64_t kRowChunks = 64;
 // stride-2 3x3 64 -> 64 layer at 160x160, a quarter of it packing, 7.75 -> 6.97 ms on AMD Zen 3).
 // ok[i] false (chunk i not stored) where a lane's block needs the scalar path. The mantissa is
 // cvtps under the default rounding mode (to nearest, ties to even, as rintf).
-template <int SW>
+template <int SW, bool kUsum>
 DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, uint32_t* act,
                                  int64_t kplane, float* esc, float* usum, bool* ok) {
   const int64_t cs = r.x_cstride, nch = r.nch, kplanes = r.lay->kplanes;
@@ -237,20 +237,20 @@ DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, u
     if (2 * k + 1 < nch) {
       for (int64_t i = 0; i < n; ++i) {
         const __m256i m0 = mant(p0, i), m1 = mant(p0 + cs, i);
-        msum[i] = _mm256_add_epi32(msum[i], _mm256_add_epi32(m0, m1));
+        if (kUsum) msum[i] = _mm256_add_epi32(msum[i], _mm256_add_epi32(m0, m1));
         _mm256_storeu_si256(dst + i, _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA));
       }
     } else if (2 * k < nch) {
       for (int64_t i = 0; i < n; ++i) {
         const __m256i m0 = mant(p0, i);
-        msum[i] = _mm256_add_epi32(msum[i], m0);
+        if (kUsum) msum[i] = _mm256_add_epi32(msum[i], m0);
         _mm256_storeu_si256(dst + i, _mm256_blend_epi16(m0, _mm256_setzero_si256(), 0xAA));
       }
     } else {
       for (int64_t i = 0; i < n; ++i) _mm256_storeu_si256(dst + i, _mm256_setzero_si256());
     }
   }
-  if (usum) {
+  if (kUsum) {
     for (int64_t i = 0; i < n; ++i)
       _mm256_storeu_ps(usum + i * kVec,
                        _mm256_mul_ps(_mm256_cvtepi32_ps(msum[i]), _mm256_loadu_ps(esc + i * kVec)));
@@ -282,10 +282,10 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         const float* px = r.x + hrow * g.W + fa * kVec * g.sw + rx - g.pw;
         const int64_t at = base + fa * kVec;
         float* usum = r.usum ? r.usum + at : nullptr;
-        if (g.sw == 1)
-          pack_row_inside<1>(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
-        else
-          pack_row_inside<2>(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
+        // (the mantissa sums only where the layer has a KDS bias: usum)
+        auto* pack = g.sw == 1 ? (usum ? &pack_row_inside<1, true> : &pack_row_inside<1, false>)
+                               : (usum ? &pack_row_inside<2, true> : &pack_row_inside<2, false>);
+        pack(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
       } else {
         fb = fa;
       }
