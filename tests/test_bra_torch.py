@@ -41,6 +41,26 @@ def test_core_chunking(chunk_bytes, soft):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+def test_scratch_made_under_inference_mode_serves_calls_outside_it():
+    """The per-thread scratch buffer, first made under torch.inference_mode (as in ultralytics'
+    predict), must still take a call under no_grad: an inference tensor cannot be written
+    outside inference mode."""
+    from dsconv_ext.bra import torch_impl
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 4, 5, 8, generator=g)
+    kv = torch.randn(1, 4, 5, 16, generator=g)
+    idx = torch.tensor([[[1, 2], [0, 3], [3, 1], [2, 0]]])
+    want = routed_attention_naive(q, kv, idx, None, 0.3, 2)
+    torch_impl._WS.buf = None
+    with torch.inference_mode():
+        first = routed_attention_torch(q, kv, idx, None, 0.3, 2)
+    assert torch_impl._WS.buf is not None, "the scratch path was not taken"
+    with torch.no_grad():
+        second = routed_attention_torch(q, kv, idx, None, 0.3, 2)
+    assert torch.allclose(first, want, atol=1e-6) and torch.allclose(second, want, atol=1e-6)
+
+
 def test_core_reads_channel_slices_in_place():
     g = torch.Generator().manual_seed(4)
     qkv = torch.randn(1, 4, 5, 3 * 8, generator=g)

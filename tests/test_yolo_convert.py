@@ -318,6 +318,26 @@ def test_in_place_concat_layer_falls_back_to_cat():
         assert torch.equal(layer([a, b]), torch.cat([a, b], 1))
 
 
+def test_in_place_concat_buffer_left_by_inference_mode_is_not_reused_outside_it():
+    """A buffer a forward under torch.inference_mode allocated and never consumed (it stopped
+    before the concatenation) is an inference tensor: a later slot outside that mode gets a
+    fresh, writable buffer."""
+    from dsconv_ext.yolo.inplace_concat import ConcatPlan
+
+    a = torch.randn(2, 3, 4, 5)
+    plan = ConcatPlan()
+    plan.channels = [3, 6]
+    with torch.inference_mode():
+        stale = plan.slot(1, a, 6, 4, 5)
+    assert stale.is_inference()
+    with torch.no_grad():
+        slot = plan.slot(1, a, 6, 4, 5)
+        assert not slot.is_inference()
+        slot.fill_(1.0)  # an inference tensor would refuse this write
+    with torch.inference_mode():  # inside the mode the normal buffer is kept
+        assert plan.slot(1, a, 6, 4, 5).data_ptr() == slot.data_ptr()
+
+
 def test_quantize_depthwise_false_keeps_depthwise_float():
     from dsconv_ext import DSConv2d, quantize
 

@@ -61,9 +61,13 @@ def _workspace(numel: int, like: torch.Tensor) -> torch.Tensor:
     are page-faulted in on every call, which is slow, and very slow when the cores are shared."""
     buf = getattr(_WS, "buf", None)
     if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-        buf = torch.empty(
-            max(numel, CHUNK_BYTES // like.element_size()), dtype=like.dtype, device=like.device
-        )
+        # A normal tensor even when made under torch.inference_mode (ultralytics' predict): an
+        # inference tensor cannot be written outside it, and a later call under no_grad would
+        # fail on `out=`.
+        with torch.inference_mode(False):
+            buf = torch.empty(
+                max(numel, CHUNK_BYTES // like.element_size()), dtype=like.dtype, device=like.device
+            )
         _WS.buf = buf
     return buf[:numel]
 

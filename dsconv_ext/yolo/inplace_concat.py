@@ -269,6 +269,9 @@ class ConcatPlan:
             or buf.shape[3] != width
             or buf.dtype != like.dtype
             or buf.device != like.device
+            # left by a forward under torch.inference_mode that never reached the concatenation:
+            # an inference tensor cannot be written outside that mode
+            or (buf.is_inference() and not torch.is_inference_mode_enabled())
         ):
             buf = like.new_empty(n, sum(ch), height, width)
             self._local.buf = buf
