@@ -82,18 +82,23 @@ DSCONV_AVX2 inline void store_vec(const Layout& lay, float* out, int64_t oh, int
 
 // --- Packing -------------------------------------------------------------------------------
 
+// 8 lanes x[l * SW] of a row, all inside it: plain loads (stride 2: two and a de-interleave).
+template <int SW>
+DSCONV_AVX2 inline __m256 load_inside(const float* p) {
+  if (SW == 1) return _mm256_loadu_ps(p);
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + kVec);
+  // even elements, lane by lane: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs reordered
+  const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
 // Loads the 8 lanes x[w0 + l*sw] of channel c (0 outside [0, W)). Lanes wholly inside the row
 // take plain loads (stride 2: two loads and a de-interleave): AMD Zen 2 microcodes the masked
 // load and the gather (one core, a 64-channel 160x160 stride-2 3x3 layer to 4 outputs, mostly
 // packing: 6.8 ms with them, 2.6 ms without).
 DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, int64_t W) {
-  if (w0 >= 0 && sw == 1 && w0 + kVec <= W) return _mm256_loadu_ps(row + w0);
-  if (w0 >= 0 && sw == 2 && w0 + 2 * kVec <= W) {
-    const __m256 a = _mm256_loadu_ps(row + w0), b = _mm256_loadu_ps(row + w0 + kVec);
-    // even elements, lane by lane: a0 a2 b0 b2 | a4 a6 b4 b6, then the 64-bit pairs reordered
-    const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
-  }
+  if (w0 >= 0 && sw == 1 && w0 + kVec <= W) return load_inside<1>(row + w0);
+  if (w0 >= 0 && sw == 2 && w0 + 2 * kVec <= W) return load_inside<2>(row + w0);
   int64_t lo = -w0, hi = W - w0;  // lanes l with 0 <= w0 + l*sw < W
   if (sw != 1) {
     lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
@@ -140,6 +145,11 @@ DSCONV_AVX2 inline __m256i mantissa(__m256 v, __m256 inv_scale, __m256i lim) {
   return _mm256_min_epi32(_mm256_max_epi32(m, _mm256_sub_epi32(_mm256_setzero_si256(), lim)), lim);
 }
 
+// Two channels' mantissas as the int16 pairs of the packed layout (channel m0 in the low half).
+DSCONV_AVX2 inline __m256i pair_word(__m256i m0, __m256i m1) {
+  return _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA);
+}
+
 // Stores the lanes of mask st (32-bit lanes of any type), all 8 when full (masked stores are
 // microcoded on AMD Zen 2).
 DSCONV_AVX2 inline void store_lanes(float* dst, __m256 v, bool full, __m256i st) {
@@ -180,15 +190,6 @@ inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* 
   *usum_out = scale * float(msum);
 }
 
-// 8 lanes x[l * SW] of a row, all inside it: plain loads (stride 2: two and a de-interleave).
-template <int SW>
-DSCONV_AVX2 inline __m256 load_inside(const float* p) {
-  if (SW == 1) return _mm256_loadu_ps(p);
-  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + kVec);
-  const __m256 even = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
-  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
-}
-
 // Chunks of 8 q per row that the row-wise int8 pack below takes at once (longer rows: the rest
 // take the per-chunk path).
 constexpr int64_t kRowChunks = 64;
@@ -198,8 +199,7 @@ constexpr int64_t kRowChunks = 64;
 // by channel along the row: each channel's row streams through once per pass, where the
 // per-chunk order jumped between the block's channels, H * W floats apart, for every 8 pixels (a
 // stride-2 3x3 64 -> 64 layer at 160x160, a quarter of it packing, 7.75 -> 6.97 ms on AMD Zen 3).
-// ok[i] false (chunk i not stored) where a lane's block needs the scalar path. The mantissa is
-// cvtps under the default rounding mode (to nearest, ties to even, as rintf).
+// ok[i] false (chunk i not stored) where a lane's block needs the scalar path.
 template <int SW, bool kUsum>
 DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, uint32_t* act,
                                  int64_t kplane, float* esc, float* usum, bool* ok) {
@@ -226,11 +226,8 @@ DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, u
     msum[i] = _mm256_setzero_si256();
   }
   const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
-  const __m256i nlim = _mm256_sub_epi32(_mm256_setzero_si256(), lim);
-  auto mant = [&](const float* p, int64_t i) DSCONV_AVX2 {
-    const __m256i m = _mm256_cvtps_epi32(_mm256_mul_ps(load_inside<SW>(p + i * kStep), inv[i]));
-    return _mm256_min_epi32(_mm256_max_epi32(m, nlim), lim);
-  };
+  auto mant = [&](const float* p, int64_t i)
+                  DSCONV_AVX2 { return mantissa(load_inside<SW>(p + i * kStep), inv[i], lim); };
   for (int64_t k = 0; k < kplanes; ++k) {
     __m256i* dst = reinterpret_cast<__m256i*>(act + k * kplane);
     const float* p0 = px + 2 * k * cs;
@@ -238,13 +235,13 @@ DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, u
       for (int64_t i = 0; i < n; ++i) {
         const __m256i m0 = mant(p0, i), m1 = mant(p0 + cs, i);
         if (kUsum) msum[i] = _mm256_add_epi32(msum[i], _mm256_add_epi32(m0, m1));
-        _mm256_storeu_si256(dst + i, _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA));
+        _mm256_storeu_si256(dst + i, pair_word(m0, m1));
       }
     } else if (2 * k < nch) {
       for (int64_t i = 0; i < n; ++i) {
         const __m256i m0 = mant(p0, i);
         if (kUsum) msum[i] = _mm256_add_epi32(msum[i], m0);
-        _mm256_storeu_si256(dst + i, _mm256_blend_epi16(m0, _mm256_setzero_si256(), 0xAA));
+        _mm256_storeu_si256(dst + i, pair_word(m0, _mm256_setzero_si256()));
       }
     } else {
       for (int64_t i = 0; i < n; ++i) _mm256_storeu_si256(dst + i, _mm256_setzero_si256());
@@ -326,8 +323,7 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           for (int64_t k = 0; k < lay.kplanes; ++k) {
             const __m256i m0 = channel(2 * k), m1 = channel(2 * k + 1);
             msum = _mm256_add_epi32(msum, _mm256_add_epi32(m0, m1));
-            const __m256i word = _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA);
-            _mm256_store_si256(reinterpret_cast<__m256i*>(words[k]), word);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words[k]), pair_word(m0, m1));
           }
         }
         _mm256_store_ps(esc, scale);
