@@ -1,6 +1,6 @@
 // CPU implementation of dsconv_ext::dfl_expectation (schema in csrc/dsconv2d.cpp): argument
 // checks and the parallel loop over (image, box side, anchor chunk); the per-ISA loops are the
-// dfl_side kernels of kernel_avx512.cpp and kernel_scalar.cpp.
+// dfl_side kernels of kernel_avx512.cpp, kernel_avx2.cpp and kernel_scalar.cpp.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>

@@ -351,9 +351,6 @@ const IsaKernels& kernels_for(Isa isa);
 // operand of AMX's TDPBSSD, which multiplies signed by signed bytes, so the AMX kernel needs no
 // -128 * sum(q) correction.
 void pack_row_avx512_signed_bytes(const PackRow& r);
-// The portable dfl_side (the AVX2 table uses it too).
-void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
-                     int64_t a1);
 
 // Input row of band-local phase row: -1 for padding and slack.
 inline int64_t pack_input_row(const PackRow& r) {

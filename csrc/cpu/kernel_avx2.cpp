@@ -710,6 +710,64 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
   }
 }
 
+// --- Box decoder (see dfl_side in dsconv2d_cpu.h) ---
+
+// e^x for x <= 0 (the softmax's x - max), to about 2 ulp: the AVX-512 exp_ps with 2^n built in
+// the exponent bits. Below -87.33 (e^x under FLT_MIN, where those bits cannot hold 2^n) it gives
+// 0, not the subnormal: beside the max bin's e^0 = 1 such a term is below float rounding.
+DSCONV_AVX2 inline __m256 exp_nonpositive_ps(__m256 x) {
+  const __m256 x0 = x;
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  return _mm256_and_ps(e, _mm256_cmp_ps(x0, _mm256_set1_ps(-87.33f), _CMP_GE_OQ));
+}
+
+// Anchors [a0, a1) of one box side, 8 per vector (see the AVX-512 dfl_side): a side with a NaN
+// or +inf bin, or with every bin -inf, is NaN as softmax gives.
+DSCONV_AVX2 void dfl_side(const float* x, int64_t A, int64_t c1, const float* w, float* y,
+                          int64_t a0, int64_t a1) {
+  const __m256 inf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+  for (int64_t a = a0; a < a1; a += kVec) {
+    const bool full = a + kVec <= a1;
+    const __m256i lanes = lane_mask(0, a1 - a);
+    auto load = [&](int64_t i) DSCONV_AVX2 {
+      return full ? _mm256_loadu_ps(x + i * A + a) : _mm256_maskload_ps(x + i * A + a, lanes);
+    };
+    __m256 mx = ninf, bad = _mm256_setzero_ps();
+    for (int64_t i = 0; i < c1; ++i) {
+      const __m256 v = load(i);
+      bad = _mm256_or_ps(
+          bad, _mm256_or_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q), _mm256_cmp_ps(v, inf, _CMP_EQ_OQ)));
+      mx = _mm256_max_ps(mx, v);
+    }
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ));
+    __m256 sum = _mm256_setzero_ps(), wsum = _mm256_setzero_ps();
+    for (int64_t i = 0; i < c1; ++i) {
+      const __m256 e = exp_nonpositive_ps(_mm256_sub_ps(load(i), mx));
+      sum = _mm256_add_ps(sum, e);
+      wsum = _mm256_fmadd_ps(e, _mm256_set1_ps(w[i]), wsum);
+    }
+    const __m256 r = _mm256_blendv_ps(_mm256_div_ps(wsum, sum), _mm256_set1_ps(NAN), bad);
+    if (full)
+      _mm256_storeu_ps(y + a, r);
+    else
+      _mm256_maskstore_ps(y + a, lanes, r);
+  }
+}
+
 // --- Float stem convolution (see StemArgs): the AVX-512 stem_rows with 8 lanes ---
 
 // The inputs at columns s0 + SW * i of `row`, i = 0..7, zero outside [0, W) (masked-off lanes
@@ -801,7 +859,7 @@ const IsaKernels& kernels_avx2() {
                  &float_tiles,
                  &depthwise,
                  /*dw_qtile=*/32,
-                 &dfl_side_scalar,
+                 &dfl_side,
                  /*esc_shift=*/false};
     t.stem_rows = &stem_rows;
     t.stem_otile = kVec;

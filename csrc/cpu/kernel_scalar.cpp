@@ -198,8 +198,6 @@ void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy
   }
 }
 
-}  // namespace
-
 void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,
                      int64_t a1) {
   for (int64_t a = a0; a < a1; ++a) {
@@ -223,6 +221,8 @@ void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, floa
     y[a] = wsum / sum;
   }
 }
+
+}  // namespace
 
 const IsaKernels& kernels_scalar() {
   // No depthwise path: depthwise convs take the float family, which the tests compare with it.
