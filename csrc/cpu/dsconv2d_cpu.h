@@ -225,6 +225,13 @@ constexpr float kExp2Poly01[6] = {1.8775906646624207e-3f, 8.989307098090649e-3f,
                                   5.5826347321271896e-2f, 2.4015361070632935e-1f,
                                   6.931530833244324e-1f,  9.999999403953552e-1f};
 constexpr float kNegLog2E = -1.44269504088896341f;
+// e^r on |r| <= ln(2) / 2 (Cephes expf): (((((p0 r + p1) r + p2) r + p3) r + p4) r + p5) r^2 +
+// r + 1, about 2 ulp; r = x - n ln 2 with ln 2 split in two for an exact n ln 2 (the AVX-512
+// exp_ps and the AVX2 exp for the box decoder).
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kLog2E = 1.44269504088896341f;
 
 // Phase row (ry, yq) of the padded input, written as row yl of the band's planes, for the block
 // at `x` (x[n, first channel of the block, 0, 0], `nch` channels). int8: every k4 plane, esc and
@@ -285,10 +292,11 @@ inline int64_t dw_buf_floats(const Layout& lay) {
 // The float direct convolution of dsconv_ext::stem_conv2d: a dense conv reading few input
 // channels (the RGB stem of a detector), bias and SiLU fused, stride 1 or 2, no dilation. oneDNN
 // spends ~2 ms on yolo11n's 3 -> 16 stem at 640 px (2 threads), 3-4x the time of its
-// arithmetic, and the SiLU is another pass over the output. Here each output row of a tile of
+// arithmetic, and the SiLU is another pass over the output. Here each tile of output pixels x
 // output channels is made in registers: per input (channel, kernel row, kernel column) one
-// vector of the input pixels the tile's output pixels read (a de-interleave for stride 2), one
-// FMA per output channel with the weight broadcast, then the SiLU and one store per channel.
+// vector of the input pixels the tile reads per 8 or 16 pixels (stride 2: de-interleaved, by
+// AVX2 once per input row of a band), one FMA per output channel with the weight broadcast,
+// then the SiLU and one store per channel and vector.
 struct StemArgs {
   const float* x;     // [N, C, H, W], contiguous
   const float* w;     // [otiles][C][kh][kw][stem_otile]: zero past O
@@ -336,8 +344,9 @@ struct IsaKernels {
   void (*conv_band)(const Slice&, const uint8_t* wstreams, int64_t stream_bytes, const Epilogue&,
                     int64_t ot0, int64_t ot1) = nullptr;
   // Float stem convolution (stem_conv_cpu.cpp): output rows [oy0, oy1) of image n for the
-  // output-channel tile ot of stem_otile channels.
-  void (*stem_rows)(const StemArgs&, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) = nullptr;
+  // output-channel tiles [ot0, ot1) of stem_otile channels.
+  void (*stem_rows)(const StemArgs&, int64_t n, int64_t ot0, int64_t ot1, int64_t oy0,
+                    int64_t oy1) = nullptr;
   int64_t stem_otile = 0;
 };
 

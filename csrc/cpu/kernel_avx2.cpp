@@ -8,7 +8,9 @@
 // every value matches the reference bit for bit.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "cpu/dsconv2d_cpu.h"
 
@@ -718,16 +720,13 @@ DSCONV_AVX2 void depthwise(const DwArgs& d, float* buf, int64_t t0, int64_t t1) 
 DSCONV_AVX2 inline __m256 exp_nonpositive_ps(__m256 x) {
   const __m256 x0 = x;
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2E)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+#pragma GCC unroll 5
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i two_n =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
@@ -768,83 +767,161 @@ DSCONV_AVX2 void dfl_side(const float* x, int64_t A, int64_t c1, const float* w,
   }
 }
 
-// --- Float stem convolution (see StemArgs): the AVX-512 stem_rows with 8 lanes ---
+// --- Float stem convolution (see StemArgs) ---
+//
+// Per output row, the C * kh input rows it reads are first split into their SW column phases,
+// zero-padded (phase p holds input columns j * SW + p), so that every (channel, kernel row,
+// kernel column) tap of a tile is one plain load per 8 output pixels: the stride-2 de-interleave
+// is paid once per input row, not per tap and channel tile. Tiles of 24 pixels x 4 channels keep
+// 12 FMA chains in flight (an 8 x 8 tile has 8: just Zen 3's FMA latency x throughput, and the
+// shuffles shared its pipes; yolo11n's stem ran at ~40% of FMA peak with it).
 
-// The inputs at columns s0 + SW * i of `row`, i = 0..7, zero outside [0, W) (masked-off lanes
-// are not read). Interior: every column read lies inside the row.
-template <int SW, bool Interior>
-DSCONV_AVX2 inline __m256 stem_columns(const float* row, int64_t s0, int64_t W) {
-  const __m256 lo =
-      Interior ? _mm256_loadu_ps(row + s0) : _mm256_maskload_ps(row + s0, lane_mask(-s0, W - s0));
-  if (SW == 1) return lo;
-  const __m256 hi = Interior
-                        ? _mm256_loadu_ps(row + s0 + kVec)
-                        : _mm256_maskload_ps(row + s0 + kVec, lane_mask(-s0 - kVec, W - s0 - kVec));
-  // (lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6), then the middle 64-bit pairs swapped.
-  const __m256 ev = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), _MM_SHUFFLE(3, 1, 2, 0)));
-}
+constexpr int64_t kStemPx = 3 * kVec;
+constexpr int kStemCh = 4;
 
-template <int SW, bool Interior>
-DSCONV_AVX2 inline void stem_accumulate(const StemArgs& a, const float* xn, const float* wt,
-                                        int64_t oy, int64_t ox0, __m256 (&acc)[kVec]) {
-  const int64_t plane = a.H * a.W;
-  for (int64_t c = 0; c < a.C; ++c) {
-    for (int64_t ky = 0; ky < a.kh; ++ky) {
-      const int64_t iy = oy * a.sh + ky - a.ph;
-      if (iy < 0 || iy >= a.H) continue;
-      const float* row = xn + c * plane + iy * a.W;
-      const float* w = wt + (c * a.kh + ky) * a.kw * kVec;
-      for (int64_t kx = 0; kx < a.kw; ++kx, w += kVec) {
-        const __m256 v = stem_columns<SW, Interior>(row, ox0 * SW + kx - a.pw, a.W);
-#pragma GCC unroll 8
-        for (int o = 0; o < kVec; ++o)
-          acc[o] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + o), v, acc[o]);
-      }
-    }
-  }
-}
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
+// dst[j] = row[j * SW + p] for the columns inside [0, W), zero elsewhere, j in [-lead, len - lead).
 template <int SW>
-DSCONV_AVX2 void stem_rows_impl(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0,
+DSCONV_AVX2 void stem_phase_rows(const float* row, int64_t W, int64_t lead, int64_t len,
+                                 float* const* dst) {
+  for (int p = 0; p < SW; ++p) {
+    const int64_t valid = std::min((W - p + SW - 1) / SW, len - lead);
+    std::fill(dst[p] - lead, dst[p], 0.f);
+    std::fill(dst[p] + valid, dst[p] + len - lead, 0.f);
+    if (SW == 1) std::copy(row, row + valid, dst[0]);
+  }
+  if (SW == 1) return;
+  int64_t j = 0;
+  for (; j + kVec <= len - lead && 2 * (j + kVec) <= W; j += kVec) {
+    const __m256 a = _mm256_loadu_ps(row + 2 * j), b = _mm256_loadu_ps(row + 2 * j + kVec);
+    // (a0 a2 b0 b2 | a4 a6 b4 b6) and the odd ones, then the middle 64-bit pairs swapped
+    const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    const __m256 od = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+    _mm256_storeu_ps(dst[0] + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev),
+                                                                        _MM_SHUFFLE(3, 1, 2, 0))));
+    _mm256_storeu_ps(dst[1] + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od),
+                                                                        _MM_SHUFFLE(3, 1, 2, 0))));
+  }
+  for (int p = 0; p < SW; ++p) {
+    const int64_t valid = std::min((W - p + SW - 1) / SW, len - lead);
+    for (int64_t k = j; k < valid; ++k) dst[p][k] = row[k * SW + p];
+  }
+}
+
+// acc[r][v] = bias[r] + sum over taps t of w[t * 8 + r] * the 8 floats at p0 + off[t] + 8 v:
+// one 24-pixel x 4-channel stem tile. The tap step is assembly: the 12 accumulators, 3 input
+// vectors and a weight take all 16 registers, and from intrinsics GCC stored the accumulators to
+// the stack after every tap (2x slower); they are named variables for the same reason.
+static_assert(kStemCh == 4 && kStemPx == 3 * kVec, "stem_tile is written for 4 x 3 accumulators");
+DSCONV_AVX2 inline void stem_tile(const float* p0, const int64_t* off, int64_t taps, const float* w,
+                                  const float* bias, __m256 (&acc)[kStemCh][3]) {
+  __m256 a00 = _mm256_set1_ps(bias[0]), a01 = a00, a02 = a00;
+  __m256 a10 = _mm256_set1_ps(bias[1]), a11 = a10, a12 = a10;
+  __m256 a20 = _mm256_set1_ps(bias[2]), a21 = a20, a22 = a20;
+  __m256 a30 = _mm256_set1_ps(bias[3]), a31 = a30, a32 = a30;
+  for (int64_t t = 0; t < taps; ++t, w += kVec) {
+    const float* p = p0 + off[t];
+    __asm__(
+        "vmovups (%[p]), %%ymm12\n\t"
+        "vmovups 32(%[p]), %%ymm13\n\t"
+        "vmovups 64(%[p]), %%ymm14\n\t"
+        "vbroadcastss (%[w]), %%ymm15\n\t"
+        "vfmadd231ps %%ymm12, %%ymm15, %[a00]\n\t"
+        "vfmadd231ps %%ymm13, %%ymm15, %[a01]\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %[a02]\n\t"
+        "vbroadcastss 4(%[w]), %%ymm15\n\t"
+        "vfmadd231ps %%ymm12, %%ymm15, %[a10]\n\t"
+        "vfmadd231ps %%ymm13, %%ymm15, %[a11]\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %[a12]\n\t"
+        "vbroadcastss 8(%[w]), %%ymm15\n\t"
+        "vfmadd231ps %%ymm12, %%ymm15, %[a20]\n\t"
+        "vfmadd231ps %%ymm13, %%ymm15, %[a21]\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %[a22]\n\t"
+        "vbroadcastss 12(%[w]), %%ymm15\n\t"
+        "vfmadd231ps %%ymm12, %%ymm15, %[a30]\n\t"
+        "vfmadd231ps %%ymm13, %%ymm15, %[a31]\n\t"
+        "vfmadd231ps %%ymm14, %%ymm15, %[a32]\n\t"
+        : [a00] "+x"(a00), [a01] "+x"(a01), [a02] "+x"(a02), [a10] "+x"(a10), [a11] "+x"(a11),
+          [a12] "+x"(a12), [a20] "+x"(a20), [a21] "+x"(a21), [a22] "+x"(a22), [a30] "+x"(a30),
+          [a31] "+x"(a31), [a32] "+x"(a32)
+        : [p] "r"(p), [w] "r"(w), "m"(*reinterpret_cast<const float (*)[kStemPx]>(p)),
+          "m"(*reinterpret_cast<const float (*)[kStemCh]>(w))
+        : "xmm12", "xmm13", "xmm14", "xmm15");
+  }
+  acc[0][0] = a00, acc[0][1] = a01, acc[0][2] = a02, acc[1][0] = a10, acc[1][1] = a11;
+  acc[1][2] = a12, acc[2][0] = a20, acc[2][1] = a21, acc[2][2] = a22, acc[3][0] = a30;
+  acc[3][1] = a31, acc[3][2] = a32;
+}
+
+// Output rows [oy0, oy1) of image n, channel tiles [ot0, ot1): the band's input rows are split
+// into phases once (all the tiles and output rows that read them share the copy).
+template <int SW>
+DSCONV_AVX2 void stem_rows_impl(const StemArgs& a, int64_t n, int64_t ot0, int64_t ot1, int64_t oy0,
                                 int64_t oy1) {
-  constexpr int T = kVec;
-  const int64_t oplane = a.Ho * a.Wo;
+  constexpr int T = kVec;  // weights per tap in the pack: StemArgs::w, stem_otile
+  const int64_t oplane = a.Ho * a.Wo, taps = a.C * a.kh * a.kw;
   const float* xn = a.x + n * a.C * a.H * a.W;
-  const float* wt = a.w + ot * a.C * a.kh * a.kw * T;
-  const float* bt = a.bias + ot * T;
-  const int64_t nout = std::min<int64_t>(T, a.O - ot * T);
-  float* yt = a.y + (n * a.O + ot * T) * oplane;
+  // Tap kx reads input column ox * SW + kx - pw = (ox + off) * SW + phase.
+  const int64_t off_min = floor_div(-a.pw, SW), off_max = floor_div(a.kw - 1 - a.pw, SW);
+  const int64_t lead = std::max<int64_t>(0, -off_min);
+  const int64_t wtiles = (a.Wo + kStemPx - 1) / kStemPx;
+  const int64_t len = lead + wtiles * kStemPx + std::max<int64_t>(0, off_max);
+  // input rows iy0 + [0, rows) of every channel, each as SW phase rows of len floats
+  const int64_t iy0 = oy0 * a.sh - a.ph, rows = (oy1 - 1 - oy0) * a.sh + a.kh;
+  std::vector<float> buf(a.C * rows * SW * len);
+  for (int64_t c = 0; c < a.C; ++c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dst[SW];
+      for (int p = 0; p < SW; ++p) dst[p] = buf.data() + ((c * rows + r) * SW + p) * len + lead;
+      const int64_t iy = iy0 + r;
+      if (iy >= 0 && iy < a.H) stem_phase_rows<SW>(xn + (c * a.H + iy) * a.W, a.W, lead, len, dst);
+      // (rows of the zero padding stay as the vector made them)
+    }
+  }
+  // per tap: where its pixel 0 of output row oy0 lies in buf
+  std::vector<int64_t> src(taps);
+  for (int64_t c = 0, t = 0; c < a.C; ++c)
+    for (int64_t ky = 0; ky < a.kh; ++ky)
+      for (int64_t kx = 0; kx < a.kw; ++kx, ++t) {
+        const int64_t off = floor_div(kx - a.pw, SW), phase = kx - a.pw - off * SW;
+        src[t] = ((c * rows + ky) * SW + phase) * len + lead + off;
+      }
   for (int64_t oy = oy0; oy < oy1; ++oy) {
-    for (int64_t ox0 = 0; ox0 < a.Wo; ox0 += kVec) {
-      __m256 acc[T];
-#pragma GCC unroll 8
-      for (int o = 0; o < T; ++o) acc[o] = _mm256_set1_ps(bt[o]);
-      const int64_t first = ox0 * SW - a.pw;  // see the AVX-512 stem_rows_impl
-      if (first >= 0 && first + a.kw - 1 + kVec * SW <= a.W)
-        stem_accumulate<SW, true>(a, xn, wt, oy, ox0, acc);
-      else
-        stem_accumulate<SW, false>(a, xn, wt, oy, ox0, acc);
-      const int64_t nl = std::min<int64_t>(kVec, a.Wo - ox0);
-      float* y = yt + oy * a.Wo + ox0;
-#pragma GCC unroll 8
-      for (int o = 0; o < T; ++o) {
-        if (o >= nout) break;
-        const __m256 r = a.silu ? silu_ps(acc[o]) : acc[o];
-        if (nl == kVec)
-          _mm256_storeu_ps(y + o * oplane, r);
-        else
-          _mm256_maskstore_ps(y + o * oplane, lane_mask(0, nl), r);
+    const float* brow = buf.data() + (oy - oy0) * a.sh * SW * len;
+    for (int64_t ot = ot0; ot < ot1; ++ot) {
+      const float* wt = a.w + ot * taps * T;
+      const float* bt = a.bias + ot * T;
+      const int64_t nout = std::min<int64_t>(T, a.O - ot * T);
+      float* yrow = a.y + (n * a.O + ot * T) * oplane + oy * a.Wo;
+      for (int64_t ox0 = 0; ox0 < a.Wo; ox0 += kStemPx) {
+        for (int64_t r0 = 0; r0 < nout; r0 += kStemCh) {
+          __m256 acc[kStemCh][3];
+          stem_tile(brow + ox0, src.data(), taps, wt + r0, bt + r0, acc);
+          for (int r = 0; r < kStemCh && r0 + r < nout; ++r) {
+            float* y = yrow + (r0 + r) * oplane + ox0;
+            for (int v = 0; v < 3; ++v) {
+              const int64_t nl = std::min<int64_t>(kVec, a.Wo - ox0 - v * kVec);
+              if (nl <= 0) break;
+              const __m256 out = a.silu ? silu_ps(acc[r][v]) : acc[r][v];
+              if (nl == kVec)
+                _mm256_storeu_ps(y + v * kVec, out);
+              else
+                _mm256_maskstore_ps(y + v * kVec, lane_mask(0, nl), out);
+            }
+          }
+        }
       }
     }
   }
 }
 
-DSCONV_AVX2 void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
+DSCONV_AVX2 void stem_rows(const StemArgs& a, int64_t n, int64_t ot0, int64_t ot1, int64_t oy0,
+                           int64_t oy1) {
   if (a.sw == 1)
-    stem_rows_impl<1>(a, n, ot, oy0, oy1);
+    stem_rows_impl<1>(a, n, ot0, ot1, oy0, oy1);
   else
-    stem_rows_impl<2>(a, n, ot, oy0, oy1);
+    stem_rows_impl<2>(a, n, ot0, ot1, oy0, oy1);
 }
 
 }  // namespace

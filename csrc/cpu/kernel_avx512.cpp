@@ -1169,11 +1169,14 @@ DSCONV_AVX512 void stem_rows_impl(const StemArgs& a, int64_t n, int64_t ot, int6
   }
 }
 
-DSCONV_AVX512 void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
-  if (a.sw == 1)
-    stem_rows_impl<1>(a, n, ot, oy0, oy1);
-  else
-    stem_rows_impl<2>(a, n, ot, oy0, oy1);
+DSCONV_AVX512 void stem_rows(const StemArgs& a, int64_t n, int64_t ot0, int64_t ot1, int64_t oy0,
+                             int64_t oy1) {
+  for (int64_t ot = ot0; ot < ot1; ++ot) {
+    if (a.sw == 1)
+      stem_rows_impl<1>(a, n, ot, oy0, oy1);
+    else
+      stem_rows_impl<2>(a, n, ot, oy0, oy1);
+  }
 }
 
 }  // namespace

@@ -169,7 +169,7 @@ void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, in
 // Float stem convolution (see StemArgs), output pixel by output pixel.
 constexpr int64_t kStemTile = 8;
 
-void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
+void stem_rows_tile(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy1) {
   const int64_t plane = a.H * a.W, oplane = a.Ho * a.Wo;
   const float* xn = a.x + n * a.C * plane;
   const float* wt = a.w + ot * a.C * a.kh * a.kw * kStemTile;
@@ -196,6 +196,10 @@ void stem_rows(const StemArgs& a, int64_t n, int64_t ot, int64_t oy0, int64_t oy
         yt[o * oplane + oy * a.Wo + ox] = a.silu ? silu(acc[o]) : acc[o];
     }
   }
+}
+
+void stem_rows(const StemArgs& a, int64_t n, int64_t ot0, int64_t ot1, int64_t oy0, int64_t oy1) {
+  for (int64_t ot = ot0; ot < ot1; ++ot) stem_rows_tile(a, n, ot, oy0, oy1);
 }
 
 void dfl_side_scalar(const float* x, int64_t A, int64_t c1, const float* w, float* y, int64_t a0,

@@ -1,5 +1,5 @@
 // CPU implementation of dsconv_ext::stem_conv2d (schema in csrc/dsconv2d.cpp): argument checks,
-// the weight packing and the parallel loop over (image, output-channel tile, row band); the
+// the weight packing and the parallel loop over (image, row band); the
 // per-ISA loops are the stem_rows kernels (see StemArgs in dsconv2d_cpu.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,7 +16,7 @@ namespace dsconv_ext {
 namespace cpu {
 namespace {
 
-// Output rows per task: yolo11n's 320-row stem output gives 80 tasks per channel tile.
+// Output rows per task: yolo11n's 320-row stem output gives 80 tasks.
 constexpr int64_t kStemBandRows = 4;
 
 void check_finite(const at::Tensor& t, const char* name) {
@@ -91,12 +91,14 @@ at::Tensor stem_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                       Ho,
                       Wo,
                       fuse_silu};
+  // Tasks are (image, row band) with every output-channel tile inside, so that a kernel can
+  // prepare the band's input rows once for all of them (the AVX2 one splits them into phases).
   const int64_t bands = (Ho + kStemBandRows - 1) / kStemBandRows;
-  parallel_for_tasks(N * otiles * bands, [&](int64_t t0, int64_t t1) {
+  parallel_for_tasks(N * bands, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t band = t % bands, ot = (t / bands) % otiles, n = t / (bands * otiles);
+      const int64_t band = t % bands, n = t / bands;
       const int64_t oy0 = band * kStemBandRows;
-      kern.stem_rows(args, n, ot, oy0, std::min(Ho, oy0 + kStemBandRows));
+      kern.stem_rows(args, n, 0, otiles, oy0, std::min(Ho, oy0 + kStemBandRows));
     }
   });
   return y;

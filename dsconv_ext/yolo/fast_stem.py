@@ -5,12 +5,13 @@ first conv reads the 3 RGB channels, so it has no integer dot product to speed u
 on it all the same: yolo11n's 3 -> 16 stem at 640 px took ~2.2 ms plus ~0.5 ms for the SiLU of a
 ~26 ms converted forward at 2 threads (AMD EPYC Zen 4), several times what its arithmetic needs.
 The compiled op ``stem_conv2d`` (csrc/cpu/stem_conv_cpu.cpp) is a direct convolution with the
-SiLU fused: each output row of 16 (AVX-512) or 8 (AVX2) output channels is made in registers.
+SiLU fused: each tile of output pixels and channels (AVX-512: 16 x 16; AVX2: 24 x 4, from input
+rows split into their stride phases once per row band) is made in registers.
 
 Same maths, not the same rounding order: outputs agree with ``F.conv2d`` to float rounding (the
 tests bound the difference from a float64 reference). Autograd, tracing (ONNX, OpenVINO and
 TorchScript export), non-float32 or non-CPU tensors, and CPU paths where the op was not measured
-faster than oneDNN (AVX2, portable C++; see :data:`FASTER_THAN_ONEDNN`) get the inherited
+faster than oneDNN (the portable C++ one; see :data:`FASTER_THAN_ONEDNN`) get the inherited
 forward.
 """
 
@@ -67,11 +68,10 @@ def _kernel_available() -> bool:
     return cpu_op_available("stem_conv2d", _fake)
 
 
-# CPU paths whose stem kernel was measured faster than oneDNN's conv + SiLU (AMD Zen 4, 2 threads:
-# AVX-512 1.5-2.0x). The AVX2 kernel ran level with oneDNN there (0.94x / 1.07x for the yolo11n /
-# yolo11s stems, where oneDNN itself used AVX-512) and has not been timed on an AVX2-only CPU;
-# the portable loop is far slower than oneDNN.
-FASTER_THAN_ONEDNN = ("avx512_vnni", "amx", "amx_model")
+# CPU paths whose stem kernel was measured faster than oneDNN's conv + SiLU at 2 threads: AVX-512
+# 1.5-2.0x (AMD Zen 4); AVX2 1.3-1.7x on an AVX2-only CPU (AMD Zen 3, yolo11n / yolo11s stems,
+# batch 1 and 8, bench_conv.py, 2026-12-07). The portable loop is far slower than oneDNN.
+FASTER_THAN_ONEDNN = ("avx512_vnni", "amx", "amx_model", "avx2")
 
 
 @functools.cache
