@@ -223,6 +223,11 @@ constexpr int64_t kBandBytes = 384 << 10;
 // twice this, within a 32-48 KB L1 beside the input rows streaming in and the output going out
 // (12 KB measured a little faster than 20 KB).
 constexpr int64_t kDwBandBytes = 12 << 10;
+// Elements past each phase plane's last row. Depthwise: its quantiser stores whole 16-float
+// vectors, so a row's last one may run past the plane. Dense: the AVX2 packer stores a row's last
+// partial chunk whole (the masked store is microcoded on AMD Zen 2 and 3); its spare lanes fall
+// on the next row of the plane, packed after it, or here.
+constexpr int64_t kPlaneSlack = 16;
 
 // Calls per kernel path since load, (kScalefBands) int8 bands of esc_shift ISAs folded with
 // vscalefps rather than by exponent addition (Slice::exponent_add), and (kPathAmx) int8 calls
@@ -425,14 +430,12 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   const bool with_kdsb = KDSb.has_value();
   const bool depthwise = C == groups && kern.depthwise != nullptr;
   int64_t ochunks = 1;
-  // The depthwise quantiser stores whole vectors: a row's last one may run 15 floats past the
-  // plane (never read as a tap of a stored output).
   const int64_t float_qtile = kern.float_qtile ? kern.float_qtile : kern.qtile;
   const Layout lay =
       make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
                   depthwise ? kern.dw_qtile : kern.qtile, depthwise ? kern.dw_qtile : float_qtile,
                   kern.planes_per_k4, with_kdsb, at::get_num_threads(),
-                  depthwise ? kDwBandBytes : kBandBytes, depthwise ? 16 : 0, &ochunks);
+                  depthwise ? kDwBandBytes : kBandBytes, kPlaneSlack, &ochunks);
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles of every kind (4, 8 or 16 channels):

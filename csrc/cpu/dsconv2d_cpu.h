@@ -116,7 +116,7 @@ struct Layout {
   int64_t nbands;
   int64_t nqt;                  // q tiles of a full band
   int64_t Hqb;                  // rows of a band's phase plane, halo and slack included
-  int64_t Lq;                   // elements per phase plane: Hqb * Wq
+  int64_t Lq;                   // elements per phase plane: Hqb * Wq + slack
   std::vector<int64_t> tapoff;  // per tap: phase * Lq + in-phase offset
 
   // Per-thread buffer sizes, in elements.

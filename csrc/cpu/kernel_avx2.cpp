@@ -114,6 +114,19 @@ DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, i
   return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m), 4);
 }
 
+// The same where the floats [0, n) from `base` may all be read (the block's channels): lanes past
+// the row's ends are then read by plain loads and zeroed by a mask, as the masked load costs
+// more (AMD Zen 3).
+DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, int64_t W,
+                                     const float* base, int64_t n) {
+  const int64_t at = (row - base) + w0;
+  if (sw > 2 || at < 0 || at + kVec * sw > n) return load_lanes(row, w0, sw, W);
+  const int64_t lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
+  const int64_t hi = W - w0 <= 0 ? 0 : (W - w0 + sw - 1) / sw;
+  const __m256 v = sw == 1 ? load_inside<1>(base + at) : load_inside<2>(base + at);
+  return _mm256_and_ps(v, _mm256_castsi256_ps(lane_mask(lo, hi)));
+}
+
 // Per-lane exponents of 8 blocks from max |x| bit patterns, and whether every lane is a finite
 // block whose exponent keeps 2^E and 2^-E normal floats (the vector path); other rows take the
 // scalar path.
@@ -263,6 +276,8 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
   const int64_t hrow = pack_input_row(r);
   const int64_t kplane = lay.P * lay.Lq;
   const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
+  const bool whole_ok = lay.Lq - lay.Hqb * lay.Wq >= kVec;
+  const int64_t xn = r.nch * r.x_cstride;
   for (int64_t rx = 0; rx < g.sw; ++rx) {
     const int64_t base = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     // int8: the chunks [fa, fb) of whole pixels inside the input row go row-wise first.
@@ -303,7 +318,7 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           _mm_prefetch(
               reinterpret_cast<const char*>(row + c * r.x_cstride + w0 + kPrefetchFloats * g.sw),
               _MM_HINT_T0);
-          const __m256 v = load_lanes(row + c * r.x_cstride, w0, g.sw, g.W);
+          const __m256 v = load_lanes(row + c * r.x_cstride, w0, g.sw, g.W, r.x, xn);
           amax = _mm256_max_epi32(
               amax, _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7FFFFFFF)));
         }
@@ -314,7 +329,7 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         __m256i msum = _mm256_setzero_si256();
         auto channel = [&](int64_t c) DSCONV_AVX2 {
           return row && c < r.nch
-                     ? mantissa(load_lanes(row + c * r.x_cstride, w0, g.sw, g.W), inv, lim)
+                     ? mantissa(load_lanes(row + c * r.x_cstride, w0, g.sw, g.W, r.x, xn), inv, lim)
                      : _mm256_setzero_si256();
         };
         if (kFloat) {
@@ -349,8 +364,9 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           }
         }
       }
+      // A partial chunk (the row's last) is stored whole where the plane has the slack for it.
       const __m256i st = lane_mask(0, nl);
-      const bool full = nl == kVec;
+      const bool full = nl == kVec || whole_ok;
       if (kFloat) {
         for (int64_t c = 0; c < r.nch; ++c)
           store_lanes(r.esc + c * kplane + base + x0, _mm256_load_ps(vals[c]), full, st);
