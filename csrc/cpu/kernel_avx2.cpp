@@ -94,6 +94,13 @@ DSCONV_AVX2 inline __m256 load_inside(const float* p) {
   return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
+// The lanes l with 0 <= w0 + l*sw < W, as a lane mask.
+DSCONV_AVX2 inline __m256i row_lanes(int64_t w0, int64_t sw, int64_t W) {
+  const int64_t lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
+  const int64_t hi = W - w0 <= 0 ? 0 : (W - w0 + sw - 1) / sw;
+  return lane_mask(lo, hi);
+}
+
 // Loads the 8 lanes x[w0 + l*sw] of channel c (0 outside [0, W)). Lanes wholly inside the row
 // take plain loads (stride 2: two loads and a de-interleave): AMD Zen 2 microcodes the masked
 // load and the gather (one core, a 64-channel 160x160 stride-2 3x3 layer to 4 outputs, mostly
@@ -101,12 +108,7 @@ DSCONV_AVX2 inline __m256 load_inside(const float* p) {
 DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, int64_t W) {
   if (w0 >= 0 && sw == 1 && w0 + kVec <= W) return load_inside<1>(row + w0);
   if (w0 >= 0 && sw == 2 && w0 + 2 * kVec <= W) return load_inside<2>(row + w0);
-  int64_t lo = -w0, hi = W - w0;  // lanes l with 0 <= w0 + l*sw < W
-  if (sw != 1) {
-    lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
-    hi = hi <= 0 ? 0 : (hi + sw - 1) / sw;
-  }
-  const __m256i m = lane_mask(lo, hi);
+  const __m256i m = row_lanes(w0, sw, W);
   const float* p = row + w0;  // lanes outside the mask are not accessed
   if (sw == 1) return _mm256_maskload_ps(p, m);
   const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -121,10 +123,8 @@ DSCONV_AVX2 inline __m256 load_lanes(const float* row, int64_t w0, int64_t sw, i
                                      const float* base, int64_t n) {
   const int64_t at = (row - base) + w0;
   if (sw > 2 || at < 0 || at + kVec * sw > n) return load_lanes(row, w0, sw, W);
-  const int64_t lo = w0 >= 0 ? 0 : (-w0 + sw - 1) / sw;
-  const int64_t hi = W - w0 <= 0 ? 0 : (W - w0 + sw - 1) / sw;
   const __m256 v = sw == 1 ? load_inside<1>(base + at) : load_inside<2>(base + at);
-  return _mm256_and_ps(v, _mm256_castsi256_ps(lane_mask(lo, hi)));
+  return _mm256_and_ps(v, _mm256_castsi256_ps(row_lanes(w0, sw, W)));
 }
 
 // Per-lane exponents of 8 blocks from max |x| bit patterns, and whether every lane is a finite
