@@ -13,6 +13,11 @@ float out including the BFP activation quantisation.
     python benchmarks/bench_conv.py --quick         # a few layers, batch 1
     python benchmarks/bench_conv.py --json out.json
     python benchmarks/bench_conv.py --compare-isa avx512_vnni   # on AMX: the VNNI tiles beside
+    python benchmarks/bench_conv.py --bits 4 --compare-layout int16  # AVX2: byte vs int16 layout
+
+``--bits`` sets the VQK width of the DSConv weights (8 by default). On the AVX2 path weights of
+at most 6 bits take the byte layout (vpmaddubsw); ``--compare-layout int16`` times the int16-pair
+layout beside it (``DSCONV_EXT_AVX2_LAYOUT=int16``).
 
 A second table times the float stem converted models keep (3 -> 16/32/64 channels, 3x3,
 stride 2, then SiLU): the fused ``stem_conv2d`` op (``FastStemConv``) against F.conv2d + SiLU.
@@ -70,21 +75,26 @@ def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor):
         return None
 
 
-def _on_isa(isa: str, fn):
-    """fn run with DSCONV_EXT_CPU_ISA=isa (the kernel reads it on every call)."""
+def _with_env(var: str, value: str, fn):
+    """fn run with the environment variable var=value (the kernel reads DSCONV_EXT_CPU_ISA and
+    DSCONV_EXT_AVX2_LAYOUT on every call)."""
 
     def call():
-        old = os.environ.get("DSCONV_EXT_CPU_ISA")
-        os.environ["DSCONV_EXT_CPU_ISA"] = isa
+        old = os.environ.get(var)
+        os.environ[var] = value
         try:
             return fn()
         finally:
             if old is None:
-                del os.environ["DSCONV_EXT_CPU_ISA"]
+                del os.environ[var]
             else:
-                os.environ["DSCONV_EXT_CPU_ISA"] = old
+                os.environ[var] = old
 
     return call
+
+
+def _on_isa(isa: str, fn):
+    return _with_env("DSCONV_EXT_CPU_ISA", isa, fn)
 
 
 def _unique(shapes):
@@ -107,7 +117,10 @@ def _unique(shapes):
     return list(seen.values())
 
 
-def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick, compare_isa=None):
+def bench_cpu(
+    scales, kernels, batches, rounds, with_fallback, quick, compare_isa=None, bits=8,
+    compare_layout=None,
+):  # fmt: skip
     rows = []
     backend = dsconv_ext.dsconv2d_backend("cpu")
     for scale in scales:
@@ -121,7 +134,7 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick, compare_is
                     x = F.silu(torch.randn(batch, s["c_in"], s["H"], s["W"], generator=g))
                     w = torch.randn(s["c_out"], s["c_in"] // s["groups"], k, k, generator=g)
                     w *= (2.0 / w[0].numel()) ** 0.5
-                    q, alpha, _ = quantize_weight(w, 8, 32)
+                    q, alpha, _ = quantize_weight(w, bits, 32)
                     conv_args = (s["stride"], s["padding"], 1, s["groups"])
                     fns = {
                         "dsconv": lambda x=x, q=q, a=alpha, c=conv_args: dsconv_ext.dsconv2d(
@@ -135,6 +148,11 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick, compare_is
                         plain = fns["dsconv"]
                         fns["dsconv"] = _on_isa(os.environ.get("DSCONV_EXT_CPU_ISA", ""), plain)
                         fns["dsconv_alt"] = _on_isa(compare_isa, plain)
+                    if compare_layout:
+                        plain = fns["dsconv"]
+                        var = "DSCONV_EXT_AVX2_LAYOUT"
+                        fns["dsconv"] = _with_env(var, os.environ.get(var, "auto"), plain)
+                        fns["dsconv_layout"] = _with_env(var, compare_layout, plain)
                     ao = _ao_conv(w, s, x)
                     if ao is not None:
                         fns["ao_int8"] = ao
@@ -166,6 +184,9 @@ def bench_cpu(scales, kernels, batches, rounds, with_fallback, quick, compare_is
                         "x_fallback": t.get("fallback", float("nan")) / t["dsconv"],
                         "alt_isa_ms": t.get("dsconv_alt", float("nan")),
                         "x_alt_isa": t.get("dsconv_alt", float("nan")) / t["dsconv"],
+                        "alt_layout_ms": t.get("dsconv_layout", float("nan")),
+                        "x_alt_layout": t.get("dsconv_layout", float("nan")) / t["dsconv"],
+                        "bits": bits,
                         "w_fp32_B": w.numel() * 4,
                         "w_int8_B": q.numel() + alpha.numel() * 4,
                         "w_int4_B": pack_intweight(q.clamp(-8, 7), 4).numel() + alpha.numel() * 4,
@@ -221,6 +242,7 @@ COLUMNS = [
     "scale",
     "k",
     "batch",
+    "bits",
     "layer",
     "HxW",
     "count",
@@ -233,6 +255,8 @@ COLUMNS = [
     "x_fallback",
     "alt_isa_ms",
     "x_alt_isa",
+    "alt_layout_ms",
+    "x_alt_layout",
     "w_fp32_B",
     "w_int8_B",
     "w_int4_B",
@@ -259,6 +283,7 @@ def summary(rows):
                         "geomean_x_ao": geomean([r["x_ao"] for r in sel]),
                         "geomean_x_fallback": geomean([r["x_fallback"] for r in sel]),
                         "geomean_x_alt_isa": geomean([r["x_alt_isa"] for r in sel]),
+                        "geomean_x_alt_layout": geomean([r["x_alt_layout"] for r in sel]),
                     }
                 )
     return out
@@ -282,7 +307,20 @@ def main(argv=None):
         help="also time DSConv forced onto this CPU path (DSCONV_EXT_CPU_ISA: amx, avx512_vnni, "
         "avx2, scalar): columns alt_isa_ms and x_alt_isa (its time / the default path's)",
     )
+    p.add_argument(
+        "--bits", type=int, default=8, help="VQK width of the DSConv weights, 2..8 (default 8)"
+    )
+    p.add_argument(
+        "--compare-layout",
+        metavar="LAYOUT",
+        choices=["int16"],
+        help="also time DSConv with DSCONV_EXT_AVX2_LAYOUT=LAYOUT (int16: the AVX2 int16-pair "
+        "layout, where weights of <= 6 bits take the byte layout by default): columns "
+        "alt_layout_ms and x_alt_layout (its time / the default's)",
+    )
     args = p.parse_args(argv)
+    if not 2 <= args.bits <= 8:
+        p.error(f"--bits must be in [2, 8], got {args.bits}")
     torch.set_num_threads(args.threads)
     scales = args.scales.split(",")
     kernels = [int(k) for k in args.kernels.split(",")]
@@ -304,9 +342,15 @@ def main(argv=None):
         except RuntimeError as e:  # amx on a machine without it, or an unknown name
             p.error(f"--compare-isa {args.compare_isa}: {str(e).splitlines()[0]}")
         print(f"# alt_isa = DSConv with DSCONV_EXT_CPU_ISA={args.compare_isa} (path {got})")
+    if args.compare_layout:
+        if backend != "kernel":
+            p.error("--compare-layout needs the compiled CPU kernel, which is not loaded")
+        print(f"# alt_layout = DSConv with DSCONV_EXT_AVX2_LAYOUT={args.compare_layout}")
+    print(f"# DSConv weights: {args.bits}-bit VQK, block 32, 8-bit activation mantissas")
     rows = bench_cpu(
-        scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa
-    )
+        scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa,
+        args.bits, args.compare_layout,
+    )  # fmt: skip
     print_table(rows, COLUMNS)
     print()
     summ = summary(rows)

@@ -63,3 +63,49 @@ def test_compare_isa_refuses_an_unknown_path(capsys):
     assert e.value.code == 2
     assert "--compare-isa avx1024: DSCONV_EXT_CPU_ISA must be one of" in capsys.readouterr().err
     assert "DSCONV_EXT_CPU_ISA" not in os.environ
+
+
+def test_compare_layout_columns_and_bits(tmp_path, monkeypatch):
+    """--bits 4 --compare-layout int16: the rows say 4 bits, the alternative runs with
+    DSCONV_EXT_AVX2_LAYOUT=int16 set only during its calls, and on the AVX2 path the default
+    calls take the byte layout (path counter; the depthwise layers have their own path) while
+    the alternative's never do."""
+    monkeypatch.delenv("DSCONV_EXT_AVX2_LAYOUT", raising=False)
+    import torch
+
+    seen = []
+    real = bench_conv._with_env
+
+    def spy(var, value, fn):
+        wrapped = real(var, value, fn)
+
+        def call():
+            before = torch.ops.dsconv_ext._cpu_path_calls()[5]
+            y = wrapped()
+            seen.append((var, value, torch.ops.dsconv_ext._cpu_path_calls()[5] > before))
+            return y
+
+        return call
+
+    monkeypatch.setattr(bench_conv, "_with_env", spy)
+    out = tmp_path / "conv.json"
+    bench_conv.main(["--quick", "--scales", "n", "--rounds", "2", "--no-fallback", "--no-stem",
+                     "--threads", "1", "--bits", "4", "--compare-layout", "int16",
+                     "--json", str(out)])  # fmt: skip
+    assert "DSCONV_EXT_AVX2_LAYOUT" not in os.environ
+    rows = json.loads(out.read_text())["cpu"]
+    assert rows
+    for r in rows:
+        assert r["bits"] == 4 and r["alt_layout_ms"] > 0, r
+        assert math.isclose(r["x_alt_layout"], r["alt_layout_ms"] / r["dsconv_ms"], rel_tol=1e-9)
+    layout = [s for s in seen if s[0] == "DSCONV_EXT_AVX2_LAYOUT"]
+    assert {v for _, v, _ in layout} == {"auto", "int16"}
+    assert not any(took for _, v, took in layout if v == "int16")
+    if torch.ops.dsconv_ext.cpu_isa() == "avx2":
+        assert any(took for _, v, took in layout if v == "auto")
+
+
+def test_bits_out_of_range_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench_conv.main(["--quick", "--bits", "9"])
+    assert "--bits must be in [2, 8], got 9" in capsys.readouterr().err

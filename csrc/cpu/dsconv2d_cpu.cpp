@@ -230,17 +230,31 @@ constexpr int64_t kDwBandBytes = 12 << 10;
 constexpr int64_t kPlaneSlack = 16;
 
 // Calls per kernel path since load, (kScalefBands) int8 bands of esc_shift ISAs folded with
-// vscalefps rather than by exponent addition (Slice::exponent_add), and (kPathAmx) int8 calls
-// that ran on the AMX kernel, real or model: a test hook that shows which path a shape takes.
+// vscalefps rather than by exponent addition (Slice::exponent_add), (kPathAmx) int8 calls
+// that ran on the AMX kernel, real or model, and (kPathAvx2Bytes) int8 calls on the AVX2 byte
+// layout: a test hook that shows which path a shape takes.
 enum Path : int {
   kPathInt8 = 0,
   kPathFloat = 1,
   kPathDepthwise = 2,
   kScalefBands = 3,
   kPathAmx = 4,
-  kPaths = 5
+  kPathAvx2Bytes = 5,
+  kPaths = 6
 };
 std::atomic<int64_t> path_calls[kPaths];
+
+// The weight width to pack for: an ISA's own, and for AVX2 (0: by the weights' |q|) 2 when
+// DSCONV_EXT_AVX2_LAYOUT=int16 asks for the int16 pairs whatever the weights (read per call, as
+// DSCONV_EXT_CPU_ISA: benchmarks and tests compare the two layouts in one process).
+int weight_elem_bytes(const IsaKernels& kern) {
+  if (kern.weight_elem_bytes != 0) return kern.weight_elem_bytes;
+  const char* layout = std::getenv("DSCONV_EXT_AVX2_LAYOUT");
+  if (layout == nullptr || *layout == '\0' || std::strcmp(layout, "auto") == 0) return 0;
+  TORCH_CHECK(std::strcmp(layout, "int16") == 0,
+              "DSCONV_EXT_AVX2_LAYOUT must be 'auto' or 'int16', got '", layout, "'");
+  return 2;
+}
 
 // Geometry, band split and q-space sizes. With few tasks the split aims at a task count that is
 // a multiple of `threads` (two threads on three equal tasks idle a third of the time), splitting
@@ -393,7 +407,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
               " and dilation ", dilation);
 
   const Isa isa = select_isa_for_layer(C / groups);
-  const IsaKernels& kern = kernels_for(isa);
+  const IsaKernels& kern0 = kernels_for(isa);
   const int64_t N = x_in.size(0);
   at::Tensor y;
   Overlap overlap = Overlap::kNone;
@@ -428,13 +442,13 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   const at::Tensor x =
       overlap == Overlap::kMaybe ? x_in.clone(at::MemoryFormat::Contiguous) : x_in.contiguous();
   const bool with_kdsb = KDSb.has_value();
-  const bool depthwise = C == groups && kern.depthwise != nullptr;
+  const bool depthwise = C == groups && kern0.depthwise != nullptr;
   int64_t ochunks = 1;
-  const int64_t float_qtile = kern.float_qtile ? kern.float_qtile : kern.qtile;
-  const Layout lay =
+  const int64_t float_qtile = kern0.float_qtile ? kern0.float_qtile : kern0.qtile;
+  Layout lay =
       make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
-                  depthwise ? kern.dw_qtile : kern.qtile, depthwise ? kern.dw_qtile : float_qtile,
-                  kern.planes_per_k4, with_kdsb, at::get_num_threads(),
+                  depthwise ? kern0.dw_qtile : kern0.qtile, depthwise ? kern0.dw_qtile : float_qtile,
+                  kern0.planes_per_k4, with_kdsb, at::get_num_threads(),
                   depthwise ? kDwBandBytes : kBandBytes, kPlaneSlack, &ochunks);
   const ConvGeometry& g = lay.g;
 
@@ -476,22 +490,30 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     const size_t buf_b = size_t(dw_buf_floats(lay)) * 4;
     parallel_for_tasks(N * groups * lay.nbands, [&](int64_t t0, int64_t t1) {
       static thread_local Scratch scratch;
-      kern.depthwise(d, reinterpret_cast<float*>(scratch.get(buf_b)), t0, t1);
+      kern0.depthwise(d, reinterpret_cast<float*>(scratch.get(buf_b)), t0, t1);
     });
     return y;
   }
   path_calls[lay.kfloat ? kPathFloat : kPathInt8].fetch_add(1, std::memory_order_relaxed);
-  if (!lay.kfloat && kern.amx_weights) path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
+  if (!lay.kfloat && kern0.amx_weights) path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
 
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;
   std::vector<float> wf;
-  const int64_t R = !lay.kfloat ? kern.otile : g.Og == 1 ? 1 : kFloatOTile;
+  const int64_t R = !lay.kfloat ? kern0.otile : g.Og == 1 ? 1 : kFloatOTile;
   const int64_t otiles = (g.Og + R - 1) / R;
   if (lay.kfloat) {
     wf = float_weights(intweight_in, alpha, KDSb, lay, R);
   } else {
-    pw = packed_weights(intweight_in, alpha, KDSb, lay, kern.weight_elem_bytes, kern.amx_weights);
+    pw = packed_weights(intweight_in, alpha, KDSb, lay, weight_elem_bytes(kern0),
+                        kern0.amx_weights);
+  }
+  // AVX2: the byte layout's kernels where the weights came out as bytes.
+  const bool bytes = pw && kern0.bytes != nullptr && pw->elem_bytes == 1;
+  const IsaKernels& kern = bytes ? *kern0.bytes : kern0;
+  if (bytes) {
+    lay.kplanes = lay.K4 * kern.planes_per_k4;
+    path_calls[kPathAvx2Bytes].fetch_add(1, std::memory_order_relaxed);
   }
   // The AMX o-tiles are 16 channels, so a layer has fewer of them than make_layout's split
   // assumed: no chunk without any.
@@ -566,6 +588,7 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
       sl.oh0 = oh0, sl.oh1 = oh1;
       sl.nqt = ((oh1 - oh0) * lay.Wq + lay.qtile - 1) / lay.qtile;
       sl.exponent_add = exponent_add;
+      sl.k4_run = pw ? pw->k4_run : 0;
       const Epilogue ep{epi.data() + grp * Ogp, epi.data() + (groups + grp) * Ogp, fuse_silu};
       const int64_t ot0 = oc * oc_len, ot1 = std::min(otiles, ot0 + oc_len);
       if (kern.conv_band != nullptr && !lay.kfloat) {

@@ -155,9 +155,20 @@ struct AmxK {
   int64_t seg_bytes() const { return int64_t(sizeof(AmxSegHeader)) + nchunk * a_bytes(); }
 };
 
+// The AVX2 byte layout (kernel_avx2.cpp) takes the layers whose |q| <= kByteMaxQ (VQK widths up
+// to 6 bits): its vpmaddubsw pair sums, each at most 255 * 2 * max|q|, then add up in int16 over
+// byte_k4_run(max|q|) >= 2 groups of 4 channels without leaving [-32767, 32767].
+constexpr int32_t kByteMaxQ = 32;
+inline int64_t byte_k4_run(int32_t max_abs_q) {
+  return 32767 / (255 * 2 * std::max<int32_t>(max_abs_q, 1));
+}
+
 struct PackedWeights {
   int64_t otiles = 0;        // per group
   int64_t stream_bytes = 0;  // per (group, o-tile)
+  int elem_bytes = 1;        // of the SegHeader streams' weights: 1 (int8) or 2 (int16)
+  int32_t max_abs_q = 0;     // largest |q| of the packed segments
+  int64_t k4_run = 0;        // AVX2 byte layout: byte_k4_run(max_abs_q); else 0
   // Biased float exponents of the SegHeader alphas (a zero alpha is stored as 1 with its
   // segment's weights zeroed), and whether all of them are normal: what the exponent-add fold of
   // the AVX-512 kernel needs to know (ExponentRange).
@@ -190,6 +201,8 @@ struct Slice {
   // AVX-512 int8: every alpha * 2^E of the band is a normal float, so the fold may add E to
   // alpha's exponent bits instead of scaling by 2^E (ExponentRange::exponent_add_exact).
   bool exponent_add;
+  // AVX2 byte layout: 4-channel groups summed in int16 before widening (PackedWeights::k4_run).
+  int64_t k4_run;
 };
 
 // Block exponents E packed for one band by an ISA whose esc holds E << 23 (IsaKernels::esc_shift):
@@ -309,6 +322,8 @@ struct StemArgs {
 // Per-ISA entry points.
 struct IsaKernels {
   int64_t qtile;  // pixels per microkernel call
+  // Bytes per weight of the SegHeader streams: 1, 2, or 0 for AVX2: 1 where the weights allow
+  // the byte layout (|q| <= kByteMaxQ; the call then takes the `bytes` kernels), else 2.
   int weight_elem_bytes;
   void (*pack_row)(const PackRow&);
   void (*pack_row_float)(const PackRow&);
@@ -348,10 +363,14 @@ struct IsaKernels {
   void (*stem_rows)(const StemArgs&, int64_t n, int64_t ot0, int64_t ot1, int64_t oy0,
                     int64_t oy1) = nullptr;
   int64_t stem_otile = 0;
+  // AVX2: the kernels of the byte layout, for int8 layers whose packed weights came out as
+  // bytes (PackedWeights::elem_bytes == 1), or null.
+  const IsaKernels* bytes = nullptr;
 };
 
 const IsaKernels& kernels_scalar();
 const IsaKernels& kernels_avx2();
+const IsaKernels& kernels_avx2_bytes();
 const IsaKernels& kernels_avx512();
 const IsaKernels& kernels_amx();
 const IsaKernels& kernels_amx_model();

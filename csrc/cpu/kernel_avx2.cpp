@@ -1,9 +1,15 @@
 // AVX2 path (CPUs without AVX-512 VNNI): the same maths as the AVX-512 path with 8-pixel
-// vectors. The int8 products use vpmaddwd on mantissas stored as int16: vpmaddubsw would multiply
-// twice as many bytes per instruction, but its int16 pair sums saturate (255 * -128 * 2 < -32768),
-// which would break the exact integer sums. So the packed activations are pairs of signed int16
-// mantissas (one uint32 per q and pair of channels, two planes per 4-channel group), and the
-// weights' int16 pairs are broadcast as dwords: each vpmaddwd leaves one whole pixel sum per lane.
+// vectors, and two int8 layouts chosen per layer by its weights' largest |q| (PackedWeights):
+//  * int16 pairs (any q). vpmaddubsw's int16 pair sums saturate for 8-bit weights
+//    (255 * -128 * 2 < -32768), which would break the exact integer sums, so the products use
+//    vpmaddwd on mantissas stored as int16: pairs of signed int16 mantissas (one uint32 per q and
+//    pair of channels, two planes per 4-channel group), the weights' int16 pairs broadcast as
+//    dwords, each vpmaddwd leaving one whole pixel sum per lane.
+//  * bytes (|q| <= kByteMaxQ: VQK widths up to 6 bits). The AVX-512 layout, m + 128 as bytes,
+//    four channels per uint32: vpmaddubsw multiplies 32 bytes at once, and its int16 pair sums
+//    are then at most 255 * 2 * |q|max, so k4_run groups of them add up in int16 with vpaddw
+//    before one vpmaddwd by ones widens them to int32: one multiply per 32 products instead of
+//    two per 32, the integer sums still exact.
 // Subnormal, huge or non-finite blocks fall back to the scalar header functions per lane, so
 // every value matches the reference bit for bit.
 #include <immintrin.h>
@@ -28,6 +34,8 @@ constexpr int64_t kFloatQTile = kVec;
 // Software prefetch distance of output stores and packer loads (both together: converted yolo11n
 // ~2% faster on the AVX2 path, same-process A/B on the Zen 5 test machine).
 constexpr int64_t kPrefetchFloats = 64;
+// The byte layout's packed mantissas (m + 128) are at most 255.
+constexpr int32_t kByteMax = 255;
 
 DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -165,6 +173,30 @@ DSCONV_AVX2 inline __m256i pair_word(__m256i m0, __m256i m1) {
   return _mm256_blend_epi16(m0, _mm256_slli_epi32(m1, 16), 0xAA);
 }
 
+// Four channels' mantissas (|m| <= 127) as the byte layout's words, m0 + 128 in the low byte: the
+// two packs leave each 128-bit lane as [m0 p0..p3, m1 p0..p3, m2 .., m3 ..] bytes, and one
+// shuffle per lane makes that pixel-major.
+DSCONV_AVX2 inline __m256i quad_word(__m256i m0, __m256i m1, __m256i m2, __m256i m3) {
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(m0, m1), _mm256_packs_epi32(m2, m3));
+  const __m256i pixel_major =
+      _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12, 1, 5, 9,
+                       13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm256_xor_si256(_mm256_shuffle_epi8(b, pixel_major), _mm256_set1_epi8(char(0x80)));
+}
+
+// The packed words of one k-plane: int16 pairs (plane k: channels 2k, 2k + 1) or bytes (plane
+// k: channels 4k .. 4k + 3), `channel(c)` giving channel c's mantissas (0 past the block).
+template <bool kBytes, typename F>
+DSCONV_AVX2 inline __m256i plane_word(int64_t k, const F& channel) {
+  if (kBytes) return quad_word(channel(4 * k), channel(4 * k + 1), channel(4 * k + 2), channel(4 * k + 3));
+  return pair_word(channel(2 * k), channel(2 * k + 1));
+}
+// Channels per k-plane word.
+template <bool kBytes>
+constexpr int64_t plane_channels() {
+  return kBytes ? 4 : 2;
+}
+
 // Stores the lanes of mask st (32-bit lanes of any type), all 8 when full (masked stores are
 // microcoded on AMD Zen 2).
 DSCONV_AVX2 inline void store_lanes(float* dst, __m256 v, bool full, __m256i st) {
@@ -175,8 +207,8 @@ DSCONV_AVX2 inline void store_lanes(float* dst, __m256 v, bool full, __m256i st)
 }
 
 // Scalar lane of either pack: the header functions, for rows the vector path cannot take.
-inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* out_vals,
-                         uint32_t* words, float* scale_out, float* usum_out) {
+inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, bool bytes,
+                         float* out_vals, uint32_t* words, float* scale_out, float* usum_out) {
   float amax = 0.f;
   bool finite = true;
   for (int64_t c = 0; c < r.nch; ++c) {
@@ -195,6 +227,10 @@ inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, float* 
       // ldexpf rather than m * 2^E: 2^E underflows to 0 below 2^-149 while m * 2^E does not
       // (a block whose max |x| is below 2^(-149 + mant_bits - 2) lost all its values).
       out_vals[c] = finite ? ldexpf(float(m), e) : NAN;
+    } else if (bytes) {
+      uint32_t& w = words[c / 4];
+      if (c % 4 == 0) w = 0;
+      w |= uint32_t(uint8_t(m + 128)) << (8 * (c % 4));
     } else {
       uint32_t& w = words[c / 2];
       if (c % 2 == 0) w = 0;
@@ -215,7 +251,7 @@ constexpr int64_t kRowChunks = 64;
 // per-chunk order jumped between the block's channels, H * W floats apart, for every 8 pixels (a
 // stride-2 3x3 64 -> 64 layer at 160x160, a quarter of it packing, 7.75 -> 6.97 ms on AMD Zen 3).
 // ok[i] false (chunk i not stored) where a lane's block needs the scalar path.
-template <int SW, bool kUsum>
+template <int SW, bool kUsum, bool kBytes>
 DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, uint32_t* act,
                                  int64_t kplane, float* esc, float* usum, bool* ok) {
   const int64_t cs = r.x_cstride, nch = r.nch, kplanes = r.lay->kplanes;
@@ -241,25 +277,19 @@ DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, u
     msum[i] = _mm256_setzero_si256();
   }
   const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
-  auto mant = [&](const float* p, int64_t i)
-                  DSCONV_AVX2 { return mantissa(load_inside<SW>(p + i * kStep), inv[i], lim); };
+  constexpr int64_t kPer = plane_channels<kBytes>();
   for (int64_t k = 0; k < kplanes; ++k) {
     __m256i* dst = reinterpret_cast<__m256i*>(act + k * kplane);
-    const float* p0 = px + 2 * k * cs;
-    if (2 * k + 1 < nch) {
-      for (int64_t i = 0; i < n; ++i) {
-        const __m256i m0 = mant(p0, i), m1 = mant(p0 + cs, i);
-        if (kUsum) msum[i] = _mm256_add_epi32(msum[i], _mm256_add_epi32(m0, m1));
-        _mm256_storeu_si256(dst + i, pair_word(m0, m1));
-      }
-    } else if (2 * k < nch) {
-      for (int64_t i = 0; i < n; ++i) {
-        const __m256i m0 = mant(p0, i);
-        if (kUsum) msum[i] = _mm256_add_epi32(msum[i], m0);
-        _mm256_storeu_si256(dst + i, pair_word(m0, _mm256_setzero_si256()));
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) _mm256_storeu_si256(dst + i, _mm256_setzero_si256());
+    const int64_t c0 = kPer * k, live = std::clamp<int64_t>(nch - c0, 0, kPer);
+    for (int64_t i = 0; i < n; ++i) {
+      // (live is the same for the whole row: the branch below is predicted)
+      auto channel = [&](int64_t c) DSCONV_AVX2 {
+        if (c - c0 >= live) return _mm256_setzero_si256();
+        const __m256i m = mantissa(load_inside<SW>(px + c * cs + i * kStep), inv[i], lim);
+        if (kUsum) msum[i] = _mm256_add_epi32(msum[i], m);
+        return m;
+      };
+      _mm256_storeu_si256(dst + i, plane_word<kBytes>(k, channel));
     }
   }
   if (kUsum) {
@@ -269,7 +299,7 @@ DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, u
   }
 }
 
-template <bool kFloat>
+template <bool kFloat, bool kBytes>
 DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
   const Layout& lay = *r.lay;
   const ConvGeometry& g = lay.g;
@@ -297,8 +327,10 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         const int64_t at = base + fa * kVec;
         float* usum = r.usum ? r.usum + at : nullptr;
         // (the mantissa sums only where the layer has a KDS bias: usum)
-        auto* pack = g.sw == 1 ? (usum ? &pack_row_inside<1, true> : &pack_row_inside<1, false>)
-                               : (usum ? &pack_row_inside<2, true> : &pack_row_inside<2, false>);
+        auto* pack = g.sw == 1 ? (usum ? &pack_row_inside<1, true, kBytes>
+                                       : &pack_row_inside<1, false, kBytes>)
+                               : (usum ? &pack_row_inside<2, true, kBytes>
+                                       : &pack_row_inside<2, false, kBytes>);
         pack(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
       } else {
         fb = fa;
@@ -310,7 +342,7 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
       const float* row = hrow >= 0 ? r.x + hrow * g.W : nullptr;
       if (x0 / kVec >= fa && x0 / kVec < fb && fast_ok[x0 / kVec - fa]) continue;
       alignas(32) float vals[4][kVec];                      // float family: up to 4 channels
-      alignas(32) uint32_t words[kMaxBlockSize / 2][kVec];  // int8: channel pairs
+      alignas(32) uint32_t words[kMaxBlockSize / 2][kVec];  // int8: per k-plane
       alignas(32) float esc[kVec], us[kVec];
       __m256i amax = _mm256_setzero_si256(), e;
       if (row) {
@@ -336,12 +368,14 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           for (int64_t c = 0; c < r.nch; ++c)
             _mm256_store_ps(vals[c], _mm256_mul_ps(_mm256_cvtepi32_ps(channel(c)), scale));
         } else {
-          // Each word (2 channels' int16 mantissas) is built in a register and stored once.
-          for (int64_t k = 0; k < lay.kplanes; ++k) {
-            const __m256i m0 = channel(2 * k), m1 = channel(2 * k + 1);
-            msum = _mm256_add_epi32(msum, _mm256_add_epi32(m0, m1));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(words[k]), pair_word(m0, m1));
-          }
+          // Each word (2 or 4 channels' mantissas) is built in registers and stored once.
+          auto summed = [&](int64_t c) DSCONV_AVX2 {
+            const __m256i m = channel(c);
+            msum = _mm256_add_epi32(msum, m);
+            return m;
+          };
+          for (int64_t k = 0; k < lay.kplanes; ++k)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words[k]), plane_word<kBytes>(k, summed));
         }
         _mm256_store_ps(esc, scale);
         _mm256_store_ps(us, _mm256_mul_ps(_mm256_cvtepi32_ps(msum), scale));
@@ -351,10 +385,10 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
           float v[4];
           uint32_t wd[kMaxBlockSize / 2];
           if (row && in_range(w, g.W)) {
-            scalar_pixel(r, row + w, kFloat, v, wd, &esc[l], &us[l]);
+            scalar_pixel(r, row + w, kFloat, kBytes, v, wd, &esc[l], &us[l]);
           } else {
             for (int64_t c = 0; c < 4; ++c) v[c] = 0.f;
-            for (int64_t k = 0; k < lay.kplanes; ++k) wd[k] = 0;
+            for (int64_t k = 0; k < lay.kplanes; ++k) wd[k] = kBytes ? 0x80808080u : 0u;
             esc[l] = 1.f, us[l] = 0.f;
           }
           if (kFloat) {
@@ -382,8 +416,9 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
   }
 }
 
-DSCONV_AVX2 void pack_row(const PackRow& r) { pack_row_impl<false>(r); }
-DSCONV_AVX2 void pack_row_float(const PackRow& r) { pack_row_impl<true>(r); }
+DSCONV_AVX2 void pack_row(const PackRow& r) { pack_row_impl<false, false>(r); }
+DSCONV_AVX2 void pack_row_bytes(const PackRow& r) { pack_row_impl<false, true>(r); }
+DSCONV_AVX2 void pack_row_float(const PackRow& r) { pack_row_impl<true, false>(r); }
 
 // --- Microkernels --------------------------------------------------------------------------
 
@@ -424,6 +459,64 @@ DSCONV_AVX2 inline void madd_pair(const uint32_t* a, const int32_t* w,
       : "xmm0", "xmm1", "xmm2", "xmm3");
 }
 
+// The byte layout's step: acc[r][v] (int16 lanes) += the vpmaddubsw pair sums of vector v of the
+// 16 pixels at `a` (m + 128 bytes) and the dword w[r] of output r (4 signed weight bytes), in
+// assembly for the same reason as madd_pair.
+DSCONV_AVX2 inline void madd_bytes(const uint32_t* a, const int32_t* w,
+                                   __m256i (&acc)[kOTile][kIntVecs]) {
+  __asm__(
+      "vmovdqu (%[a]), %%ymm0\n\t"
+      "vmovdqu 32(%[a]), %%ymm1\n\t"
+      "vpbroadcastd (%[w]), %%ymm2\n\t"
+      "vpmaddubsw %%ymm2, %%ymm0, %%ymm3\n\t"
+      "vpaddw %%ymm3, %[c00], %[c00]\n\t"
+      "vpmaddubsw %%ymm2, %%ymm1, %%ymm2\n\t"
+      "vpaddw %%ymm2, %[c01], %[c01]\n\t"
+      "vpbroadcastd 4(%[w]), %%ymm2\n\t"
+      "vpmaddubsw %%ymm2, %%ymm0, %%ymm3\n\t"
+      "vpaddw %%ymm3, %[c10], %[c10]\n\t"
+      "vpmaddubsw %%ymm2, %%ymm1, %%ymm2\n\t"
+      "vpaddw %%ymm2, %[c11], %[c11]\n\t"
+      "vpbroadcastd 8(%[w]), %%ymm2\n\t"
+      "vpmaddubsw %%ymm2, %%ymm0, %%ymm3\n\t"
+      "vpaddw %%ymm3, %[c20], %[c20]\n\t"
+      "vpmaddubsw %%ymm2, %%ymm1, %%ymm2\n\t"
+      "vpaddw %%ymm2, %[c21], %[c21]\n\t"
+      "vpbroadcastd 12(%[w]), %%ymm2\n\t"
+      "vpmaddubsw %%ymm2, %%ymm0, %%ymm3\n\t"
+      "vpaddw %%ymm3, %[c30], %[c30]\n\t"
+      "vpmaddubsw %%ymm2, %%ymm1, %%ymm2\n\t"
+      "vpaddw %%ymm2, %[c31], %[c31]\n\t"
+      : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]),
+        [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1])
+      : [a] "r"(a), [w] "r"(w), "m"(*reinterpret_cast<const uint32_t (*)[kQTile]>(a)),
+        "m"(*reinterpret_cast<const int32_t (*)[kOTile]>(w))
+      : "xmm0", "xmm1", "xmm2", "xmm3");
+}
+
+// One (block, tap) segment's exact int32 sums in the byte layout: runs of k4_run groups summed in
+// int16 (no run can leave int16: PackedWeights::k4_run), each run widened by a vpmaddwd by ones
+// (the two int16 halves of a pixel's lane are its 4 channels' pair sums), plus the segment's
+// -128 * sum(q) correction.
+DSCONV_AVX2 inline void segment_bytes(const uint32_t* a, int64_t plane, const int32_t* w,
+                                      int64_t K4b, int64_t k4_run, const int32_t* corr,
+                                      __m256i (&sum)[kOTile][kIntVecs]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k0 = 0; k0 < K4b; k0 += k4_run) {
+    const int64_t k1 = std::min(K4b, k0 + k4_run);
+    __m256i acc[kOTile][kIntVecs];
+    for (int r = 0; r < kOTile; ++r)
+      for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
+    for (int64_t k4 = k0; k4 < k1; ++k4) madd_bytes(a + k4 * plane, w + k4 * kOTile, acc);
+    for (int r = 0; r < kOTile; ++r)
+      for (int v = 0; v < kIntVecs; ++v) {
+        const __m256i s = _mm256_madd_epi16(acc[r][v], ones);
+        sum[r][v] = k0 == 0 ? _mm256_add_epi32(s, _mm256_set1_epi32(corr[r]))
+                            : _mm256_add_epi32(sum[r][v], s);
+      }
+  }
+}
+
 // Where the kIntVecs vectors of a q tile go: output row (band-local) and column of each one's
 // first q.
 struct TilePos {
@@ -436,12 +529,12 @@ struct TilePos {
 // vpmaddwd: 8 int32 accumulators, the activations and one weight fit AVX2's 16 registers, and no
 // pair sums need adding up at the flush. The float accumulators live in a stack buffer (L1):
 // they are touched once per (block, tap) segment.
-template <bool kKdsb>
+template <bool kKdsb, bool kBytes>
 DSCONV_AVX2 inline void conv_tile(const Slice& sl, const uint8_t* ws, const Epilogue& ep,
                                   int64_t o0, int64_t q0, const TilePos& pos) {
   const Layout& lay = *sl.lay;
   const int64_t K4 = lay.K4, K2 = lay.kplanes, ntaps = lay.ntaps, plane = lay.P * lay.Lq;
-  const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * 8;
+  const int64_t seg_b = int64_t(sizeof(SegHeader)) + K4 * kOTile * (kBytes ? 4 : 8);
   const int64_t* tapoff = lay.tapoff.data();
   alignas(32) float f[kOTile][kQTile];
   // (vector stores: an `= {}` becomes a rep stosq, slow to start on AMD cores)
@@ -455,10 +548,14 @@ DSCONV_AVX2 inline void conv_tile(const Slice& sl, const uint8_t* ws, const Epil
       const int32_t* w = reinterpret_cast<const int32_t*>(ws + sizeof(SegHeader));
       const uint32_t* a = sl.act + b * K2 * plane + tapoff[t] + q0;
       __m256i acc[kOTile][kIntVecs];
-      for (int r = 0; r < kOTile; ++r)
-        for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
-      for (int64_t k4 = 0; k4 < K4b; ++k4, w += 2 * kOTile) {
-        for (int pair = 0; pair < 2; ++pair, a += plane) madd_pair(a, w + pair, acc);
+      if (kBytes) {
+        segment_bytes(a, plane, w, K4b, sl.k4_run, h->corr, acc);
+      } else {
+        for (int r = 0; r < kOTile; ++r)
+          for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
+        for (int64_t k4 = 0; k4 < K4b; ++k4, w += 2 * kOTile) {
+          for (int pair = 0; pair < 2; ++pair, a += plane) madd_pair(a, w + pair, acc);
+        }
       }
       const int64_t eo = b * plane + tapoff[t] + q0;
       for (int v = 0; v < kIntVecs; ++v) {
@@ -499,7 +596,7 @@ DSCONV_AVX2 inline void conv_tile(const Slice& sl, const uint8_t* ws, const Epil
 // Every q tile of the band, and per q tile the o-tiles [ot0, ot1) innermost: the tile's
 // activations stay in L1 while the weights stream from L2, and a q tile's store positions are
 // found once for all its o-tiles.
-template <bool kKdsb>
+template <bool kKdsb, bool kBytes>
 DSCONV_AVX2 void conv_band_impl(const Slice& sl, const uint8_t* wstreams, int64_t stream_bytes,
                                 const Epilogue& ep, int64_t ot0, int64_t ot1) {
   const int64_t Wq = sl.lay->Wq;
@@ -507,7 +604,7 @@ DSCONV_AVX2 void conv_band_impl(const Slice& sl, const uint8_t* wstreams, int64_
   for (int v = 0; v < kIntVecs; ++v) pos.ohl[v] = (v * kVec) / Wq, pos.ow[v] = (v * kVec) % Wq;
   for (int64_t qt = 0; qt < sl.nqt; ++qt) {
     for (int64_t ot = ot0; ot < ot1; ++ot)
-      conv_tile<kKdsb>(sl, wstreams + ot * stream_bytes, ep, ot * kOTile, qt * kQTile, pos);
+      conv_tile<kKdsb, kBytes>(sl, wstreams + ot * stream_bytes, ep, ot * kOTile, qt * kQTile, pos);
     for (int v = 0; v < kIntVecs; ++v) {
       pos.ow[v] += kQTile;
       while (pos.ow[v] >= Wq) pos.ow[v] -= Wq, ++pos.ohl[v];
@@ -518,9 +615,17 @@ DSCONV_AVX2 void conv_band_impl(const Slice& sl, const uint8_t* wstreams, int64_
 DSCONV_AVX2 void conv_band(const Slice& sl, const uint8_t* wstreams, int64_t stream_bytes,
                            const Epilogue& ep, int64_t ot0, int64_t ot1) {
   if (sl.usum)
-    conv_band_impl<true>(sl, wstreams, stream_bytes, ep, ot0, ot1);
+    conv_band_impl<true, false>(sl, wstreams, stream_bytes, ep, ot0, ot1);
   else
-    conv_band_impl<false>(sl, wstreams, stream_bytes, ep, ot0, ot1);
+    conv_band_impl<false, false>(sl, wstreams, stream_bytes, ep, ot0, ot1);
+}
+
+DSCONV_AVX2 void conv_band_bytes(const Slice& sl, const uint8_t* wstreams, int64_t stream_bytes,
+                                 const Epilogue& ep, int64_t ot0, int64_t ot1) {
+  if (sl.usum)
+    conv_band_impl<true, true>(sl, wstreams, stream_bytes, ep, ot0, ot1);
+  else
+    conv_band_impl<false, true>(sl, wstreams, stream_bytes, ep, ot0, ot1);
 }
 
 // Float family: R output channels x 8 pixels; with R == 1, four accumulators over the taps hide
@@ -942,23 +1047,45 @@ DSCONV_AVX2 void stem_rows(const StemArgs& a, int64_t n, int64_t ot0, int64_t ot
 
 }  // namespace
 
+namespace {
+
+IsaKernels int16_kernels() {
+  IsaKernels t{kQTile,
+               /*weight_elem_bytes=*/0,  // 1 (byte layout) or 2 (int16 pairs) by the weights' |q|
+               &pack_row,
+               &pack_row_float,
+               /*conv_tiles=*/nullptr,
+               &float_tiles,
+               &depthwise,
+               /*dw_qtile=*/32,
+               &dfl_side,
+               /*esc_shift=*/false};
+  t.stem_rows = &stem_rows;
+  t.stem_otile = kVec;
+  t.float_qtile = kFloatQTile;
+  t.planes_per_k4 = 2;
+  t.conv_band = &conv_band;  // every int8 call
+  return t;
+}
+
+}  // namespace
+
+const IsaKernels& kernels_avx2_bytes() {
+  static const IsaKernels k = [] {
+    IsaKernels t = int16_kernels();
+    t.weight_elem_bytes = 1;
+    t.pack_row = &pack_row_bytes;
+    t.planes_per_k4 = 1;
+    t.conv_band = &conv_band_bytes;
+    return t;
+  }();
+  return k;
+}
+
 const IsaKernels& kernels_avx2() {
   static const IsaKernels k = [] {
-    IsaKernels t{kQTile,
-                 /*weight_elem_bytes=*/2,
-                 &pack_row,
-                 &pack_row_float,
-                 /*conv_tiles=*/nullptr,
-                 &float_tiles,
-                 &depthwise,
-                 /*dw_qtile=*/32,
-                 &dfl_side,
-                 /*esc_shift=*/false};
-    t.stem_rows = &stem_rows;
-    t.stem_otile = kVec;
-    t.float_qtile = kFloatQTile;
-    t.planes_per_k4 = 2;
-    t.conv_band = &conv_band;  // every int8 call
+    IsaKernels t = int16_kernels();
+    t.bytes = &kernels_avx2_bytes();
     return t;
   }();
   return k;
