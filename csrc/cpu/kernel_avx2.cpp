@@ -5,7 +5,7 @@
 //    vpmaddwd on mantissas stored as int16: pairs of signed int16 mantissas (one uint32 per q and
 //    pair of channels, two planes per 4-channel group), the weights' int16 pairs broadcast as
 //    dwords, each vpmaddwd leaving one whole pixel sum per lane.
-//  * bytes (|q| <= kByteMaxQ: VQK widths up to 6 bits). The AVX-512 layout, m + 128 as bytes,
+//  * bytes (|q| <= kByteMaxQ: VQK widths up to 5 bits). The AVX-512 layout, m + 128 as bytes,
 //    four channels per uint32: vpmaddubsw multiplies 32 bytes at once, and its int16 pair sums
 //    are then at most 255 * 2 * |q|max, so k4_run groups of them add up in int16 with vpaddw
 //    before one vpmaddwd by ones widens them to int32: one multiply per 32 products instead of
@@ -494,26 +494,32 @@ DSCONV_AVX2 inline void madd_bytes(const uint32_t* a, const int32_t* w,
       : "xmm0", "xmm1", "xmm2", "xmm3");
 }
 
-// One (block, tap) segment's exact int32 sums in the byte layout: runs of k4_run groups summed in
-// int16 (no run can leave int16: PackedWeights::k4_run), each run widened by a vpmaddwd by ones
-// (the two int16 halves of a pixel's lane are its 4 channels' pair sums), plus the segment's
-// -128 * sum(q) correction.
-DSCONV_AVX2 inline void segment_bytes(const uint32_t* a, int64_t plane, const int32_t* w,
-                                      int64_t K4b, int64_t k4_run, const int32_t* corr,
-                                      __m256i (&sum)[kOTile][kIntVecs]) {
+// A run of k4 groups [k0, k1) of the byte layout into int16 sums, widened: acc[r][v] = the run's
+// int32 sums (the two int16 halves of a pixel's lane are its 4 channels' pair sums; no run can
+// leave int16: PackedWeights::k4_run).
+DSCONV_AVX2 inline void run_bytes(const uint32_t* a, int64_t plane, const int32_t* w, int64_t k0,
+                                  int64_t k1, __m256i (&acc)[kOTile][kIntVecs]) {
+  for (int r = 0; r < kOTile; ++r)
+    for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
+  for (int64_t k4 = k0; k4 < k1; ++k4) madd_bytes(a + k4 * plane, w + k4 * kOTile, acc);
   const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < kOTile; ++r)
+    for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_madd_epi16(acc[r][v], ones);
+}
+
+// A segment longer than one run: the runs' int32 sums added up (out of line, so that the usual
+// one-run segment keeps its sums in registers).
+__attribute__((noinline)) DSCONV_AVX2 void runs_bytes(const uint32_t* a, int64_t plane,
+                                                      const int32_t* w, int64_t K4b,
+                                                      int64_t k4_run,
+                                                      __m256i (&sum)[kOTile][kIntVecs]) {
+  for (int r = 0; r < kOTile; ++r)
+    for (int v = 0; v < kIntVecs; ++v) sum[r][v] = _mm256_setzero_si256();
   for (int64_t k0 = 0; k0 < K4b; k0 += k4_run) {
-    const int64_t k1 = std::min(K4b, k0 + k4_run);
     __m256i acc[kOTile][kIntVecs];
+    run_bytes(a, plane, w, k0, std::min(K4b, k0 + k4_run), acc);
     for (int r = 0; r < kOTile; ++r)
-      for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
-    for (int64_t k4 = k0; k4 < k1; ++k4) madd_bytes(a + k4 * plane, w + k4 * kOTile, acc);
-    for (int r = 0; r < kOTile; ++r)
-      for (int v = 0; v < kIntVecs; ++v) {
-        const __m256i s = _mm256_madd_epi16(acc[r][v], ones);
-        sum[r][v] = k0 == 0 ? _mm256_add_epi32(s, _mm256_set1_epi32(corr[r]))
-                            : _mm256_add_epi32(sum[r][v], s);
-      }
+      for (int v = 0; v < kIntVecs; ++v) sum[r][v] = _mm256_add_epi32(sum[r][v], acc[r][v]);
   }
 }
 
@@ -549,7 +555,18 @@ DSCONV_AVX2 inline void conv_tile(const Slice& sl, const uint8_t* ws, const Epil
       const uint32_t* a = sl.act + b * K2 * plane + tapoff[t] + q0;
       __m256i acc[kOTile][kIntVecs];
       if (kBytes) {
-        segment_bytes(a, plane, w, K4b, sl.k4_run, h->corr, acc);
+        // The exact sums of the m + 128 bytes, then the segment's -128 * sum(q) correction.
+        if (K4b <= sl.k4_run) {
+          run_bytes(a, plane, w, 0, K4b, acc);
+        } else {
+          __m256i sum[kOTile][kIntVecs];  // (acc itself stays unaddressed: in registers)
+          runs_bytes(a, plane, w, K4b, sl.k4_run, sum);
+          for (int r = 0; r < kOTile; ++r)
+            for (int v = 0; v < kIntVecs; ++v) acc[r][v] = sum[r][v];
+        }
+        for (int r = 0; r < kOTile; ++r)
+          for (int v = 0; v < kIntVecs; ++v)
+            acc[r][v] = _mm256_add_epi32(acc[r][v], _mm256_set1_epi32(h->corr[r]));
       } else {
         for (int r = 0; r < kOTile; ++r)
           for (int v = 0; v < kIntVecs; ++v) acc[r][v] = _mm256_setzero_si256();
