@@ -106,7 +106,7 @@ def _print_info(report: dict) -> None:
         print(f"compiled kernels: NOT loaded: {lib['why_not']}")
     print("dsconv2d:")
     for dev, entry in report["dsconv2d"].items():
-        keys = ("isa", "amx_layers", "archs", "allocator", "note")
+        keys = ("isa", "amx_layers", "avx2_layouts", "archs", "allocator", "note")
         extra = "".join(f", {k}={entry[k]}" for k in keys if k in entry)
         why = f" ({entry['why']})" if entry.get("why") else ""
         print(f"  {dev:5s} -> {entry['backend']}{why}{extra}")

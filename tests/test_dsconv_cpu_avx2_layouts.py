@@ -153,3 +153,15 @@ def test_bad_layout_name_is_an_error(avx2, monkeypatch):
     monkeypatch.setenv("DSCONV_EXT_AVX2_LAYOUT", "bytes")
     with pytest.raises(RuntimeError, match="DSCONV_EXT_AVX2_LAYOUT must be 'auto' or 'int16'"):
         op(case)
+
+
+def test_info_names_the_layouts(avx2, monkeypatch):
+    """``python -m dsconv_ext info`` (dsconv_backend_report) says which layout a layer takes."""
+    monkeypatch.delenv("DSCONV_EXT_AVX2_LAYOUT", raising=False)
+    entry = dsconv_ext.dsconv_backend_report()["cpu"]
+    assert entry["avx2_layouts"].startswith(f"bytes (vpmaddubsw) where every |q| <= {BYTE_MAX_Q}")
+    monkeypatch.setenv("DSCONV_EXT_AVX2_LAYOUT", "int16")
+    entry = dsconv_ext.dsconv_backend_report()["cpu"]
+    assert entry["avx2_layouts"].startswith("int16 pairs on every int8 layer"), entry
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "scalar")
+    assert "avx2_layouts" not in dsconv_ext.dsconv_backend_report()["cpu"]

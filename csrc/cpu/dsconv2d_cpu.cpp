@@ -670,6 +670,15 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
     return ">= " + std::to_string(dsconv_ext::cpu::kAmxMinChannels) +
            " input channels per group (fewer: avx512_vnni)";
   });
+  // The AVX2 path's int8 layouts (kernel_avx2.cpp), or "" (another path).
+  m.def("cpu_avx2_layouts() -> str", []() -> std::string {
+    using namespace dsconv_ext::cpu;
+    if (select_isa() != Isa::kAvx2) return "";
+    const int bytes = weight_elem_bytes(kernels_avx2());
+    if (bytes == 2) return "int16 pairs on every int8 layer (DSCONV_EXT_AVX2_LAYOUT=int16)";
+    return "bytes (vpmaddubsw) where every |q| <= " + std::to_string(kByteMaxQ) +
+           " (VQK <= 5 bits), else int16 pairs (vpmaddwd)";
+  });
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",
         [](int64_t tasks) -> int64_t { return dsconv_ext::cpu::parallel_probe(tasks); });

@@ -178,6 +178,10 @@ def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
                 amx_layers = torch.ops.dsconv_ext.cpu_amx_layers()
                 if amx_layers:
                     entry["amx_layers"] = amx_layers
+            if hasattr(torch.ops.dsconv_ext, "cpu_avx2_layouts"):
+                avx2_layouts = torch.ops.dsconv_ext.cpu_avx2_layouts()
+                if avx2_layouts:
+                    entry["avx2_layouts"] = avx2_layouts
             entry["allocator"] = _cpu_allocator_state()
         if ok and dev == "cuda" and hasattr(torch.ops.dsconv_ext, "cuda_archs"):
             entry["archs"] = torch.ops.dsconv_ext.cuda_archs()
