@@ -12,10 +12,10 @@ import torch
 from conftest import use_isa
 from dsconv_cases import random_case, wide_case
 from dsconv_compare import assert_close
+from test_dsconv_cpu_kernel import describe, op
 
 import dsconv_ext
 from dsconv_ext import dsconv2d_reference
-from test_dsconv_cpu_kernel import describe, op
 
 pytestmark = pytest.mark.skipif(
     dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
@@ -95,7 +95,8 @@ def _saturating_case(q_value, block, C, mant, bits_shape=(3, 3), kdsb=False):
     q = torch.full((O, C, kh, kw), q_value, dtype=torch.int8)
     alpha = torch.ones(O, nblk, kh, kw)
     case = dict(x=x, intweight=q, alpha=alpha, KDSb=None, stride=(1, 1), padding=(1, 1),
-                dilation=(1, 1), groups=1, block_size=block, act_bits=8, fuse_silu=False)  # fmt: skip
+                dilation=(1, 1), groups=1, block_size=block, act_bits=8,
+                fuse_silu=False)  # fmt: skip
     if kdsb:
         case["KDSb"] = torch.full((O, nblk, kh, kw), 0.25)
     return case
@@ -106,8 +107,8 @@ def _saturating_case(q_value, block, C, mant, bits_shape=(3, 3), kdsb=False):
 @pytest.mark.parametrize("mant", [127, -127])
 def test_int16_runs_at_the_edge_do_not_wrap(avx2, monkeypatch, q_value, block, C, mant):
     """|q| at the largest the byte layout takes for its run length (16 -> runs of 4 groups, 8 ->
-    8, 4 -> 16, 1 -> 64): every lane of every run at its bound (mant = 127: bytes of 255). The result must be the reference's exact
-    integer sums, and the int16 layout's bits."""
+    8, 4 -> 16, 1 -> 64): every lane of every run at its bound (mant = 127: bytes of 255). The
+    result must be the reference's exact integer sums, and the int16 layout's bits."""
     case = _saturating_case(q_value, block, C, mant)
     y8, took = _run(case, monkeypatch, "auto")
     assert took, "the byte layout was not taken"

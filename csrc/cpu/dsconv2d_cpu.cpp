@@ -445,11 +445,11 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   const bool depthwise = C == groups && kern0.depthwise != nullptr;
   int64_t ochunks = 1;
   const int64_t float_qtile = kern0.float_qtile ? kern0.float_qtile : kern0.qtile;
-  Layout lay =
-      make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
-                  depthwise ? kern0.dw_qtile : kern0.qtile, depthwise ? kern0.dw_qtile : float_qtile,
-                  kern0.planes_per_k4, with_kdsb, at::get_num_threads(),
-                  depthwise ? kDwBandBytes : kBandBytes, kPlaneSlack, &ochunks);
+  Layout lay = make_layout(x, intweight_in, stride, padding, dilation, groups, block_size,
+                           depthwise ? kern0.dw_qtile : kern0.qtile,
+                           depthwise ? kern0.dw_qtile : float_qtile, kern0.planes_per_k4, with_kdsb,
+                           at::get_num_threads(), depthwise ? kDwBandBytes : kBandBytes,
+                           kPlaneSlack, &ochunks);
   const ConvGeometry& g = lay.g;
 
   // Epilogue constants per group, padded to whole o-tiles of every kind (4, 8 or 16 channels):
@@ -495,7 +495,8 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
     return y;
   }
   path_calls[lay.kfloat ? kPathFloat : kPathInt8].fetch_add(1, std::memory_order_relaxed);
-  if (!lay.kfloat && kern0.amx_weights) path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
+  if (!lay.kfloat && kern0.amx_weights)
+    path_calls[kPathAmx].fetch_add(1, std::memory_order_relaxed);
 
   // Weights: int8 streams (cached) or float weights (small: blocks of <= 4 channels).
   std::shared_ptr<const PackedWeights> pw;
@@ -505,8 +506,8 @@ static at::Tensor dsconv2d_cpu_impl(const at::Tensor& x_in, const at::Tensor& in
   if (lay.kfloat) {
     wf = float_weights(intweight_in, alpha, KDSb, lay, R);
   } else {
-    pw = packed_weights(intweight_in, alpha, KDSb, lay, weight_elem_bytes(kern0),
-                        kern0.amx_weights);
+    pw =
+        packed_weights(intweight_in, alpha, KDSb, lay, weight_elem_bytes(kern0), kern0.amx_weights);
   }
   // AVX2: the byte layout's kernels where the weights came out as bytes.
   const bool bytes = pw && kern0.bytes != nullptr && pw->elem_bytes == 1;

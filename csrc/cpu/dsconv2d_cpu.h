@@ -17,8 +17,9 @@
 //  * int8 (blocks of >= 5 channels). Per block b and 4-channel group k4: one uint32 per q holding
 //    4 mantissas + 128 as bytes (vpdpbusd multiplies u8 by s8; the weight streams pre-subtract
 //    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD; the
-//    AVX2 path (vpmaddwd, no VNNI) two planes per k4 group instead, each uint32 holding two
-//    channels' mantissas as signed int16 (IsaKernels::planes_per_k4, Layout::kplanes). Per
+//    AVX2 path (no VNNI) keeps the bytes for layers whose |q| <= kByteMaxQ (vpmaddubsw) and
+//    otherwise two planes per k4 group, each uint32 holding two channels' mantissas as signed
+//    int16 for vpmaddwd (IsaKernels::planes_per_k4 and ::bytes, Layout::kplanes). Per
 //    block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel (vscalefps), NaN for a
 //    block holding NaN/Inf; `usum`, 2^E * (sum of the block's mantissas), for KDSb. Each (block,
 //    tap) segment is an exact int32 dot product, then acc += alpha * 2^E * S (+ KDSb * usum). The

@@ -188,7 +188,8 @@ DSCONV_AVX2 inline __m256i quad_word(__m256i m0, __m256i m1, __m256i m2, __m256i
 // k: channels 4k .. 4k + 3), `channel(c)` giving channel c's mantissas (0 past the block).
 template <bool kBytes, typename F>
 DSCONV_AVX2 inline __m256i plane_word(int64_t k, const F& channel) {
-  if (kBytes) return quad_word(channel(4 * k), channel(4 * k + 1), channel(4 * k + 2), channel(4 * k + 3));
+  if (kBytes)
+    return quad_word(channel(4 * k), channel(4 * k + 1), channel(4 * k + 2), channel(4 * k + 3));
   return pair_word(channel(2 * k), channel(2 * k + 1));
 }
 // Channels per k-plane word.
@@ -327,10 +328,10 @@ DSCONV_AVX2 void pack_row_impl(const PackRow& r) {
         const int64_t at = base + fa * kVec;
         float* usum = r.usum ? r.usum + at : nullptr;
         // (the mantissa sums only where the layer has a KDS bias: usum)
-        auto* pack = g.sw == 1 ? (usum ? &pack_row_inside<1, true, kBytes>
-                                       : &pack_row_inside<1, false, kBytes>)
-                               : (usum ? &pack_row_inside<2, true, kBytes>
-                                       : &pack_row_inside<2, false, kBytes>);
+        auto* pack =
+            g.sw == 1
+                ? (usum ? &pack_row_inside<1, true, kBytes> : &pack_row_inside<1, false, kBytes>)
+                : (usum ? &pack_row_inside<2, true, kBytes> : &pack_row_inside<2, false, kBytes>);
         pack(r, px, fb - fa, r.act + at, kplane, r.esc + at, usum, fast_ok);
       } else {
         fb = fa;
@@ -510,8 +511,7 @@ DSCONV_AVX2 inline void run_bytes(const uint32_t* a, int64_t plane, const int32_
 // A segment longer than one run: the runs' int32 sums added up (out of line, so that the usual
 // one-run segment keeps its sums in registers).
 __attribute__((noinline)) DSCONV_AVX2 void runs_bytes(const uint32_t* a, int64_t plane,
-                                                      const int32_t* w, int64_t K4b,
-                                                      int64_t k4_run,
+                                                      const int32_t* w, int64_t K4b, int64_t k4_run,
                                                       __m256i (&sum)[kOTile][kIntVecs]) {
   for (int r = 0; r < kOTile; ++r)
     for (int v = 0; v < kIntVecs; ++v) sum[r][v] = _mm256_setzero_si256();
