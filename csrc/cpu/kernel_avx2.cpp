@@ -34,8 +34,6 @@ constexpr int64_t kFloatQTile = kVec;
 // Software prefetch distance of output stores and packer loads (both together: converted yolo11n
 // ~2% faster on the AVX2 path, same-process A/B on the Zen 5 test machine).
 constexpr int64_t kPrefetchFloats = 64;
-// The byte layout's packed mantissas (m + 128) are at most 255.
-constexpr int32_t kByteMax = 255;
 
 DSCONV_AVX2 inline __m256i lane_mask(int64_t lo, int64_t hi) {
   const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -1062,10 +1060,7 @@ DSCONV_AVX2 void stem_rows(const StemArgs& a, int64_t n, int64_t ot0, int64_t ot
     stem_rows_impl<2>(a, n, ot0, ot1, oy0, oy1);
 }
 
-}  // namespace
-
-namespace {
-
+// The AVX2 kernel table; the byte layout's differs in its packer, microkernel and weight width.
 IsaKernels int16_kernels() {
   IsaKernels t{kQTile,
                /*weight_elem_bytes=*/0,  // 1 (byte layout) or 2 (int16 pairs) by the weights' |q|
