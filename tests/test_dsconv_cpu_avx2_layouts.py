@@ -59,12 +59,13 @@ def avx2(monkeypatch):
 
 
 @pytest.mark.parametrize("chunk", range(3))
-def test_byte_layout_equals_int16_layout_and_reference(avx2, monkeypatch, chunk):
-    """Random and wide cases of every VQK width: the default layout choice and the forced int16
-    pairs give the same bits, the byte layout is taken exactly where the weights allow it (and the
-    call is int8-family), and both match the reference."""
+def test_byte_layout_equals_int16_layout_and_reference(avx2, monkeypatch, chunk, threads):
+    """Random and wide cases of every VQK width, 1 and 2 threads: the default layout choice and
+    the forced int16 pairs give the same bits, the byte layout is taken exactly where the weights
+    allow it (and the call is int8-family), and both match the reference."""
     taken = 0
     for i in range(chunk * 40, (chunk + 1) * 40):
+        torch.set_num_threads(1 + i % 2)
         for kind, case in (("random_case", random_case(i)), ("wide_case", wide_case(i))):
             name = f"{kind}({i}) {describe(case)}"
             int8_before = _int8_calls()
