@@ -16,7 +16,7 @@ float out including the BFP activation quantisation.
     python benchmarks/bench_conv.py --bits 4 --compare-layout int16  # AVX2: byte vs int16 layout
 
 ``--bits`` sets the VQK width of the DSConv weights (8 by default). On the AVX2 path weights of
-at most 6 bits take the byte layout (vpmaddubsw); ``--compare-layout int16`` times the int16-pair
+at most 5 bits take the byte layout (vpmaddubsw); ``--compare-layout int16`` times the int16-pair
 layout beside it (``DSCONV_EXT_AVX2_LAYOUT=int16``).
 
 A second table times the float stem converted models keep (3 -> 16/32/64 channels, 3x3,
@@ -315,7 +315,7 @@ def main(argv=None):
         metavar="LAYOUT",
         choices=["int16"],
         help="also time DSConv with DSCONV_EXT_AVX2_LAYOUT=LAYOUT (int16: the AVX2 int16-pair "
-        "layout, where weights of <= 6 bits take the byte layout by default): columns "
+        "layout, where weights of <= 5 bits take the byte layout by default): columns "
         "alt_layout_ms and x_alt_layout (its time / the default's)",
     )
     args = p.parse_args(argv)

@@ -170,8 +170,7 @@ struct PackedWeights {
   int64_t otiles = 0;        // per group
   int64_t stream_bytes = 0;  // per (group, o-tile)
   int elem_bytes = 1;        // of the SegHeader streams' weights: 1 (int8) or 2 (int16)
-  int32_t max_abs_q = 0;     // largest |q| of the packed segments
-  int64_t k4_run = 0;        // AVX2 byte layout: byte_k4_run(max_abs_q); else 0
+  int64_t k4_run = 0;        // AVX2 byte layout: byte_k4_run(largest |q|); else 0
   // Biased float exponents of the SegHeader alphas (a zero alpha is stored as 1 with its
   // segment's weights zeroed), and whether all of them are normal: what the exponent-add fold of
   // the AVX-512 kernel needs to know (ExponentRange).

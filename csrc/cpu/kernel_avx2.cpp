@@ -190,11 +190,6 @@ DSCONV_AVX2 inline __m256i plane_word(int64_t k, const F& channel) {
     return quad_word(channel(4 * k), channel(4 * k + 1), channel(4 * k + 2), channel(4 * k + 3));
   return pair_word(channel(2 * k), channel(2 * k + 1));
 }
-// Channels per k-plane word.
-template <bool kBytes>
-constexpr int64_t plane_channels() {
-  return kBytes ? 4 : 2;
-}
 
 // Stores the lanes of mask st (32-bit lanes of any type), all 8 when full (masked stores are
 // microcoded on AMD Zen 2).
@@ -276,7 +271,7 @@ DSCONV_AVX2 void pack_row_inside(const PackRow& r, const float* px, int64_t n, u
     msum[i] = _mm256_setzero_si256();
   }
   const __m256i lim = _mm256_set1_epi32(mantissa_limit(r.mant_bits));
-  constexpr int64_t kPer = plane_channels<kBytes>();
+  constexpr int64_t kPer = kBytes ? 4 : 2;  // channels per k-plane word
   for (int64_t k = 0; k < kplanes; ++k) {
     __m256i* dst = reinterpret_cast<__m256i*>(act + k * kplane);
     const int64_t c0 = kPer * k, live = std::clamp<int64_t>(nch - c0, 0, kPer);

@@ -160,9 +160,11 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
   static_assert(sizeof(SegHeader) == 12 * kOTile && sizeof(AmxSegHeader) == 8 * kAmxTile,
                 "headers are [corr,] alpha, kdsb arrays");
   const int64_t K4 = lay.K4, ntaps = lay.ntaps;
-  // Largest |q| (segments with a zero alpha are packed as zeros, so do not count).
+  // Width 0 (AVX2): bytes where the largest |q| allows them (segments with a zero alpha are
+  // packed as zeros, so do not count).
+  const bool by_weights = elem_bytes == 0;
   int32_t max_abs_q = 0;
-  {
+  if (by_weights) {
     const int64_t per_o = g.Cg * ntaps;
     for (int64_t o = 0; o < g.O; ++o) {
       for (int64_t c = 0; c < g.Cg; ++c) {
@@ -173,7 +175,7 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
       }
     }
   }
-  if (elem_bytes == 0) elem_bytes = max_abs_q <= kByteMaxQ ? 1 : 2;
+  if (by_weights) elem_bytes = max_abs_q <= kByteMaxQ ? 1 : 2;
   StreamLayout sl{kOTile, 0, int64_t(sizeof(SegHeader)), elem_bytes, AmxK(K4), amx_weights};
   sl.seg_bytes = sl.hdr_bytes + K4 * kOTile * 4 * elem_bytes;
   if (amx_weights) {
@@ -185,8 +187,7 @@ std::shared_ptr<PackedWeights> pack(const at::Tensor& intweight, const at::Tenso
   auto pw = std::make_shared<PackedWeights>();
   pw->otiles = (g.Og + T - 1) / T;
   pw->elem_bytes = elem_bytes;
-  pw->max_abs_q = max_abs_q;
-  pw->k4_run = elem_bytes == 1 && !amx_weights ? byte_k4_run(max_abs_q) : 0;
+  pw->k4_run = by_weights && elem_bytes == 1 ? byte_k4_run(max_abs_q) : 0;
   pw->stream_bytes = g.nblk * ntaps * sl.seg_bytes;
   pw->data.assign(size_t(g.groups * pw->otiles * pw->stream_bytes), 0);
 
