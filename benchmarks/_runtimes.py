@@ -39,12 +39,18 @@ class Runtime:
     packages: Tuple[str, ...]  # importable modules it needs beyond torch and ultralytics
 
 
+# dsconv_ext's own rows: the converted model at these VQK widths (7 bits: the weight precision
+# oneDNN and onnxruntime's reduce_range compute with on CPUs without VNNI).
+OURS_BITS = (8, 7, 4)
+OURS = tuple(f"int{b}" for b in OURS_BITS)
+
 RUNTIMES = {
     r.key: r
     for r in (
         Runtime("float", "float eager", False, ()),
         Runtime("stand-ins", "float+stand-ins", False, ()),
         Runtime("int8", "dsconv_ext int8", False, ()),
+        Runtime("int7", "dsconv_ext int7", False, ()),
         Runtime("int4", "dsconv_ext int4", False, ()),
         Runtime("compile", "torch.compile float", True, ()),
         Runtime("openvino", "openvino f32 (default precision)", True, ("openvino",)),
@@ -297,7 +303,7 @@ def prepare(
         files[key] = got.pop("file")
         info[key] = {**got, "prepare s": round(time.perf_counter() - t0, 1)}
 
-    for bits in (8, 4):
+    for bits in OURS_BITS:
         if f"int{bits}" in keys:
 
             def convert(bits=bits):
@@ -410,7 +416,7 @@ def load(
 
     xt = torch.from_numpy(x)
     info: Dict[str, object] = {}
-    if key in ("int8", "int4"):
+    if key in OURS:
         model = YOLO(path).model.float().eval()
         record = getattr(model, "dsconv_ext", {})
         kept = len(record.get("kept_float", {}))

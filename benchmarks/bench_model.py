@@ -4,10 +4,11 @@ CPU user would pick instead.
 For each model (yolo11n, yolo11s) at 640 px, batch 1, on this CPU, one row per runtime:
 
 - ours: the fused float model in eager PyTorch (the baseline), the model converted with
-  ``dsconv_ext.quantize`` (8 and 4 bits), and ``float+stand-ins``: the float model with only
-  the exact pooling / upsampling stand-ins, the ``FastDFL`` box decoder and the
-  ``FastStemConv`` float stem ``quantize`` also installs, so that float+stand-ins / int8 is
-  what the DSConv kernel itself is worth;
+  ``dsconv_ext.quantize`` (8, 7 and 4 bits; 7 bits is the weight precision oneDNN and
+  onnxruntime's ``reduce_range`` compute with on CPUs without VNNI), and ``float+stand-ins``:
+  the float model with only the exact pooling / upsampling stand-ins, the ``FastDFL`` box
+  decoder and the ``FastStemConv`` float stem ``quantize`` also installs, so that
+  float+stand-ins / int8 is what the DSConv kernel itself is worth;
 - peers (``pip install .[bench]``; a row whose package is missing is skipped with the reason):
   OpenVINO at its default precision (it picks bf16 where the CPU has it) and int8 through NNCF
   (MIXED preset, the Detect head's postprocessing left in float, as ``yolo export
@@ -306,7 +307,7 @@ def time_model(name: str, man: Dict, args, env: Dict[str, str]):
         rows.append(row)
 
     interleaved = {}
-    torch_keys = [k for k in ("float", "stand-ins", "int8", "int4") if k in summary]
+    torch_keys = [k for k in ("float", "stand-ins", *_runtimes.OURS) if k in summary]
     if args.interleaved and "int8" in torch_keys:
         out = runs / "interleaved.json"
         rc, tail = _runtimes.run_subprocess(
@@ -330,7 +331,7 @@ def accuracy_columns(rows: List[Dict], man: Dict, args, data: Path) -> None:
     ref = predictions(YOLO(man["files"]["float"]), images, args.imgsz)
     for row in rows:
         ck = man["files"].get(row["runtime"])
-        if row["runtime"] not in ("float", "int8", "int4") or ck is None:
+        if row["runtime"] not in ("float", *_runtimes.OURS) or ck is None:
             continue
         metrics = YOLO(ck).val(
             data=str(data), imgsz=args.imgsz, batch=1, workers=0, plots=False, verbose=False,

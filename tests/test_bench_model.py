@@ -1,11 +1,11 @@
 """bench_model.py's machinery end to end on a tiny input: a parent that prepares the models in a
 subprocess, times each runtime in processes of its own (cycled), and writes well-formed rows.
 
-yolo11n with random weights at 64 px, 1 thread, 2 timed calls per process: the float eager and
-onnxruntime fp32 workers (onnxruntime's row must say why it is skipped when the package is
-missing). Both workers save their output for the same input image, and the two must agree: a
-worker that timed the wrong model or input, or lost the output, fails here. No speed is
-asserted.
+yolo11n with random weights at 64 px, 1 thread, 2 timed calls per process: the float eager,
+dsconv_ext int7 and onnxruntime fp32 workers (onnxruntime's row must say why it is skipped when
+the package is missing). The workers save their output for the same input image, and float and
+onnxruntime must agree (int7 within its quantisation error): a worker that timed the wrong model
+or input, or lost the output, fails here. No speed is asserted.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def bench(tmp_path_factory):
     out = tmp / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--models", "yolo11n",
            "--no-accuracy", "--imgsz", "64", "--threads", "1", "--rounds", "2", "--warmup", "1",
-           "--cycles", str(CYCLES), "--calib-images", "2", "--variants", "onnxruntime",
+           "--cycles", str(CYCLES), "--calib-images", "2", "--variants", "onnxruntime", "int7",
            "--no-interleaved", "--save-outputs", "--work", str(tmp / "work"),
            "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
@@ -47,8 +47,8 @@ def test_rows_are_well_formed(bench):
     assert res["args"]["rounds"] == 2 and not res["args"]["accuracy"]
     assert "# bench_model" in stdout and "| yolo11n | float eager" in stdout
     rows = {row["runtime"]: row for row in res["rows"]}
-    assert set(rows) == {"float", "onnxruntime"}
-    timed = [rows["float"]] + ([rows["onnxruntime"]] if HAS_ORT else [])
+    assert set(rows) == {"float", "onnxruntime", "int7"}
+    timed = [rows["float"], rows["int7"]] + ([rows["onnxruntime"]] if HAS_ORT else [])
     for row in timed:
         assert row["processes"] == CYCLES == len(row["per process"])
         medians = row["process medians ms"]
@@ -81,6 +81,30 @@ def test_float_and_onnxruntime_workers_agree(bench):
         # Boxes in pixels (up to ~500 with random weights), class scores in [0, 1].
         np.testing.assert_allclose(out[:, :4], ref[:, :4], rtol=1e-3, atol=5e-2)
         np.testing.assert_allclose(out[:, 4:], ref[:, 4:], rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnx not installed")
+def test_int7_row_runs_the_7_bit_checkpoint(bench):
+    """The int7 row converts with 7-bit VQK weights (|q| <= 64: what the AVX2 byte layout takes)
+    and times that model: its saved output stays near the float model's."""
+    from ultralytics import YOLO
+
+    from dsconv_ext.dsconv.module import DSConv2d
+
+    res, _ = bench
+    rows = {row["runtime"]: row for row in res["rows"]}
+    for proc in rows["int7"]["per process"]:
+        assert proc["info"]["precision"].startswith("DSConv w7a8"), proc["info"]
+    model = YOLO(res["manifests"]["yolo11n"]["files"]["int7"]).model
+    layers = [m for m in model.modules() if isinstance(m, DSConv2d)]
+    assert layers and all(m.bits == 7 for m in layers)
+    widest = max(int(m.intweight.abs().max()) for m in layers)
+    assert 32 < widest <= 64, widest  # 7 bits used, and no wider
+    ref = np.load(rows["float"]["per process"][0]["output"])
+    out = np.load(rows["int7"]["per process"][0]["output"])
+    assert out.shape == ref.shape and np.isfinite(out).all()
+    # Class scores in [0, 1]: 7-bit weights and 8-bit activations move them by a few percent.
+    assert np.abs(out[:, 4:] - ref[:, 4:]).mean() < 0.05
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnx not installed")

@@ -1,5 +1,5 @@
 """The AVX2 path's two int8 layouts (csrc/cpu/kernel_avx2.cpp): int16 pairs for any weights, and
-bytes (vpmaddubsw, int16 sums over k4_run groups of 4 channels) where every |q| <= 16.
+bytes (vpmaddubsw, int16 sums over k4_run groups of 4 channels) where every |q| <= 64.
 
 A layer takes the byte layout by itself when its weights allow it; ``DSCONV_EXT_AVX2_LAYOUT=int16``
 forces the int16 pairs. Both compute the same exact integer sums, so their outputs must be equal
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     dsconv_ext.dsconv2d_backend("cpu") != "kernel", reason="the compiled CPU kernel is not loaded"
 )
 
-BYTE_MAX_Q = 16  # kByteMaxQ in csrc/cpu/dsconv2d_cpu.h
+BYTE_MAX_Q = 64  # kByteMaxQ in csrc/cpu/dsconv2d_cpu.h
 
 
 def _byte_calls():
@@ -102,7 +102,7 @@ def _saturating_case(q_value, block, C, mant, bits_shape=(3, 3), kdsb=False):
     return case
 
 
-@pytest.mark.parametrize("q_value", [-16, 15, -8, 7, -4, 3, -1])
+@pytest.mark.parametrize("q_value", [-64, 63, -33, -32, 31, -17, -16, 15, -8, 7, -4, 3, -1])
 @pytest.mark.parametrize("block,C", [(32, 64), (64, 64), (128, 128), (8, 40), (33, 70)])
 @pytest.mark.parametrize("mant", [127, -127])
 def test_int16_runs_at_the_edge_do_not_wrap(avx2, monkeypatch, q_value, block, C, mant):
@@ -128,9 +128,9 @@ def test_kds_bias_on_the_byte_layout(avx2, monkeypatch):
     assert_close(y8, dsconv2d_reference(**case), "kdsb saturating case")
 
 
-@pytest.mark.parametrize("q_value", [17, -17, 32, 127, -128])
+@pytest.mark.parametrize("q_value", [65, -65, 100, 127, -128])
 def test_wider_weights_keep_the_int16_layout(avx2, monkeypatch, q_value):
-    """One weight past 16 in the whole layer: the int16 pairs, exact."""
+    """One weight past 64 in the whole layer: the int16 pairs, exact."""
     case = _saturating_case(-8, 32, 64, 127)
     case["intweight"][3, 17, 1, 2] = q_value
     y, took = _run(case, monkeypatch, "auto")

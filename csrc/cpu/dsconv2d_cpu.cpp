@@ -678,7 +678,7 @@ TORCH_LIBRARY_FRAGMENT(dsconv_ext, m) {
     const int bytes = weight_elem_bytes(kernels_avx2());
     if (bytes == 2) return "int16 pairs on every int8 layer (DSCONV_EXT_AVX2_LAYOUT=int16)";
     return "bytes (vpmaddubsw) where every |q| <= " + std::to_string(kByteMaxQ) +
-           " (VQK <= 5 bits), else int16 pairs (vpmaddwd)";
+           " (VQK <= 7 bits), else int16 pairs (vpmaddwd)";
   });
   // Test hook: how many threads the kernel's parallel loops really use for `tasks` tasks.
   m.def("_cpu_parallel_probe(int tasks) -> int",

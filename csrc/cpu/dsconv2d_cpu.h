@@ -157,11 +157,10 @@ struct AmxK {
 };
 
 // The AVX2 byte layout (kernel_avx2.cpp) takes the layers whose |q| <= kByteMaxQ (VQK widths up
-// to 5 bits): its vpmaddubsw pair sums, each at most 255 * 2 * max|q|, then add up in int16 over
-// byte_k4_run(max|q|) >= 4 groups of 4 channels without leaving [-32767, 32767]. (6-bit weights
-// would allow runs of 2 groups: with a widening per 2 groups the byte layout ran 0.92-1.0x the
-// int16 pairs on AMD Zen 3, 5-bit 1.06-1.16x, 4-bit 1.23-1.55x.)
-constexpr int32_t kByteMaxQ = 16;
+// to 7 bits): its vpmaddubsw pair sums, each at most 255 * 2 * max|q| <= 32640, never saturate,
+// and byte_k4_run(max|q|) groups of 4 channels of them add up in int16 without leaving
+// [-32767, 32767] (8 or more groups at 4 bits and fewer; see kMinByteRun for the shorter runs).
+constexpr int32_t kByteMaxQ = 64;
 inline int64_t byte_k4_run(int32_t max_abs_q) {
   return 32767 / (255 * 2 * std::max<int32_t>(max_abs_q, 1));
 }
