@@ -13,11 +13,13 @@ float out including the BFP activation quantisation.
     python benchmarks/bench_conv.py --quick         # a few layers, batch 1
     python benchmarks/bench_conv.py --json out.json
     python benchmarks/bench_conv.py --compare-isa avx512_vnni   # on AMX: the VNNI tiles beside
-    python benchmarks/bench_conv.py --bits 4 --compare-layout int16  # AVX2: byte vs int16 layout
+    python benchmarks/bench_conv.py --bits 7 --compare-layout int16  # AVX2: byte vs int16 layout
 
 ``--bits`` sets the VQK width of the DSConv weights (8 by default). On the AVX2 path weights of
-at most 5 bits take the byte layout (vpmaddubsw); ``--compare-layout int16`` times the int16-pair
-layout beside it (``DSCONV_EXT_AVX2_LAYOUT=int16``).
+at most 7 bits take the byte layout (vpmaddubsw); ``--compare-layout int16`` times the int16-pair
+layout beside it (``DSCONV_EXT_AVX2_LAYOUT=int16``). The torch.ao row stays 8-bit, but on CPUs
+without VNNI oneDNN halves its weights to 7 bits for vpmaddubsw, so ``--bits 7`` is the same
+weight precision there.
 
 A second table times the float stem converted models keep (3 -> 16/32/64 channels, 3x3,
 stride 2, then SiLU): the fused ``stem_conv2d`` op (``FastStemConv``) against F.conv2d + SiLU.
@@ -315,7 +317,7 @@ def main(argv=None):
         metavar="LAYOUT",
         choices=["int16"],
         help="also time DSConv with DSCONV_EXT_AVX2_LAYOUT=LAYOUT (int16: the AVX2 int16-pair "
-        "layout, where weights of <= 5 bits take the byte layout by default): columns "
+        "layout, where weights of <= 7 bits take the byte layout by default): columns "
         "alt_layout_ms and x_alt_layout (its time / the default's)",
     )
     args = p.parse_args(argv)
