@@ -84,6 +84,21 @@ def test_timed_layers_that_are_slower_stay_float(monkeypatch, forced_names):
     assert type(conv) is nn.Conv2d and type(act) is nn.SiLU and ds.fuse_silu
 
 
+@pytest.mark.parametrize("path,bits,hinted", [("avx2", 8, True), ("avx2", 7, False),
+                                               ("avx512_vnni", 8, False)])  # fmt: skip
+def test_avx2_slow_layers_hint_at_7_bits(monkeypatch, path, bits, hinted):
+    """Where 8-bit layers were kept float on the AVX2 path, the warning names bits=7 (the byte
+    layout); not for other widths or paths."""
+    monkeypatch.setattr(convert_mod, "cpu_path", lambda: path)
+    monkeypatch.setattr(
+        convert_mod, "time_layers", lambda pairs, shapes, rounds=11: {n: (1.0, 2.0) for n in pairs}
+    )
+    with pytest.warns(SpeedPolicyWarning, match=f"slower than float on CPU path {path}") as rec:
+        quantize(trained_like(), bits=bits, check_speed=True)
+    messages = [str(w.message) for w in rec if w.category is SpeedPolicyWarning]
+    assert any("bits=7 takes the AVX2 byte layout" in m for m in messages) == hinted, messages
+
+
 def test_real_timing_on_a_plain_module_accounts_for_every_layer():
     def net():
         return nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.Conv2d(64, 32, 1))

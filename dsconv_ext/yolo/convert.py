@@ -318,9 +318,15 @@ def quantize(
             object.__setattr__(parent, "forward", ds)
         converted.append(name)
     if kept:
+        hint = ""
+        if bits == 8 and any(
+            why.startswith("slower than float on CPU path avx2") for why in kept.values()
+        ):
+            # 8-bit weights need int16 products without VNNI; <= 7 bits take vpmaddubsw.
+            hint = "; bits=7 takes the AVX2 byte layout, faster on CPUs without VNNI"
         warnings.warn(
             f"dsconv_ext.quantize kept {len(kept)} of {len(kept) + len(converted)} "
-            f"convolutions in float: {_summary(kept)}",
+            f"convolutions in float: {_summary(kept)}{hint}",
             SpeedPolicyWarning,
             stacklevel=2,
         )
