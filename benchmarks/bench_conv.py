@@ -77,6 +77,10 @@ def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor):
         return None
 
 
+# Any of these gives oneDNN exact 8-bit int8 products; without them it halves the weights.
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
 def _with_env(var: str, value: str, fn):
     """fn run with the environment variable var=value (the kernel reads DSCONV_EXT_CPU_ISA and
     DSCONV_EXT_AVX2_LAYOUT on every call)."""
@@ -349,6 +353,11 @@ def main(argv=None):
             p.error("--compare-layout needs the compiled CPU kernel, which is not loaded")
         print(f"# alt_layout = DSConv with DSCONV_EXT_AVX2_LAYOUT={args.compare_layout}")
     print(f"# DSConv weights: {args.bits}-bit VQK, block 32, 8-bit activation mantissas")
+    if "avx2" in env["isa_features"] and not VNNI_FLAGS & set(env["isa_features"]):
+        print(
+            "# torch.ao: 8-bit weights, which oneDNN halves to 7 bits for vpmaddubsw on CPUs "
+            "without VNNI (--bits 7 is the same weight precision)"
+        )
     rows = bench_cpu(
         scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa,
         args.bits, args.compare_layout,

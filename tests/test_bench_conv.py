@@ -109,3 +109,23 @@ def test_bits_out_of_range_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench_conv.main(["--quick", "--bits", "9"])
     assert "--bits must be in [2, 8], got 9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "features,noted",
+    [(["avx2"], True), (["avx2", "avx_vnni"], False), (["avx2", "avx512_vnni"], False),
+     (["avx2", "avx512_vnni", "amx_int8"], False)],
+)  # fmt: skip
+def test_header_names_onednn_7_bit_weights_without_vnni(monkeypatch, capsys, features, noted):
+    """Without VNNI the header says torch.ao's weights are computed at 7 bits (what --bits 7
+    compares with); with any VNNI flavour it does not."""
+    real = bench_conv.environment
+
+    def fake_environment():
+        return {**real(), "isa_features": features}
+
+    monkeypatch.setattr(bench_conv, "environment", fake_environment)
+    bench_conv.main(["--quick", "--scales", "n", "--kernels", "1", "--rounds", "1",
+                     "--no-fallback", "--no-stem", "--threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert ("oneDNN halves to 7 bits" in out) == noted, out[:600]
