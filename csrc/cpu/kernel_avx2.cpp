@@ -492,10 +492,9 @@ DSCONV_AVX2 inline void madd_bytes(const uint32_t* a, const int32_t* w,
 }
 
 // Segments longer than one run whose runs are shorter than this many groups (5- to 7-bit
-// weights) widen every group's pair sums at once: measured faster than runs of 4 (5
-// bits, 1.04-1.30x against 1.0-1.12x the int16 pairs) or 2 (6 bits, 1.14-1.30x against 0.84-0.95x)
-// on AMD Zen 3, while runs of 8 or more (4 bits and fewer) keep the int16 sums (1.19-1.36x
-// against 1.15-1.30x).
+// weights) widen every group's pair sums at once. Against the int16 pairs on AMD Zen 3: 5 bits
+// 1.04-1.30x widened, 1.00-1.15x in runs of 4; 6 bits 1.14-1.30x widened, 0.84-0.95x in runs of
+// 2; 4 bits (blocks of 64) 1.19-1.36x in runs of 8, 1.15-1.30x widened.
 constexpr int64_t kMinByteRun = 8;
 
 // The byte layout's step for runs shorter than kMinByteRun: acc[r][v] (int32 lanes) += the pair
