@@ -18,8 +18,9 @@ float out including the BFP activation quantisation.
 ``--bits`` sets the VQK width of the DSConv weights (8 by default). On the AVX2 path weights of
 at most 7 bits take the byte layout (vpmaddubsw); ``--compare-layout int16`` times the int16-pair
 layout beside it (``DSCONV_EXT_AVX2_LAYOUT=int16``). The torch.ao row stays 8-bit, but on CPUs
-without VNNI oneDNN halves its weights to 7 bits for vpmaddubsw, so ``--bits 7`` is the same
-weight precision there.
+without VNNI its vpmaddubsw products saturate unless one side drops a bit (oneDNN halves the
+weights, torch.ao's default x86 qconfig keeps activations to 7 bits), so ``--bits 7`` is
+DSConv's exact equivalent there.
 
 A second table times the float stem converted models keep (3 -> 16/32/64 channels, 3x3,
 stride 2, then SiLU): the fused ``stem_conv2d`` op (``FastStemConv``) against F.conv2d + SiLU.
@@ -355,8 +356,10 @@ def main(argv=None):
     print(f"# DSConv weights: {args.bits}-bit VQK, block 32, 8-bit activation mantissas")
     if "avx2" in env["isa_features"] and not VNNI_FLAGS & set(env["isa_features"]):
         print(
-            "# torch.ao: 8-bit weights, which oneDNN halves to 7 bits for vpmaddubsw on CPUs "
-            "without VNNI (--bits 7 is the same weight precision)"
+            "# torch.ao: 8 x 8-bit products with vpmaddubsw, whose int16 pair sums saturate "
+            "without VNNI unless one side drops a bit (oneDNN halves the weights, torch.ao's "
+            "default x86 qconfig keeps activations to 7 bits): --bits 7 is DSConv's exact "
+            "equivalent"
         )
     rows = bench_cpu(
         scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa,

@@ -117,8 +117,8 @@ def test_bits_out_of_range_is_refused(capsys):
      (["avx2", "avx512_vnni", "amx_int8"], False)],
 )  # fmt: skip
 def test_header_names_onednn_7_bit_weights_without_vnni(monkeypatch, capsys, features, noted):
-    """Without VNNI the header says torch.ao's weights are computed at 7 bits (what --bits 7
-    compares with); with any VNNI flavour it does not."""
+    """Without VNNI the header says torch.ao's products saturate unless a bit is dropped (what
+    --bits 7 compares with); with any VNNI flavour it does not."""
     real = bench_conv.environment
 
     def fake_environment():
@@ -128,4 +128,4 @@ def test_header_names_onednn_7_bit_weights_without_vnni(monkeypatch, capsys, fea
     bench_conv.main(["--quick", "--scales", "n", "--kernels", "1", "--rounds", "1",
                      "--no-fallback", "--no-stem", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
-    assert ("oneDNN halves to 7 bits" in out) == noted, out[:600]
+    assert ("--bits 7 is DSConv's exact equivalent" in out) == noted, out[:600]
