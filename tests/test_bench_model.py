@@ -83,7 +83,6 @@ def test_float_and_onnxruntime_workers_agree(bench):
         np.testing.assert_allclose(out[:, 4:], ref[:, 4:], rtol=1e-3, atol=2e-3)
 
 
-@pytest.mark.skipif(not HAS_ORT, reason="onnx not installed")
 def test_int7_row_runs_the_7_bit_checkpoint(bench):
     """The int7 row converts with 7-bit VQK weights (|q| <= 64: what the AVX2 byte layout takes)
     and times that model: its saved output stays near the float model's."""

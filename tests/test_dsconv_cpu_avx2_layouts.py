@@ -106,9 +106,10 @@ def _saturating_case(q_value, block, C, mant, bits_shape=(3, 3), kdsb=False):
 @pytest.mark.parametrize("block,C", [(32, 64), (64, 64), (128, 128), (8, 40), (33, 70)])
 @pytest.mark.parametrize("mant", [127, -127])
 def test_int16_runs_at_the_edge_do_not_wrap(avx2, monkeypatch, q_value, block, C, mant):
-    """|q| at the largest the byte layout takes for its run length (16 -> runs of 4 groups, 8 ->
-    8, 4 -> 16, 1 -> 64): every lane of every run at its bound (mant = 127: bytes of 255). The
-    result must be the reference's exact integer sums, and the int16 layout's bits."""
+    """|q| at the largest the byte layout takes for its int16 run length (64 -> 1 group, 32 -> 2,
+    16 -> 4, 8 -> 8, 4 -> 16, 1 -> 64; runs under 8 groups are widened group by group): every
+    lane at its bound (mant = 127: bytes of 255). The result must be the reference's exact
+    integer sums, and the int16 layout's bits."""
     case = _saturating_case(q_value, block, C, mant)
     y8, took = _run(case, monkeypatch, "auto")
     assert took, "the byte layout was not taken"

@@ -319,9 +319,7 @@ def quantize(
         converted.append(name)
     if kept:
         hint = ""
-        if bits == 8 and any(
-            why.startswith("slower than float on CPU path avx2") for why in kept.values()
-        ):
+        if bits == 8 and policy == "time" and cpu_path() == "avx2":
             # 8-bit weights need int16 products without VNNI; <= 7 bits take vpmaddubsw.
             hint = "; bits=7 takes the AVX2 byte layout, faster on CPUs without VNNI"
         warnings.warn(
