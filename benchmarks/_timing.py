@@ -178,24 +178,35 @@ ISA_FLAGS = (
     "avx512_fp16",
     "amx_int8",
     "amx_bf16",
+    "asimddp",  # AArch64 dot product (dsconv_ext's neon_dot path; oneDNN's int8 on Arm)
+    "i8mm",  # AArch64 int8 matrix multiply
 )
 
 
-def _cpu_model_and_flags():
+def _cpu_model_and_flags(cpuinfo: str = None):
+    """(CPU model, feature flags) from /proc/cpuinfo (or the text ``cpuinfo``): x86 lists its
+    flags on "flags" lines, AArch64 on "Features" lines, and names the core only by its
+    implementer and part numbers."""
     import platform
 
     fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
+        if cpuinfo is None:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        for line in cpuinfo.splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:  # not Linux: the model from platform, no flags
         pass
     model = fields.get("model name") or platform.processor() or platform.machine()
     if "cpu family" in fields:  # hypervisors often shorten the name ("AMD EPYC"): say which
         model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return model, set(fields.get("flags", "").split())
+    elif "CPU part" in fields and "model name" not in fields:
+        model += (
+            f" (CPU implementer {fields.get('CPU implementer', '?')}, part {fields['CPU part']})"
+        )
+    return model, set((fields.get("flags") or fields.get("Features", "")).split())
 
 
 def environment() -> Dict[str, object]:

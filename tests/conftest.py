@@ -102,14 +102,19 @@ def skip_or_fail(reason: str, should_run: bool) -> None:
 # Paths of the CPU kernel, best first (DSCONV_EXT_CPU_ISA forces one), and the /proc/cpuinfo
 # flags each needs (csrc/cpu/dsconv2d_cpu.cpp, best_isa()). "amx" runs the int8 layers on AMX
 # tiles; "amx_model" runs the same AMX kernel on a software model of the tiles, on any AVX-512
-# VNNI machine (both are forced: an error where the machine cannot run them).
-CPU_ISAS = ("amx", "amx_model", "avx512_vnni", "avx2", "scalar")
+# VNNI machine (both are forced: an error where the machine cannot run them). "neon_dot" is the
+# AArch64 dot-product path (forced likewise), "neon_model" the same kernel on a software model of
+# those instructions, on any CPU.
+CPU_ISAS = ("amx", "amx_model", "avx512_vnni", "avx2", "neon_dot", "neon_model", "scalar")
 _AVX512_VNNI = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"})
 ISA_CPU_FLAGS = {
     "amx": _AVX512_VNNI | {"amx_tile", "amx_int8"},
     "amx_model": _AVX512_VNNI,
     "avx512_vnni": _AVX512_VNNI,
     "avx2": frozenset({"avx2", "fma"}),
+    # AArch64 /proc/cpuinfo lists its features on "Features" lines: asimddp is FEAT_DotProd.
+    "neon_dot": frozenset({"asimddp"}),
+    "neon_model": frozenset(),
     "scalar": frozenset(),
 }
 
@@ -122,7 +127,7 @@ def cpu_flags() -> frozenset:
     except OSError:
         return frozenset()
     for line in text.splitlines():
-        if line.startswith("flags"):
+        if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
 

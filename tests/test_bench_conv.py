@@ -129,3 +129,22 @@ def test_header_names_onednn_7_bit_weights_without_vnni(monkeypatch, capsys, fea
                      "--no-fallback", "--no-stem", "--threads", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert ("--bits 7 is DSConv's exact equivalent" in out) == noted, out[:600]
+
+
+def test_cpu_model_and_flags_on_x86_and_aarch64():
+    """The benchmark headers name the CPU and the features that decide the int8 path on both
+    architectures: x86 "model name" / "flags", AArch64 "CPU part" / "Features"."""
+    import _timing
+
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\n"
+    x86 += "flags\t\t: fpu avx2 fma avx512_vnni\n"
+    model, flags = _timing._cpu_model_and_flags(x86)
+    assert model == "AMD EPYC (family 25, model 1)" and {"avx2", "avx512_vnni"} <= flags
+    arm = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd asimddp i8mm\n"
+    arm += "CPU implementer\t: 0x41\nCPU part\t: 0xd0c\n"
+    model, flags = _timing._cpu_model_and_flags(arm)
+    assert model.endswith("(CPU implementer 0x41, part 0xd0c)"), model
+    assert {"asimddp", "i8mm"} <= flags and [f for f in _timing.ISA_FLAGS if f in flags] == [
+        "asimddp",
+        "i8mm",
+    ]

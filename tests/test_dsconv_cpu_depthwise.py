@@ -34,7 +34,7 @@ def path_calls():
 
 @pytest.mark.parametrize("chunk", range(4))
 def test_depthwise_random_cases(isa, chunk, threads):
-    n = 60 if isa != "scalar" else 15
+    n = 15 if isa in ("scalar", "neon_dot", "neon_model") else 60
     for i in range(chunk * n, (chunk + 1) * n):
         torch.set_num_threads(1 + i % 2)
         case = dw_case(i)
@@ -42,13 +42,13 @@ def test_depthwise_random_cases(isa, chunk, threads):
 
 
 def test_depthwise_path_is_taken(isa):
-    """groups == C goes to the depthwise path on the SIMD ISAs (the float family on the portable
-    one); groups < C never does."""
+    """groups == C goes to the depthwise path on the x86 SIMD ISAs (the float family on the
+    portable and Arm ones); groups < C never does."""
     before = path_calls()
     for i in range(8):
         op(dw_case(i))
     after = path_calls()
-    want = "float" if isa == "scalar" else "depthwise"
+    want = "float" if isa in ("scalar", "neon_dot", "neon_model") else "depthwise"
     assert after[want] - before[want] == 8, (isa, before, after)
     q, alpha, _ = quantize_weight(torch.randn(8, 2, 3, 3), 8, 32)
     case = dict(x=torch.randn(1, 8, 9, 9), intweight=q, alpha=alpha, stride=(1, 1),

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_ISAS, use_isa
+from conftest import CPU_ISAS, cpu_flags, use_isa
 from dsconv_cases import integer_exact_case, random_case, wide_case
 from dsconv_compare import assert_close, exact
 
@@ -231,10 +231,10 @@ def test_blocks_below_the_smallest_subnormal_scale(isa, block, request):
     """Activations so small (a block's max |x| below 2^(-149 + act_bits - 2), ~1e-43 at 8 bits)
     that 2^E is below float32's smallest subnormal, while each m * 2^E is still a float32
     value. The AVX-512 int8 path (vscalefps on E) and every float family path (ldexpf) get them
-    right. The scalar and AVX2 int8 paths keep 2^E as a float, which underflows to 0: those
+    right. The scalar, Arm and AVX2 int8 paths keep 2^E as a float, which underflows to 0: those
     blocks are lost (found by the visible-convolution cases, not fixed here: activations of
     ~1e-43 are zero for any network). Strict xfail, so that a fix shows."""
-    if block == 8 and isa in ("avx2", "scalar"):
+    if block == 8 and isa in ("avx2", "neon_dot", "neon_model", "scalar"):
         request.applymarker(pytest.mark.xfail(strict=True, reason="2^E < 2^-149 underflows"))
     g = torch.Generator().manual_seed(block)
     x = torch.randint(-40, 41, (1, 8, 5, 16), generator=g).float() * 2.0**-149
@@ -702,12 +702,21 @@ def test_bad_device(name):
 
 def test_isa_variable(monkeypatch):
     monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="one of amx, amx_model, avx512_vnni, avx2, scalar"):
+    with pytest.raises(
+        RuntimeError, match="one of amx, amx_model, avx512_vnni, avx2, neon_dot, neon_model, scalar"
+    ):
         torch.ops.dsconv_ext.cpu_isa()
     with pytest.raises(RuntimeError, match="DSCONV_EXT_CPU_ISA"):
         _call(_good_args())
     monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "scalar")
     assert torch.ops.dsconv_ext.cpu_isa() == "scalar"
+    # The Arm model runs on any CPU; the Arm instructions only on an Arm CPU that has them.
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "neon_model")
+    assert torch.ops.dsconv_ext.cpu_isa() == "neon_model"
+    monkeypatch.setenv("DSCONV_EXT_CPU_ISA", "neon_dot")
+    if "asimddp" not in cpu_flags():
+        with pytest.raises(RuntimeError, match="FEAT_DotProd"):
+            torch.ops.dsconv_ext.cpu_isa()
     monkeypatch.delenv("DSCONV_EXT_CPU_ISA")
     assert torch.ops.dsconv_ext.cpu_isa() in CPU_ISAS
 

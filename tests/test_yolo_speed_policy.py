@@ -37,7 +37,12 @@ def forced_names():
 
 
 @pytest.mark.parametrize(
-    "env", [("DSCONV_EXT_CPU_ISA", "scalar"), ("DSCONV_EXT_DSCONV_BACKEND", "fallback")]
+    "env",
+    [
+        ("DSCONV_EXT_CPU_ISA", "scalar"),
+        ("DSCONV_EXT_CPU_ISA", "neon_model"),
+        ("DSCONV_EXT_DSCONV_BACKEND", "fallback"),
+    ],
 )
 def test_no_fast_path_keeps_every_layer_float(env, monkeypatch, forced_names):
     monkeypatch.setenv(*env)
@@ -97,6 +102,21 @@ def test_avx2_slow_layers_hint_at_7_bits(monkeypatch, path, bits, hinted):
         quantize(trained_like(), bits=bits, check_speed=True)
     messages = [str(w.message) for w in rec if w.category is SpeedPolicyWarning]
     assert any("bits=7 takes the AVX2 byte layout" in m for m in messages) == hinted, messages
+
+
+@pytest.mark.parametrize(
+    "path,policy",
+    [("neon_dot", "time"), ("avx2", "time"), ("avx512_vnni", "convert"),
+     ("neon_model", "keep float"), ("scalar", "keep float")],
+)  # fmt: skip
+def test_policy_per_cpu_path(monkeypatch, path, policy):
+    """The Arm dot-product path, never measured against oneDNN, times its layers like AVX2; its
+    software model (tests only) converts nothing, like the portable path."""
+    from dsconv_ext.yolo import speed_check
+
+    monkeypatch.setattr(speed_check, "cpu_path", lambda: path)
+    got, why = speed_check.conversion_policy()
+    assert got == policy and (path in why or policy == "keep float"), (got, why)
 
 
 def test_real_timing_on_a_plain_module_accounts_for_every_layer():

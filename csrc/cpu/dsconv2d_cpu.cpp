@@ -28,6 +28,10 @@ const char* isa_name(Isa isa) {
       return "amx";
     case Isa::kAmxModel:
       return "amx_model";
+    case Isa::kNeonDot:
+      return "neon_dot";
+    case Isa::kNeonModel:
+      return "neon_model";
     case Isa::kAvx512Vnni:
       return "avx512_vnni";
     case Isa::kAvx2:
@@ -47,6 +51,7 @@ static Isa best_vector_isa() {
     return Isa::kAvx512Vnni;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
+  if (neon_dot_usable()) return Isa::kNeonDot;
   return Isa::kScalar;
 }
 
@@ -74,6 +79,14 @@ Isa select_isa(bool* amx_forced) {
                 "tiles with AVX-512 around it, and this CPU has no AVX-512 VNNI");
     return Isa::kAmxModel;
   }
+  if (want == "neon_dot") {
+    TORCH_CHECK(vector_best == Isa::kNeonDot,
+                "DSCONV_EXT_CPU_ISA=neon_dot, but this machine cannot run it: it needs an AArch64 "
+                "CPU with the dot-product instructions (FEAT_DotProd)");
+    return Isa::kNeonDot;
+  }
+  // The model is plain C++: any CPU runs it.
+  if (want == "neon_model") return Isa::kNeonModel;
   Isa isa;
   if (want == "avx512_vnni") {
     isa = Isa::kAvx512Vnni;
@@ -83,11 +96,13 @@ Isa select_isa(bool* amx_forced) {
     isa = Isa::kScalar;
   } else {
     TORCH_CHECK(false,
-                "DSCONV_EXT_CPU_ISA must be one of amx, amx_model, avx512_vnni, avx2, scalar; "
-                "got '",
+                "DSCONV_EXT_CPU_ISA must be one of amx, amx_model, avx512_vnni, avx2, neon_dot, "
+                "neon_model, scalar; got '",
                 want, "'");
   }
-  // The vector paths can only be lowered: a request above what the CPU runs gets the best.
+  // The vector paths can only be lowered: a request above what the CPU runs gets the best (on
+  // an Arm CPU an x86 path is never run: the request gets the Arm CPU's best).
+  if (isa_is_x86_simd(isa) && !isa_is_x86_simd(vector_best)) return vector_best;
   return static_cast<int>(isa) < static_cast<int>(vector_best) ? isa : vector_best;
 }
 
@@ -106,6 +121,12 @@ Isa select_isa_for_layer(int64_t Cg) {
   return amx_pays_off(Cg) ? Isa::kAmx : Isa::kAvx512Vnni;
 }
 
+const IsaKernels& kernels_not_built(const char* isa, const char* family) {
+  TORCH_CHECK(false, "dsconv_ext: the ", isa, " CPU path is compiled only for ", family,
+              " CPUs, and this build is for another CPU");
+  return kernels_scalar();  // (not reached)
+}
+
 const IsaKernels& kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kAmx:
@@ -116,6 +137,10 @@ const IsaKernels& kernels_for(Isa isa) {
       return kernels_avx512();
     case Isa::kAvx2:
       return kernels_avx2();
+    case Isa::kNeonDot:
+      return kernels_neon_dot();
+    case Isa::kNeonModel:
+      return kernels_neon_model();
     default:
       return kernels_scalar();
   }

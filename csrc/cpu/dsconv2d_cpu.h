@@ -80,7 +80,19 @@ struct Scratch {
 
 // kAmx: the AVX-512 path with its int8 layers on AMX tiles (kernel_amx.cpp). kAmxModel: the
 // same kernel on a software model of the tiles, for AVX-512 machines without AMX (tests).
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3, kAmxModel = 4 };
+enum class Isa : int {
+  kScalar = 0,
+  kAvx2 = 1,
+  kAvx512Vnni = 2,
+  kAmx = 3,
+  kAmxModel = 4,
+  kNeonDot = 5,    // AArch64 with the dot-product instructions (kernel_neon.cpp)
+  kNeonModel = 6,  // the same kernel on a software model of them (neon_dot.h), any CPU
+};
+// The x86 SIMD paths, whose CPUs all run AVX2 (the pooling and upsampling ops use it there).
+inline bool isa_is_x86_simd(Isa isa) {
+  return isa == Isa::kAvx2 || isa == Isa::kAvx512Vnni || isa == Isa::kAmx || isa == Isa::kAmxModel;
+}
 
 const char* isa_name(Isa isa);
 // Best ISA of this CPU, lowered by DSCONV_EXT_CPU_ISA (read on every call so tests can switch);
@@ -95,6 +107,9 @@ Isa select_isa_for_layer(int64_t Cg);
 // Whether this CPU and OS run AMX-INT8 (CPUID, XCR0, and Linux's per-process permission for the
 // tile data, requested here); if not, why not in *why.
 bool amx_usable(const char** why);
+// Whether this is an AArch64 CPU with the dot-product instructions (FEAT_DotProd: Linux
+// HWCAP_ASIMDDP, macOS hw.optional.arm.FEAT_DotProd).
+bool neon_dot_usable();
 
 // Output channels per int8 microkernel tile, for every ISA (the weight streams are laid out
 // for it), and per float-family tile (1 instead for groups with a single output channel).
@@ -375,6 +390,13 @@ const IsaKernels& kernels_avx2_bytes();
 const IsaKernels& kernels_avx512();
 const IsaKernels& kernels_amx();
 const IsaKernels& kernels_amx_model();
+const IsaKernels& kernels_neon_dot();
+const IsaKernels& kernels_neon_model();
+// What a path compiled only for another CPU family (x86-64: kernel_avx2.cpp, kernel_avx512.cpp,
+// kernel_amx.cpp; AArch64: NeonHw in kernel_neon.cpp) is in this build: an error naming it.
+// select_isa() never picks such a path (best_vector_isa() finds none, DSCONV_EXT_CPU_ISA only
+// lowers a path, and the forced paths are checked first).
+const IsaKernels& kernels_not_built(const char* isa, const char* family);
 const IsaKernels& kernels_for(Isa isa);
 // The AVX-512 int8 packer with each mantissa stored as a signed byte instead of m + 128: the B
 // operand of AMX's TDPBSSD, which multiplies signed by signed bytes, so the AMX kernel needs no
@@ -386,6 +408,51 @@ inline int64_t pack_input_row(const PackRow& r) {
   const ConvGeometry& g = r.lay->g;
   const int64_t h = r.yq * g.sh + r.ry - g.ph;
   return r.yq < r.yend && r.yq < r.lay->Hq && in_range(h, g.H) ? h : -1;
+}
+
+// The BFP exponent E of the block of channels 0..nch-1 at `px` (kNonFiniteExponent for a NaN or
+// Inf among them).
+inline int32_t pixel_block_exponent(const PackRow& r, const float* px) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t c = 0; c < r.nch; ++c) {
+    const float v = px[c * r.x_cstride];
+    finite = finite && std::isfinite(v);
+    amax = std::fmax(amax, std::fabs(v));
+  }
+  return finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
+}
+
+// The byte layout's pack of one pixel (input row h, column w; w < 0 for padding) into q `at`:
+// per 4-channel group one dword of mantissas m + 128, 2^E into esc, 2^E * sum(m) into usum. The
+// portable path packs every pixel so; the Arm path those its vector pack cannot take.
+inline void pack_pixel_bytes(const PackRow& r, int64_t w, int64_t h, int64_t at, int32_t lim) {
+  const Layout& lay = *r.lay;
+  const int64_t kplane = lay.P * lay.Lq;
+  if (w < 0) {
+    for (int64_t k4 = 0; k4 < lay.K4; ++k4) r.act[k4 * kplane + at] = 0x80808080u;  // m = 0
+    r.esc[at] = 1.f;                                                                // 2^0
+    if (r.usum) r.usum[at] = 0.f;
+    return;
+  }
+  const float* px = r.x + h * lay.g.W + w;
+  const int32_t e = pixel_block_exponent(r, px);
+  const bool finite = e != kNonFiniteExponent;
+  int32_t msum = 0;
+  for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
+    uint32_t word = 0;
+    for (int64_t lane = 0; lane < 4; ++lane) {
+      const int64_t c = k4 * 4 + lane;
+      int32_t m = 0;
+      if (c < r.nch && finite) m = bfp_mantissa(px[c * r.x_cstride], e, lim);
+      msum += m;
+      word |= uint32_t(uint8_t(m + 128)) << (8 * lane);
+    }
+    r.act[k4 * kplane + at] = word;
+  }
+  const float scale = bfp_scale(e);
+  r.esc[at] = scale;
+  if (r.usum) r.usum[at] = scale * float(msum);
 }
 
 }  // namespace cpu

@@ -22,9 +22,12 @@
 //
 // Templated over the tile layer (amx_tiles.h): AmxHw runs the instructions, AmxModel a software
 // model of them on any AVX-512 machine (DSCONV_EXT_CPU_ISA=amx_model).
+#include "cpu/dsconv2d_cpu.h"
+
+#if defined(__x86_64__)
 #include <immintrin.h>
 
-#if defined(__linux__) && defined(__x86_64__)
+#if defined(__linux__)
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -34,7 +37,6 @@
 
 #include "cpu/amx_tiles.h"
 #include "cpu/avx512_common.h"
-#include "cpu/dsconv2d_cpu.h"
 
 namespace dsconv_ext {
 namespace cpu {
@@ -366,3 +368,18 @@ const IsaKernels& kernels_amx_model() {
 
 }  // namespace cpu
 }  // namespace dsconv_ext
+
+#else  // not x86-64: select_isa() never picks these paths (see kernels_not_built in dsconv2d_cpu.h)
+
+namespace dsconv_ext {
+namespace cpu {
+bool amx_usable(const char** why) {
+  *why = "the AMX path is built for x86-64 Linux only";
+  return false;
+}
+const IsaKernels& kernels_amx() { return kernels_not_built("amx", "x86-64"); }
+const IsaKernels& kernels_amx_model() { return kernels_not_built("amx_model", "x86-64"); }
+}  // namespace cpu
+}  // namespace dsconv_ext
+
+#endif

@@ -15,13 +15,14 @@
 //    to 7 bits, inexactly: its RFC "Optional bit exact Convolution".)
 // Subnormal, huge or non-finite blocks fall back to the scalar header functions per lane, so
 // every value matches the reference bit for bit.
+#include "cpu/dsconv2d_cpu.h"
+
+#if defined(__x86_64__)
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
-#include "cpu/dsconv2d_cpu.h"
 
 #define DSCONV_AVX2 __attribute__((target("avx2,fma")))
 
@@ -206,14 +207,8 @@ DSCONV_AVX2 inline void store_lanes(float* dst, __m256 v, bool full, __m256i st)
 // Scalar lane of either pack: the header functions, for rows the vector path cannot take.
 inline void scalar_pixel(const PackRow& r, const float* px, bool kfloat, bool bytes,
                          float* out_vals, uint32_t* words, float* scale_out, float* usum_out) {
-  float amax = 0.f;
-  bool finite = true;
-  for (int64_t c = 0; c < r.nch; ++c) {
-    const float v = px[c * r.x_cstride];
-    finite = finite && std::isfinite(v);
-    amax = std::fmax(amax, std::fabs(v));
-  }
-  const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
+  const int32_t e = pixel_block_exponent(r, px);
+  const bool finite = e != kNonFiniteExponent;
   const int32_t lim = mantissa_limit(r.mant_bits);
   const float scale = bfp_scale(e);
   int32_t msum = 0;
@@ -1160,3 +1155,14 @@ const IsaKernels& kernels_avx2() {
 
 }  // namespace cpu
 }  // namespace dsconv_ext
+
+#else  // not x86-64: select_isa() never picks this path (see kernels_not_built in dsconv2d_cpu.h)
+
+namespace dsconv_ext {
+namespace cpu {
+const IsaKernels& kernels_avx2_bytes() { return kernels_not_built("avx2", "x86-64"); }
+const IsaKernels& kernels_avx2() { return kernels_not_built("avx2", "x86-64"); }
+}  // namespace cpu
+}  // namespace dsconv_ext
+
+#endif

@@ -9,12 +9,14 @@
 // the integer add on alpha's exponent bits that replaces vscalefps where every alpha * 2^E of a
 // band is a normal float (conv_tiles_impl, ExponentRange): vscalefps competes with vpdpbusd and
 // FMA for the multiply pipes, the integer add does not.
+#include "cpu/dsconv2d_cpu.h"
+
+#if defined(__x86_64__)
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "cpu/avx512_common.h"
-#include "cpu/dsconv2d_cpu.h"
 
 namespace dsconv_ext {
 namespace cpu {
@@ -1199,3 +1201,13 @@ const IsaKernels& kernels_avx512() {
 
 }  // namespace cpu
 }  // namespace dsconv_ext
+
+#else  // not x86-64: select_isa() never picks this path (see kernels_not_built in dsconv2d_cpu.h)
+
+namespace dsconv_ext {
+namespace cpu {
+const IsaKernels& kernels_avx512() { return kernels_not_built("avx512_vnni", "x86-64"); }
+}  // namespace cpu
+}  // namespace dsconv_ext
+
+#endif

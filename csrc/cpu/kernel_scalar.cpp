@@ -11,8 +11,6 @@ namespace dsconv_ext {
 namespace cpu {
 namespace {
 
-constexpr uint32_t kNeutralWord = 0x80808080u;  // four mantissas 0, stored + 128
-
 // Calls f(xq, w) for every column of phase rx, w = input column or -1 outside the input.
 template <typename F>
 void for_each_phase_column(const Layout& lay, int64_t rx, F&& f) {
@@ -31,37 +29,7 @@ void pack_row(const PackRow& r) {
   for (int64_t rx = 0; rx < g.sw; ++rx) {
     const int64_t off = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     for_each_phase_column(lay, rx, [&](int64_t xq, int64_t w) {
-      const int64_t at = off + xq;
-      if (h < 0 || w < 0) {
-        for (int64_t k4 = 0; k4 < lay.K4; ++k4) r.act[k4 * lay.P * lay.Lq + at] = kNeutralWord;
-        r.esc[at] = 1.f;  // 2^0
-        if (r.usum) r.usum[at] = 0.f;
-        return;
-      }
-      const float* px = r.x + h * g.W + w;
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t c = 0; c < r.nch; ++c) {
-        const float v = px[c * r.x_cstride];
-        finite = finite && std::isfinite(v);
-        amax = std::fmax(amax, std::fabs(v));
-      }
-      const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
-      int32_t msum = 0;
-      for (int64_t k4 = 0; k4 < lay.K4; ++k4) {
-        uint32_t word = 0;
-        for (int64_t lane = 0; lane < 4; ++lane) {
-          const int64_t c = k4 * 4 + lane;
-          int32_t m = 0;
-          if (c < r.nch && finite) m = bfp_mantissa(px[c * r.x_cstride], e, lim);
-          msum += m;
-          word |= uint32_t(uint8_t(m + 128)) << (8 * lane);
-        }
-        r.act[k4 * lay.P * lay.Lq + at] = word;
-      }
-      const float scale = bfp_scale(e);
-      r.esc[at] = scale;
-      if (r.usum) r.usum[at] = scale * float(msum);
+      pack_pixel_bytes(r, h < 0 ? -1 : w, h, off + xq, lim);
     });
   }
 }
@@ -80,14 +48,8 @@ void pack_row_float(const PackRow& r) {
         return;
       }
       const float* px = r.x + h * g.W + w;
-      float amax = 0.f;
-      bool finite = true;
-      for (int64_t c = 0; c < r.nch; ++c) {
-        const float v = px[c * r.x_cstride];
-        finite = finite && std::isfinite(v);
-        amax = std::fmax(amax, std::fabs(v));
-      }
-      const int32_t e = finite ? bfp_exponent(amax, r.mant_bits) : kNonFiniteExponent;
+      const int32_t e = pixel_block_exponent(r, px);
+      const bool finite = e != kNonFiniteExponent;
       // ldexpf rather than m * 2^E: exact also where 2^E itself is below the smallest subnormal.
       for (int64_t c = 0; c < r.nch; ++c) {
         dst[c * cplane + xq] =

@@ -4,7 +4,6 @@
 // The op replaces about ten PyTorch calls per pool, which cost more than the arithmetic on
 // SPPF's 20x20 maps (see dsconv_ext/yolo/pooling.py).
 #include <ATen/core/Tensor.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -16,6 +15,10 @@
 #include "cpu/float_map_checks.h"
 #include "cpu/parallel.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace dsconv_ext {
 namespace cpu {
 namespace {
@@ -23,6 +26,7 @@ namespace {
 // max(a, b), NaN if either is NaN (max_pool2d's rule).
 inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
+#if defined(__x86_64__)
 #define DSCONV_POOL_AVX2 __attribute__((target("avx2")))
 
 // r[i] = nan_max(r[i], l[i]) for i < n; 8 lanes at a time where AVX2 is available (the scalar
@@ -37,6 +41,7 @@ DSCONV_POOL_AVX2 void max_into_avx2(float* r, const float* l, int64_t n) {
   }
   for (; i < n; ++i) r[i] = nan_max(r[i], l[i]);
 }
+#endif
 
 void max_into_scalar(float* r, const float* l, int64_t n) {
   for (int64_t i = 0; i < n; ++i) r[i] = nan_max(r[i], l[i]);
@@ -85,9 +90,13 @@ void max_pool2d_s1_out_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size,
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   const int64_t y_nstride = N == 1 ? 0 : out.stride(0);
-  // The portable path (DSCONV_EXT_CPU_ISA=scalar, or a CPU without AVX2) takes the scalar loop.
+  // Off the x86 SIMD paths (DSCONV_EXT_CPU_ISA=scalar, x86 without AVX2, Arm) the scalar loop.
+#if defined(__x86_64__)
   const auto plane =
-      select_isa() == Isa::kScalar ? &pool_plane<&max_into_scalar> : &pool_plane<&max_into_avx2>;
+      isa_is_x86_simd(select_isa()) ? &pool_plane<&max_into_avx2> : &pool_plane<&max_into_scalar>;
+#else
+  const auto plane = &pool_plane<&max_into_scalar>;
+#endif
   parallel_for_tasks(N * C, [&](int64_t t0, int64_t t1) {
     std::vector<float> pad, vert;
     for (int64_t t = t0; t < t1; ++t) {

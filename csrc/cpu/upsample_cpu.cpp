@@ -4,7 +4,6 @@
 // then copied to the s - 1 rows below: one pass over the output instead of PyTorch's two (see
 // dsconv_ext/yolo/pooling.py, NearestUpsample).
 #include <ATen/core/Tensor.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +12,10 @@
 #include "cpu/image_out.h"
 #include "cpu/float_map_checks.h"
 #include "cpu/parallel.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace dsconv_ext {
 namespace cpu {
@@ -23,6 +26,7 @@ void widen_scalar(const float* x, int64_t W, int64_t s, float* o) {
     for (int64_t j = 0; j < s; ++j) o[i * s + j] = x[i];
 }
 
+#if defined(__x86_64__)
 // s = 2: (a0 .. a7) -> (a0 a0 a1 a1 a2 a2 a3 a3), (a4 a4 .. a7 a7).
 __attribute__((target("avx2"))) void widen2_avx2(const float* x, int64_t W, int64_t, float* o) {
   int64_t i = 0;
@@ -34,6 +38,7 @@ __attribute__((target("avx2"))) void widen2_avx2(const float* x, int64_t W, int6
   }
   widen_scalar(x + i, W - i, 2, o + 2 * i);
 }
+#endif
 
 void upsample_nearest_out_cpu(const at::Tensor& x_in, int64_t scale, const at::Tensor& out) {
   check_float_map_args("upsample_nearest_out", "x", x_in, "out", out);
@@ -46,7 +51,11 @@ void upsample_nearest_out_cpu(const at::Tensor& x_in, int64_t scale, const at::T
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
   const int64_t y_nstride = N == 1 ? 0 : out.stride(0);
-  const auto widen = scale == 2 && select_isa() != Isa::kScalar ? &widen2_avx2 : &widen_scalar;
+#if defined(__x86_64__)
+  const auto widen = scale == 2 && isa_is_x86_simd(select_isa()) ? &widen2_avx2 : &widen_scalar;
+#else
+  const auto widen = &widen_scalar;
+#endif
   parallel_for_tasks(N * C, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float* xc = xp + t * H * W;

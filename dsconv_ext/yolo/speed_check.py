@@ -51,8 +51,12 @@ def conversion_policy(force: bool = False, check_speed: Optional[bool] = None) -
     path = cpu_path()
     if force:
         return "convert", f"force=True (CPU path {path})"
-    if path in ("fallback", "scalar"):
-        what = "no compiled CPU kernel" if path == "fallback" else "only the portable C++ path"
+    if path in ("fallback", "scalar", "neon_model"):
+        what = {
+            "fallback": "no compiled CPU kernel",
+            "scalar": "only the portable C++ path",
+            "neon_model": "the Arm path on a software model of its instructions (tests)",
+        }[path]
         return "keep float", (
             f"{what} on this CPU, slower than float convs (force=True converts anyway)"
         )

@@ -1,0 +1,147 @@
+// Arm path (AArch64 with the dot-product instructions): the portable path's byte layout, float
+// family and epilogue, with the int8 sums taken by SDOT and stride-1 rows packed 4 pixels at a
+// time. The packed activations are the portable path's (per pixel one dword of 4 mantissa bytes
+// m + 128, dsconv2d_cpu.h), which EOR with 0x80 turns back into signed bytes; SDOT (by element)
+// then takes 4 channels of 4 pixels against one output's 4 weights, so one 128-bit weight load
+// feeds the tile's 4 outputs (neon_dot.h, segment_sums). The vector pack (pack_quad) computes
+// what pack_pixel_bytes does, and the per-(block, tap) fold and the stores follow
+// kernel_scalar.cpp operation for operation, so the model path (DSCONV_EXT_CPU_ISA=neon_model)
+// gives the portable path's outputs bit for bit.
+//
+// Speed on Arm CPUs has not been measured (no Arm machine was available): quantize times every
+// layer against its float conv on this path and keeps the slower ones float (speed_check.py).
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/dsconv2d_cpu.h"
+#include "cpu/neon_dot.h"
+
+#if defined(__linux__) && defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
+#if defined(__APPLE__) && defined(__aarch64__)
+#include <sys/sysctl.h>
+#endif
+
+namespace dsconv_ext {
+namespace cpu {
+namespace {
+
+static_assert(kNeonOTile == kOTile, "the weight streams hold kOTile outputs per group");
+
+// Writes y for output channel o (within the group) at band-local q if it is a real output.
+inline void store(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, float acc) {
+  const Layout& lay = *sl.lay;
+  const int64_t oh = sl.oh0 + q / lay.Wq, ow = q % lay.Wq;
+  if (oh >= sl.oh1 || ow >= lay.g.Wo) return;
+  sl.out[o * sl.out_cstride + oh * lay.g.Wo + ow] =
+      dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
+}
+
+// One phase row: 4 pixels at a time where the row is read with stride 1 and they lie inside the
+// input row (pack_quad), else (padding, strided rows, a block pack_quad refuses) pixel by pixel.
+template <class Ops>
+DSCONV_NEON_DOT void pack_row(const PackRow& r) {
+  const Layout& lay = *r.lay;
+  const ConvGeometry& g = lay.g;
+  const int64_t h = pack_input_row(r);
+  const int32_t lim = mantissa_limit(r.mant_bits);
+  const int64_t kplane = lay.P * lay.Lq;
+  for (int64_t rx = 0; rx < g.sw; ++rx) {
+    const int64_t off = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
+    for (int64_t xq = 0; xq < lay.Wq;) {
+      const int64_t w = xq * g.sw + rx - g.pw, at = off + xq;
+      if (h >= 0 && g.sw == 1 && w >= 0 && w + 4 <= g.W && xq + 4 <= lay.Wq) {
+        const bool packed =
+            pack_quad<Ops>(r.x + h * g.W + w, r.x_cstride, r.nch, lay.K4, r.mant_bits, r.act + at,
+                           kplane, r.esc + at, r.usum ? r.usum + at : nullptr);
+        for (int64_t l = 0; l < 4 && !packed; ++l) pack_pixel_bytes(r, w + l, h, at + l, lim);
+        xq += 4;
+        continue;
+      }
+      pack_pixel_bytes(r, h >= 0 && in_range(w, g.W) ? w : -1, h, at, lim);
+      ++xq;
+    }
+  }
+}
+
+// o-tile `ot` over q tiles [qt0, qt1) of one slice. A tile reads whole kNeonQTile pixels past the
+// band's last q: the band's packed rows (Layout::Hqb) cover them.
+template <class Ops>
+DSCONV_NEON_DOT void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep,
+                                int64_t ot, int64_t qt0, int64_t qt1) {
+  const Layout& lay = *sl.lay;
+  const int64_t plane = lay.P * lay.Lq;
+  const int64_t wbytes = lay.K4 * kOTile * 4;
+  const int64_t q_end = std::min((sl.oh1 - sl.oh0) * lay.Wq, qt1 * kNeonQTile);
+  for (int64_t q0 = qt0 * kNeonQTile; q0 < q_end; q0 += kNeonQTile) {
+    float acc[kOTile][kNeonQTile] = {};
+    const uint8_t* s = wstream;
+    for (int64_t b = 0; b < lay.g.nblk; ++b) {
+      for (int64_t t = 0; t < lay.ntaps; ++t) {
+        SegHeader hdr;
+        std::memcpy(&hdr, s, sizeof(hdr));
+        const int8_t* w = reinterpret_cast<const int8_t*>(s + sizeof(SegHeader));
+        s += sizeof(SegHeader) + wbytes;
+        const int64_t at = b * plane + lay.tapoff[t] + q0;
+        int32_t S[kOTile][kNeonQTile];
+        segment_sums<Ops>(sl.act + b * lay.K4 * plane + lay.tapoff[t] + q0, plane, w, lay.K4, S);
+        const float* scale = sl.esc + at;
+        for (int64_t r = 0; r < kOTile; ++r)
+          for (int64_t p = 0; p < kNeonQTile; ++p)
+            acc[r][p] += float(S[r][p]) * hdr.alpha[r] * scale[p];
+        if (sl.usum) {
+          const float* u = sl.usum + at;
+          for (int64_t r = 0; r < kOTile; ++r)
+            for (int64_t p = 0; p < kNeonQTile; ++p) acc[r][p] += hdr.kdsb[r] * u[p];
+        }
+      }
+    }
+    for (int64_t r = 0; r < kOTile && ot * kOTile + r < sl.nout; ++r)
+      for (int64_t p = 0; p < kNeonQTile; ++p) store(sl, ep, ot * kOTile + r, q0 + p, acc[r][p]);
+  }
+}
+
+IsaKernels neon_kernels(void (*pack)(const PackRow&),
+                        void (*tiles)(const Slice&, const uint8_t*, const Epilogue&, int64_t,
+                                      int64_t, int64_t)) {
+  IsaKernels k = kernels_scalar();
+  k.qtile = kNeonQTile;
+  k.pack_row = pack;
+  k.conv_tiles = tiles;
+  return k;
+}
+
+}  // namespace
+
+bool neon_dot_usable() {
+#if defined(__linux__) && defined(__aarch64__)
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // Linux arch/arm64/include/uapi/asm/hwcap.h
+#endif
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#elif defined(__APPLE__) && defined(__aarch64__)
+  int dot = 0;
+  size_t len = sizeof(dot);
+  return sysctlbyname("hw.optional.arm.FEAT_DotProd", &dot, &len, nullptr, 0) == 0 && dot != 0;
+#else
+  return false;
+#endif
+}
+
+const IsaKernels& kernels_neon_dot() {
+#if DSCONV_HAVE_NEON_DOT_HW
+  static const IsaKernels k = neon_kernels(&pack_row<NeonHw>, &conv_tiles<NeonHw>);
+  return k;
+#else
+  return kernels_not_built("neon_dot", "AArch64");
+#endif
+}
+
+const IsaKernels& kernels_neon_model() {
+  static const IsaKernels k = neon_kernels(&pack_row<NeonModel>, &conv_tiles<NeonModel>);
+  return k;
+}
+
+}  // namespace cpu
+}  // namespace dsconv_ext
