@@ -82,14 +82,26 @@ extern "C" DSCONV_NEON_DOT __attribute__((flatten)) void leaf(const uint32_t* a,
   segment_sums<NeonHw>(a, plane, w, K4, reinterpret_cast<int32_t (*)[kNeonQTile]>(S));
 }
 """,
+    "fold": r"""
+#include "cpu/neon_dot.h"
+extern "C" DSCONV_NEON_DOT __attribute__((flatten)) void leaf(
+    const uint32_t* a, int64_t plane, const int8_t* w, int64_t K4, const float* alpha_kdsb,
+    const float* scale, const float* usum, float* f) {
+  using namespace dsconv_ext::cpu;
+  segment_fold<NeonHw>(a, plane, w, K4, alpha_kdsb, scale, alpha_kdsb + 4, usum,
+                       reinterpret_cast<float (*)[kNeonQTile]>(f));
+}
+""",
     "pack": r"""
 #include "cpu/neon_dot.h"
 extern "C" DSCONV_NEON_DOT __attribute__((flatten)) int64_t leaf(
     const float* x, int64_t cstride, int64_t nch_and_bits, int64_t K4, uint32_t* act,
     int64_t kplane, float* esc, float* usum) {  // (8 arguments: all in registers)
   using namespace dsconv_ext::cpu;
-  return pack_quad<NeonHw>(x, cstride, nch_and_bits & 0xFFFF, K4, int(nch_and_bits >> 32), act,
-                           kplane, esc, usum);
+  const int64_t nch = nch_and_bits & 0xFFFF, bits = (nch_and_bits >> 32) & 0xFF;
+  return (nch_and_bits >> 48) == 2
+             ? pack_quad<NeonHw, 2>(x, cstride, nch, K4, int(bits), act, kplane, esc, usum)
+             : pack_quad<NeonHw, 1>(x, cstride, nch, K4, int(bits), act, kplane, esc, usum);
 }
 """,
 }
@@ -221,6 +233,31 @@ def test_sdot_microkernel_emulated(leaf_code, seed):
     assert np.array_equal(got, want), f"seed {seed}: first differences at [r, q] {where.tolist()}"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_fold_emulated(leaf_code, seed):
+    """segment_fold<NeonHw>: f += (float(S) * alpha) * 2^E, then + kdsb * usum, each operation
+    rounded on its own as on the portable path (numpy float32 here, bit for bit; a fused
+    multiply-add for the KDS bias term differs in the last bit on 2-3 of the 64 outputs of the
+    seeds with usum)."""
+    rng = np.random.default_rng(200 + seed)
+    K4, plane = [2, 8, 5, 32][seed], 24
+    act = rng.integers(0, 2**32, size=(K4, plane), dtype=np.uint64).astype(np.uint32)
+    w = rng.integers(-128, 128, size=(K4, 16)).astype(np.int8)
+    alpha_kdsb = (rng.standard_normal(8) * 1e-3).astype(np.float32)
+    scale = (2.0 ** rng.integers(-12, 4, 16)).astype(np.float32)
+    usum = (rng.standard_normal(16) * 50).astype(np.float32)
+    f0 = rng.standard_normal((4, 16)).astype(np.float32)
+    with_usum = seed % 2 == 1
+    args = [act, plane, w, K4, alpha_kdsb, scale, usum if with_usum else 0, f0.copy()]
+    _, (f,) = emulate(leaf_code["fold"], args, [7])
+    S = exact_segment_sums(act, w).astype(np.float32)
+    want = f0 + (S * alpha_kdsb[:4, None]) * scale[None, :]
+    if with_usum:
+        want = want + alpha_kdsb[4:, None] * usum[None, :]
+    assert want.dtype == np.float32
+    assert np.array_equal(f, want), f"seed {seed}: max diff {np.abs(f - want).max()}"
+
+
 def bfp_pack_reference(x: np.ndarray, K4: int, mant_bits: int):
     """What pack_quad stores for x [nch, 4] (semantics.md): per pixel E = floor(log2 max|x|) -
     (m - 2) (0 for an all-zero block), m = clamp(round_half_even(x / 2^E)); words [K4, 4] of
@@ -242,13 +279,16 @@ def bfp_pack_reference(x: np.ndarray, K4: int, mant_bits: int):
 def test_vector_pack_emulated(leaf_code, seed):
     """pack_quad<NeonHw> on the AArch64 instructions: the BFP words, 2^E and 2^E * sum(m) of 4
     pixels, for mantissa widths 2..8, partial last groups, all-zero pixels, magnitudes from 1e-30
-    to 1e30, and exact ties (x / 2^E = k + 1/2); refused (nothing stored) for NaN, Inf and
-    subnormal blocks."""
+    to 1e30, and exact ties (x / 2^E = k + 1/2); pixels 1 or 2 floats apart (odd seeds: a stride-2
+    conv's phase row, NaN between the pixels, never read into a block); refused (nothing stored)
+    for NaN, Inf and subnormal blocks."""
     rng = np.random.default_rng(100 + seed)
     mant_bits = [8, 7, 5, 2, 8, 3, 8, 6][seed]
+    stride = 1 + seed % 2
     nch = int(rng.integers(1, 37))
     K4 = (nch + 3) // 4
-    cstride = 4 + int(rng.integers(0, 9))  # floats from one channel's 4 pixels to the next's
+    # floats from one channel's pixels to the next's
+    cstride = 4 * stride + int(rng.integers(0, 9))
     x = (rng.standard_normal((nch, 4)) * 10.0 ** rng.integers(-30, 31, (1, 4))).astype(np.float32)
     if seed == 4:
         x[:, 2] = 0.0  # an all-zero block: E = 0
@@ -256,14 +296,16 @@ def test_vector_pack_emulated(leaf_code, seed):
         x[0] = 127.0
         x[1:] = rng.integers(-126, 126, (nch - 1, 4)) + 0.5
     plane = np.zeros((nch, cstride), np.float32)
-    plane[:, :4] = x
+    if stride == 2:
+        plane[:, 1:8:2] = np.nan
+    plane[:, 0 : 4 * stride : stride] = x
     kplane = 4 + int(rng.integers(0, 5))  # dwords from one group's 4 pixels to the next's
     act = np.full((K4, kplane), 0xDEADBEEF, np.uint32)
     esc = np.full(4, -1.0, np.float32)
     usum = np.full(4, -1.0, np.float32)
     ok, (act, esc, usum) = emulate(
         leaf_code["pack"],
-        [plane, cstride, nch | mant_bits << 32, K4, act, kplane, esc, usum],
+        [plane, cstride, nch | mant_bits << 32 | stride << 48, K4, act, kplane, esc, usum],
         [4, 6, 7],
     )
     words, scale, us = bfp_pack_reference(x, K4, mant_bits)
@@ -275,14 +317,14 @@ def test_vector_pack_emulated(leaf_code, seed):
     for bad in (np.nan, np.inf, 1e-40):  # the caller packs these pixels one by one
         y = plane.copy()
         if bad == 1e-40:  # a block of subnormals: 2^-E would not be a float
-            y[:, 1] = np.float32(1e-40)
+            y[:, stride] = np.float32(1e-40)
         else:
-            y[nch - 1, 1] = bad
+            y[nch - 1, stride] = bad
         act0 = np.full((K4, kplane), 0xDEADBEEF, np.uint32)
         esc0 = np.full(4, -1.0, np.float32)
         ok, (act1, esc1) = emulate(
             leaf_code["pack"],
-            [y, cstride, nch | mant_bits << 32, K4, act0, kplane, esc0, 0],
+            [y, cstride, nch | mant_bits << 32 | stride << 48, K4, act0, kplane, esc0, 0],
             [4, 6],
         )
         assert ok == 0 and (act1 == 0xDEADBEEF).all() and (esc1 == -1).all(), (seed, bad)

@@ -38,8 +38,9 @@ inline void store(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, flo
       dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
 }
 
-// One phase row: 4 pixels at a time where the row is read with stride 1 and they lie inside the
-// input row (pack_quad), else (padding, strided rows, a block pack_quad refuses) pixel by pixel.
+// One phase row: 4 pixels at a time where the conv's stride is 1 or 2 and the floats read lie
+// inside the input row (pack_quad), else (padding, row ends, a block pack_quad refuses) pixel by
+// pixel.
 template <class Ops>
 DSCONV_NEON_DOT void pack_row(const PackRow& r) {
   const Layout& lay = *r.lay;
@@ -51,11 +52,16 @@ DSCONV_NEON_DOT void pack_row(const PackRow& r) {
     const int64_t off = (r.ry * g.sw + rx) * lay.Lq + r.yl * lay.Wq;
     for (int64_t xq = 0; xq < lay.Wq;) {
       const int64_t w = xq * g.sw + rx - g.pw, at = off + xq;
-      if (h >= 0 && g.sw == 1 && w >= 0 && w + 4 <= g.W && xq + 4 <= lay.Wq) {
-        const bool packed =
-            pack_quad<Ops>(r.x + h * g.W + w, r.x_cstride, r.nch, lay.K4, r.mant_bits, r.act + at,
-                           kplane, r.esc + at, r.usum ? r.usum + at : nullptr);
-        for (int64_t l = 0; l < 4 && !packed; ++l) pack_pixel_bytes(r, w + l, h, at + l, lim);
+      if (h >= 0 && g.sw <= 2 && w >= 0 && w + 4 * g.sw <= g.W && xq + 4 <= lay.Wq) {
+        const float* px = r.x + h * g.W + w;
+        float* us = r.usum ? r.usum + at : nullptr;
+        const bool packed = g.sw == 1
+                                ? pack_quad<Ops, 1>(px, r.x_cstride, r.nch, lay.K4, r.mant_bits,
+                                                    r.act + at, kplane, r.esc + at, us)
+                                : pack_quad<Ops, 2>(px, r.x_cstride, r.nch, lay.K4, r.mant_bits,
+                                                    r.act + at, kplane, r.esc + at, us);
+        for (int64_t l = 0; l < 4 && !packed; ++l)
+          pack_pixel_bytes(r, w + l * g.sw, h, at + l, lim);
         xq += 4;
         continue;
       }
@@ -84,17 +90,8 @@ DSCONV_NEON_DOT void conv_tiles(const Slice& sl, const uint8_t* wstream, const E
         const int8_t* w = reinterpret_cast<const int8_t*>(s + sizeof(SegHeader));
         s += sizeof(SegHeader) + wbytes;
         const int64_t at = b * plane + lay.tapoff[t] + q0;
-        int32_t S[kOTile][kNeonQTile];
-        segment_sums<Ops>(sl.act + b * lay.K4 * plane + lay.tapoff[t] + q0, plane, w, lay.K4, S);
-        const float* scale = sl.esc + at;
-        for (int64_t r = 0; r < kOTile; ++r)
-          for (int64_t p = 0; p < kNeonQTile; ++p)
-            acc[r][p] += float(S[r][p]) * hdr.alpha[r] * scale[p];
-        if (sl.usum) {
-          const float* u = sl.usum + at;
-          for (int64_t r = 0; r < kOTile; ++r)
-            for (int64_t p = 0; p < kNeonQTile; ++p) acc[r][p] += hdr.kdsb[r] * u[p];
-        }
+        segment_fold<Ops>(sl.act + b * lay.K4 * plane + lay.tapoff[t] + q0, plane, w, lay.K4,
+                          hdr.alpha, sl.esc + at, hdr.kdsb, sl.usum ? sl.usum + at : nullptr, acc);
       }
     }
     for (int64_t r = 0; r < kOTile && ot * kOTile + r < sl.nout; ++r)

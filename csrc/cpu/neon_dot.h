@@ -85,6 +85,8 @@ struct NeonModel {
     uint32_t u[4];
   };
   static F32x4 load_f32(const float* p) { return F32x4{{p[0], p[1], p[2], p[3]}}; }
+  // LD2 {Vt.4S, Vt2.4S}: 8 floats de-interleaved; Vt, the even ones, is returned.
+  static F32x4 load_f32_even(const float* p) { return F32x4{{p[0], p[2], p[4], p[6]}}; }
   // AND with 0x7FFFFFFF on the bit patterns: |x| as integers, whose order is |x|'s, NaN above Inf.
   static U32x4 abs_bits(F32x4 v) {
     U32x4 r;
@@ -102,10 +104,24 @@ struct NeonModel {
   static void store_u32(uint32_t* p, U32x4 v) {
     for (int e = 0; e < 4; ++e) p[e] = v.u[e];
   }
-  // FMUL Vd.4S (IEEE 754 single multiply, round to nearest even).
+  // FMUL / FADD Vd.4S (IEEE 754 single, round to nearest even), DUP Vd.4S from a float.
   static F32x4 mul_f32(F32x4 a, F32x4 b) {
     for (int e = 0; e < 4; ++e) a.f[e] = a.f[e] * b.f[e];
     return a;
+  }
+  static F32x4 add_f32(F32x4 a, F32x4 b) {
+    for (int e = 0; e < 4; ++e) a.f[e] = a.f[e] + b.f[e];
+    return a;
+  }
+  static F32x4 dup_f32(float x) { return F32x4{{x, x, x, x}}; }
+  static void store_f32(float* p, F32x4 v) {
+    for (int e = 0; e < 4; ++e) p[e] = v.f[e];
+  }
+  // SCVTF Vd.4S, Vn.4S: int32 to float, rounded to nearest even (exact below 2^24).
+  static F32x4 cvt_f32(I32x4 v) {
+    F32x4 r;
+    for (int e = 0; e < 4; ++e) r.f[e] = static_cast<float>(v.s[e]);
+    return r;
   }
   // FCVTNS Vd.4S, Vn.4S: to the nearest int32, ties to even, whatever FPCR's rounding mode;
   // NaN gives 0, out-of-range values saturate.
@@ -177,12 +193,17 @@ struct NeonHw {
   using F32x4 = float32x4_t;
   using U32x4 = uint32x4_t;
   DSCONV_NEON_DOT static inline F32x4 load_f32(const float* p) { return vld1q_f32(p); }
+  DSCONV_NEON_DOT static inline F32x4 load_f32_even(const float* p) { return vld2q_f32(p).val[0]; }
   DSCONV_NEON_DOT static inline U32x4 abs_bits(F32x4 v) {
     return vandq_u32(vreinterpretq_u32_f32(v), vdupq_n_u32(0x7FFFFFFFu));
   }
   DSCONV_NEON_DOT static inline U32x4 max_u32(U32x4 a, U32x4 b) { return vmaxq_u32(a, b); }
   DSCONV_NEON_DOT static inline void store_u32(uint32_t* p, U32x4 v) { vst1q_u32(p, v); }
   DSCONV_NEON_DOT static inline F32x4 mul_f32(F32x4 a, F32x4 b) { return vmulq_f32(a, b); }
+  DSCONV_NEON_DOT static inline F32x4 add_f32(F32x4 a, F32x4 b) { return vaddq_f32(a, b); }
+  DSCONV_NEON_DOT static inline F32x4 dup_f32(float x) { return vdupq_n_f32(x); }
+  DSCONV_NEON_DOT static inline void store_f32(float* p, F32x4 v) { vst1q_f32(p, v); }
+  DSCONV_NEON_DOT static inline F32x4 cvt_f32(I32x4 v) { return vcvtq_f32_s32(v); }
   DSCONV_NEON_DOT static inline I32x4 cvt_nearest(F32x4 v) { return vcvtnq_s32_f32(v); }
   DSCONV_NEON_DOT static inline I32x4 clamp_s32(I32x4 v, int32_t limit) {
     return vminq_s32(vmaxq_s32(v, vdupq_n_s32(-limit)), vdupq_n_s32(limit));
@@ -208,9 +229,9 @@ struct NeonHw {
 // back into signed bytes (m + 128 ^ 0x80 = m), so the sums need no -128 * sum(q) correction:
 // they equal the scalar path's corr + sum((m + 128) * q) exactly. |S| < 2^24 (semantics.md).
 template <class Ops>
-DSCONV_NEON_DOT inline void segment_sums(const uint32_t* a, int64_t plane, const int8_t* w,
-                                         int64_t K4, int32_t (*S)[kNeonQTile]) {
-  typename Ops::I32x4 acc[kNeonOTile][kNeonVecs];
+DSCONV_NEON_DOT inline void segment_acc(const uint32_t* a, int64_t plane, const int8_t* w,
+                                        int64_t K4,
+                                        typename Ops::I32x4 (&acc)[kNeonOTile][kNeonVecs]) {
   for (int r = 0; r < kNeonOTile; ++r)
     for (int v = 0; v < kNeonVecs; ++v) acc[r][v] = Ops::zero();
   for (int64_t k = 0; k < K4; ++k) {
@@ -223,23 +244,59 @@ DSCONV_NEON_DOT inline void segment_sums(const uint32_t* a, int64_t plane, const
       acc[3][v] = Ops::template dot_lane<3>(acc[3][v], m, wk);
     }
   }
+}
+
+// The sums S[r][q] themselves (the emulation test's view of segment_acc).
+template <class Ops>
+DSCONV_NEON_DOT inline void segment_sums(const uint32_t* a, int64_t plane, const int8_t* w,
+                                         int64_t K4, int32_t (*S)[kNeonQTile]) {
+  typename Ops::I32x4 acc[kNeonOTile][kNeonVecs];
+  segment_acc<Ops>(a, plane, w, K4, acc);
   for (int r = 0; r < kNeonOTile; ++r)
     for (int v = 0; v < kNeonVecs; ++v) Ops::store(S[r] + 4 * v, acc[r][v]);
 }
 
-// The BFP pack of 4 consecutive pixels of one block (semantics.md; the portable path's
-// pack_pixel_bytes, lane for lane): x points at channel 0 of the 4 pixels, channels `cstride`
-// floats apart, nch of them; K4 groups of 4 channels (those past nch as mantissa 0) go to
+// One segment's sums folded into the tile's float accumulators f[r][q], in the portable path's
+// order (kernel_scalar.cpp): f += (float(S) * alpha[r]) * scale[q], then, with a KDS bias,
+// f += kdsb[r] * usum[q] (usum null without). Each product and sum rounded on its own (no FMA),
+// so the outputs are that path's bit for bit.
+template <class Ops>
+DSCONV_NEON_DOT inline void segment_fold(const uint32_t* a, int64_t plane, const int8_t* w,
+                                         int64_t K4, const float* alpha, const float* scale,
+                                         const float* kdsb, const float* usum,
+                                         float (*f)[kNeonQTile]) {
+  typename Ops::I32x4 acc[kNeonOTile][kNeonVecs];
+  segment_acc<Ops>(a, plane, w, K4, acc);
+  for (int r = 0; r < kNeonOTile; ++r) {
+    const typename Ops::F32x4 al = Ops::dup_f32(alpha[r]);
+    for (int v = 0; v < kNeonVecs; ++v) {
+      const typename Ops::F32x4 t =
+          Ops::mul_f32(Ops::mul_f32(Ops::cvt_f32(acc[r][v]), al), Ops::load_f32(scale + 4 * v));
+      typename Ops::F32x4 y = Ops::add_f32(Ops::load_f32(f[r] + 4 * v), t);
+      if (usum)
+        y = Ops::add_f32(y, Ops::mul_f32(Ops::dup_f32(kdsb[r]), Ops::load_f32(usum + 4 * v)));
+      Ops::store_f32(f[r] + 4 * v, y);
+    }
+  }
+}
+
+// The BFP pack of 4 pixels of one block, kStride floats apart in the input row (1, or 2 for a
+// stride-2 conv's phase rows: 8 floats read) (semantics.md; the portable path's pack_pixel_bytes,
+// lane for lane): x points at channel 0 of the 4 pixels, channels `cstride` floats apart, nch of
+// them; K4 groups of 4 channels (those past nch as mantissa 0) go to
 // act[k * kplane] as one dword per pixel, 2^E to esc[0..3] and, where usum is given,
 // 2^E * sum(m) to usum[0..3]. Returns false, storing nothing, where a pixel's block is not finite
 // or its 2^E or 2^-E is not a normal float: the caller packs those pixels one by one.
-template <class Ops>
+template <class Ops, int kStride>
 DSCONV_NEON_DOT inline bool pack_quad(const float* x, int64_t cstride, int64_t nch, int64_t K4,
                                       int mant_bits, uint32_t* act, int64_t kplane, float* esc,
                                       float* usum) {
-  typename Ops::U32x4 amax = Ops::abs_bits(Ops::load_f32(x));
-  for (int64_t c = 1; c < nch; ++c)
-    amax = Ops::max_u32(amax, Ops::abs_bits(Ops::load_f32(x + c * cstride)));
+  static_assert(kStride == 1 || kStride == 2, "stride 1 or 2");
+  const auto load = [](const float* p) DSCONV_NEON_DOT {
+    return kStride == 1 ? Ops::load_f32(p) : Ops::load_f32_even(p);
+  };
+  typename Ops::U32x4 amax = Ops::abs_bits(load(x));
+  for (int64_t c = 1; c < nch; ++c) amax = Ops::max_u32(amax, Ops::abs_bits(load(x + c * cstride)));
   uint32_t bits[4];
   Ops::store_u32(bits, amax);
   float inv[4], scale[4];
@@ -262,8 +319,7 @@ DSCONV_NEON_DOT inline bool pack_quad(const float* x, int64_t cstride, int64_t n
     for (int j = 0; j < 4; ++j) {
       const int64_t c = 4 * k + j;
       if (c < nch) {
-        m[j] = Ops::clamp_s32(Ops::cvt_nearest(Ops::mul_f32(Ops::load_f32(x + c * cstride), inv_v)),
-                              limit);
+        m[j] = Ops::clamp_s32(Ops::cvt_nearest(Ops::mul_f32(load(x + c * cstride), inv_v)), limit);
         msum = Ops::add_s32(msum, m[j]);
       } else {
         m[j] = Ops::zero();
