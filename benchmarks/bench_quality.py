@@ -28,6 +28,8 @@ from _timing import dump_json, environment, print_header, print_table  # noqa: E
 
 from dsconv_ext import DSConv2d  # noqa: E402
 
+WEIGHT_ACT_BITS = ((8, 8), (7, 8), (8, 7), (7, 7))
+
 
 def features(n, c, h, w, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -142,12 +144,19 @@ def main(argv=None):
                     row[f"err_b{block}_{bits}bit_%"] = 100 * err
                     if block == 32:
                         row[f"bytes_{bits}bit"] = saved_bytes(m)
+            # One bit fewer for the weights or for the activations (CPUs without VNNI: a 7-bit
+            # operand keeps vpmaddubsw's pair sums exact, docs/yolo.md).
+            for bits, act_bits in WEIGHT_ACT_BITS:
+                m = DSConv2d.from_float(conv, bits=bits, block_size=32, act_bits=act_bits)
+                row[f"err_w{bits}a{act_bits}_%"] = 100 * ((m(x) - y).norm() / y.norm()).item()
             rows.append(row)
     cols = ["layer"] + [f"err_b32_{b}bit_%" for b in range(8, 1, -1)]
     print("Relative output error (%), block_size 32, act_bits 8:")
     print_table(rows, cols)
     print("\nRelative output error (%), block_size 8, act_bits 8:")
     print_table(rows, ["layer"] + [f"err_b8_{b}bit_%" for b in range(8, 1, -1)])
+    print("\nRelative output error (%), block_size 32, weight bits w / activation bits a:")
+    print_table(rows, ["layer"] + [f"err_w{w}a{a}_%" for w, a in WEIGHT_ACT_BITS])
     print("\nSaved bytes per layer (state_dict, block_size 32):")
     print_table(rows, ["layer", "fp32_bytes"] + [f"bytes_{b}bit" for b in (8, 4, 3, 2)])
     if args.json:
