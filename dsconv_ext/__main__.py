@@ -79,8 +79,11 @@ def _info_report() -> dict:
         if fast_stem.kernel_is_faster():
             cpu = "kernel"
         elif fast_stem._kernel_available():
-            isa = torch.ops.dsconv_ext.cpu_isa()
-            cpu = f"torch (oneDNN: the op is not measured faster on the {isa} path)"
+            isa = report["dsconv2d"].get("cpu", {}).get("isa", "?")
+            if isa.startswith("unavailable"):
+                cpu = "torch (the forced CPU path is unavailable)"
+            else:
+                cpu = f"torch (oneDNN: the op is not measured faster on the {isa} path)"
         else:
             cpu = "torch (no compiled op)"
         report["stem_conv2d"] = {"cpu float32": cpu, "other": "torch"}

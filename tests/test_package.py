@@ -57,6 +57,26 @@ def test_info_reports_each_op_backend():
     assert "QAT fake quantisation" in text.stdout
 
 
+def test_info_reports_a_forced_cpu_path_this_machine_lacks():
+    """DSCONV_EXT_CPU_ISA naming a path this CPU cannot run: info still reports everything and
+    says why, instead of a traceback; the Arm model runs anywhere."""
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    lacking = "neon_dot" if "asimddp" not in flags else "amx"
+    r = _run(["info", "--json"], env={"DSCONV_EXT_CPU_ISA": lacking})
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    cpu = report["dsconv2d"]["cpu"]
+    if cpu["backend"] == "kernel":
+        assert cpu["isa"].startswith("unavailable: DSCONV_EXT_CPU_ISA=" + lacking), cpu
+        assert "error" in report["quantize"] and lacking in report["quantize"]["error"]
+        assert report["stem_conv2d"]["cpu float32"].startswith("torch ("), report["stem_conv2d"]
+        model = json.loads(
+            _run(["info", "--json"], env={"DSCONV_EXT_CPU_ISA": "neon_model"}).stdout
+        )
+        assert model["dsconv2d"]["cpu"]["isa"] == "neon_model"
+        assert model["quantize"]["policy"] == "keep float", model["quantize"]
+
+
 def test_info_reports_forced_torch_fake_quant():
     report = json.loads(_run(["info", "--json"], env={"DSCONV_EXT_FAKE_QUANT": "torch"}).stdout)
     fq = report["dsconv2d_qat_fake_quant"]

@@ -173,7 +173,12 @@ def dsconv_backend_report() -> Dict[str, Dict[str, str]]:
         ok, why = kernel_for(dev)
         entry = {"backend": "kernel" if ok else "fallback", "why": why}
         if ok and dev == "cpu" and hasattr(torch.ops.dsconv_ext, "cpu_isa"):
-            entry["isa"] = torch.ops.dsconv_ext.cpu_isa()
+            try:
+                entry["isa"] = torch.ops.dsconv_ext.cpu_isa()
+            except RuntimeError as e:  # DSCONV_EXT_CPU_ISA forces a path this machine lacks
+                entry["isa"] = f"unavailable: {str(e).splitlines()[0]}"
+                report[dev] = entry
+                continue
             if hasattr(torch.ops.dsconv_ext, "cpu_amx_layers"):
                 amx_layers = torch.ops.dsconv_ext.cpu_amx_layers()
                 if amx_layers:

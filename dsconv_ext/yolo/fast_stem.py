@@ -78,7 +78,12 @@ FASTER_THAN_ONEDNN = ("avx512_vnni", "amx", "amx_model", "avx2")
 def kernel_is_faster() -> bool:
     """Whether ``FastStemConv`` takes the op on this CPU path (:data:`FASTER_THAN_ONEDNN`).
     Memoised: ``DSCONV_EXT_CPU_ISA`` is read once per process for this."""
-    return _kernel_available() and torch.ops.dsconv_ext.cpu_isa() in FASTER_THAN_ONEDNN
+    if not _kernel_available():
+        return False
+    try:
+        return torch.ops.dsconv_ext.cpu_isa() in FASTER_THAN_ONEDNN
+    except RuntimeError:  # DSCONV_EXT_CPU_ISA forces a path this machine lacks
+        return False
 
 
 def stem_conv2d(
