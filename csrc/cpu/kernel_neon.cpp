@@ -1,12 +1,12 @@
 // Arm path (AArch64 with the dot-product instructions): the portable path's byte layout, float
-// family and epilogue, with the int8 sums taken by SDOT and stride-1 rows packed 4 pixels at a
-// time. The packed activations are the portable path's (per pixel one dword of 4 mantissa bytes
-// m + 128, dsconv2d_cpu.h), which EOR with 0x80 turns back into signed bytes; SDOT (by element)
+// family and epilogue, with the int8 layers' packing, sums and fold on NEON vectors. The packed
+// activations are the portable path's (per pixel one dword of 4 mantissa bytes m + 128,
+// dsconv2d_cpu.h): pack_quad writes them 4 pixels at a time (convs of stride 1 and 2), computing
+// what pack_pixel_bytes does. EOR with 0x80 turns them back into signed bytes; SDOT (by element)
 // then takes 4 channels of 4 pixels against one output's 4 weights, so one 128-bit weight load
-// feeds the tile's 4 outputs (neon_dot.h, segment_sums). The vector pack (pack_quad) computes
-// what pack_pixel_bytes does, and the per-(block, tap) fold and the stores follow
-// kernel_scalar.cpp operation for operation, so the model path (DSCONV_EXT_CPU_ISA=neon_model)
-// gives the portable path's outputs bit for bit.
+// feeds the tile's 4 outputs, and segment_fold folds each (block, tap) segment in
+// kernel_scalar.cpp's order of operations (neon_dot.h). So the model path
+// (DSCONV_EXT_CPU_ISA=neon_model) gives the portable path's outputs bit for bit.
 //
 // Speed on Arm CPUs has not been measured (no Arm machine was available): quantize times every
 // layer against its float conv on this path and keeps the slower ones float (speed_check.py).

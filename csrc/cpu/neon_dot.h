@@ -280,6 +280,16 @@ DSCONV_NEON_DOT inline void segment_fold(const uint32_t* a, int64_t plane, const
   }
 }
 
+// 4 pixels' floats, kStride apart.
+template <class Ops, int kStride>
+DSCONV_NEON_DOT inline typename Ops::F32x4 load_pixels(const float* p) {
+  if constexpr (kStride == 1) {
+    return Ops::load_f32(p);
+  } else {
+    return Ops::load_f32_even(p);
+  }
+}
+
 // The BFP pack of 4 pixels of one block, kStride floats apart in the input row (1, or 2 for a
 // stride-2 conv's phase rows: 8 floats read) (semantics.md; the portable path's pack_pixel_bytes,
 // lane for lane): x points at channel 0 of the 4 pixels, channels `cstride` floats apart, nch of
@@ -292,11 +302,9 @@ DSCONV_NEON_DOT inline bool pack_quad(const float* x, int64_t cstride, int64_t n
                                       int mant_bits, uint32_t* act, int64_t kplane, float* esc,
                                       float* usum) {
   static_assert(kStride == 1 || kStride == 2, "stride 1 or 2");
-  const auto load = [](const float* p) DSCONV_NEON_DOT {
-    return kStride == 1 ? Ops::load_f32(p) : Ops::load_f32_even(p);
-  };
-  typename Ops::U32x4 amax = Ops::abs_bits(load(x));
-  for (int64_t c = 1; c < nch; ++c) amax = Ops::max_u32(amax, Ops::abs_bits(load(x + c * cstride)));
+  typename Ops::U32x4 amax = Ops::abs_bits(load_pixels<Ops, kStride>(x));
+  for (int64_t c = 1; c < nch; ++c)
+    amax = Ops::max_u32(amax, Ops::abs_bits(load_pixels<Ops, kStride>(x + c * cstride)));
   uint32_t bits[4];
   Ops::store_u32(bits, amax);
   float inv[4], scale[4];
@@ -319,7 +327,9 @@ DSCONV_NEON_DOT inline bool pack_quad(const float* x, int64_t cstride, int64_t n
     for (int j = 0; j < 4; ++j) {
       const int64_t c = 4 * k + j;
       if (c < nch) {
-        m[j] = Ops::clamp_s32(Ops::cvt_nearest(Ops::mul_f32(load(x + c * cstride), inv_v)), limit);
+        m[j] = Ops::clamp_s32(
+            Ops::cvt_nearest(Ops::mul_f32(load_pixels<Ops, kStride>(x + c * cstride), inv_v)),
+            limit);
         msum = Ops::add_s32(msum, m[j]);
       } else {
         m[j] = Ops::zero();
