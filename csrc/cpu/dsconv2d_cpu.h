@@ -19,7 +19,8 @@
 //    128 * sum(q)); the AMX path stores the mantissas themselves, signed bytes for TDPBSSD; the
 //    AVX2 path (no VNNI) keeps the bytes for layers whose |q| <= kByteMaxQ (vpmaddubsw) and
 //    otherwise two planes per k4 group, each uint32 holding two channels' mantissas as signed
-//    int16 for vpmaddwd (IsaKernels::planes_per_k4 and ::bytes, Layout::kplanes). Per
+//    int16 for vpmaddwd (IsaKernels::planes_per_k4 and ::bytes, Layout::kplanes); the Arm path
+//    (kernel_neon.cpp) takes the + 128 bytes back to signed ones for SDOT. Per
 //    block: `esc`, one float per q: 2^E, or E itself for the AVX-512 kernel (vscalefps), NaN for a
 //    block holding NaN/Inf; `usum`, 2^E * (sum of the block's mantissas), for KDSb. Each (block,
 //    tap) segment is an exact int32 dot product, then acc += alpha * 2^E * S (+ KDSb * usum). The
@@ -42,7 +43,7 @@
 // into an L1 output stage copied out a row at a time (only whole-vector stores: masked ones are
 // slow on AMD cores). AVX-512 stores stride-1 3x3 bands in its own layout, rows a whole number
 // of vectors apart, so that no load straddles two cache lines (kernel_avx512.cpp, dw_s1_tiles).
-// The portable path keeps the float family for these convs.
+// The portable and Arm paths keep the float family for these convs.
 #pragma once
 
 #include <c10/util/Exception.h>
