@@ -404,6 +404,20 @@ const IsaKernels& kernels_for(Isa isa);
 // -128 * sum(q) correction.
 void pack_row_avx512_signed_bytes(const PackRow& r);
 
+// Where band-local q of a slice is stored in output channel 0 of its group, or null where q is not
+// a real output (a column past Wo, a row past the band).
+inline float* slice_output(const Slice& sl, int64_t q) {
+  const Layout& lay = *sl.lay;
+  const int64_t oh = sl.oh0 + q / lay.Wq, ow = q % lay.Wq;
+  return oh < sl.oh1 && ow < lay.g.Wo ? sl.out + oh * lay.g.Wo + ow : nullptr;
+}
+
+// Writes y for output channel o (within the group) at band-local q if it is a real output.
+inline void store_output(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, float acc) {
+  if (float* y = slice_output(sl, q))
+    y[o * sl.out_cstride] = dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
+}
+
 // Input row of band-local phase row: -1 for padding and slack.
 inline int64_t pack_input_row(const PackRow& r) {
   const ConvGeometry& g = r.lay->g;

@@ -29,15 +29,6 @@ namespace {
 
 static_assert(kNeonOTile == kOTile, "the weight streams hold kOTile outputs per group");
 
-// Writes y for output channel o (within the group) at band-local q if it is a real output.
-inline void store(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, float acc) {
-  const Layout& lay = *sl.lay;
-  const int64_t oh = sl.oh0 + q / lay.Wq, ow = q % lay.Wq;
-  if (oh >= sl.oh1 || ow >= lay.g.Wo) return;
-  sl.out[o * sl.out_cstride + oh * lay.g.Wo + ow] =
-      dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
-}
-
 // One phase row: 4 pixels at a time where the conv's stride is 1 or 2 and the floats read lie
 // inside the input row (pack_quad), else (padding, row ends, a block pack_quad refuses) pixel by
 // pixel.
@@ -94,8 +85,13 @@ DSCONV_NEON_DOT void conv_tiles(const Slice& sl, const uint8_t* wstream, const E
                           hdr.alpha, sl.esc + at, hdr.kdsb, sl.usum ? sl.usum + at : nullptr, acc);
       }
     }
-    for (int64_t r = 0; r < kOTile && ot * kOTile + r < sl.nout; ++r)
-      for (int64_t p = 0; p < kNeonQTile; ++p) store(sl, ep, ot * kOTile + r, q0 + p, acc[r][p]);
+    const int64_t o0 = ot * kOTile, nr = std::min(kOTile, sl.nout - o0);
+    for (int64_t p = 0; p < kNeonQTile; ++p) {
+      float* y = slice_output(sl, q0 + p);  // (one division per pixel for its 4 outputs)
+      for (int64_t r = 0; y && r < nr; ++r)
+        y[(o0 + r) * sl.out_cstride] =
+            dsconv_epilogue(acc[r][p], ep.cdsw[o0 + r], ep.cb[o0 + r], 0.f, ep.silu);
+    }
   }
 }
 

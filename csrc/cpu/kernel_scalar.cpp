@@ -59,15 +59,6 @@ void pack_row_float(const PackRow& r) {
   }
 }
 
-// Writes y for output channel o (within the group) at band-local q if it is a real output.
-inline void store(const Slice& sl, const Epilogue& ep, int64_t o, int64_t q, float acc) {
-  const Layout& lay = *sl.lay;
-  const int64_t oh = sl.oh0 + q / lay.Wq, ow = q % lay.Wq;
-  if (oh >= sl.oh1 || ow >= lay.g.Wo) return;
-  sl.out[o * sl.out_cstride + oh * lay.g.Wo + ow] =
-      dsconv_epilogue(acc, ep.cdsw[o], ep.cb[o], 0.f, ep.silu);
-}
-
 inline int64_t band_q_end(const Slice& sl) { return (sl.oh1 - sl.oh0) * sl.lay->Wq; }
 
 void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int64_t ot,
@@ -106,7 +97,7 @@ void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int
       }
     }
     for (int64_t r = 0; r < kOTile && ot * kOTile + r < sl.nout; ++r) {
-      store(sl, ep, ot * kOTile + r, q, acc[r]);
+      store_output(sl, ep, ot * kOTile + r, q, acc[r]);
     }
   }
 }
@@ -123,7 +114,7 @@ void float_tiles(const Slice& sl, const float* wf, int R, const Epilogue& ep, in
           acc += wf[(c * lay.ntaps + t) * R + r] * sl.esc[c * plane + lay.tapoff[t] + q];
         }
       }
-      store(sl, ep, o0 + r, q, acc);
+      store_output(sl, ep, o0 + r, q, acc);
     }
   }
 }
