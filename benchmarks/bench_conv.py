@@ -1,4 +1,4 @@
-"""DSConv kernel vs fp32 F.conv2d (oneDNN), torch.ao x86 int8 conv and the PyTorch fallback.
+"""DSConv kernel vs fp32 F.conv2d (oneDNN), torch.ao int8 conv and the PyTorch fallback.
 
 On the 3x3 and 1x1 conv layers of YOLO11n and YOLO11s at 640 px, batch 1 and 8, on CPU (and on
 CUDA with benchmarks/bench_conv_cuda.py when a GPU is present). Candidates are timed interleaved,
@@ -7,7 +7,9 @@ the median of many rounds is reported, and ratios are speed-ups over the named b
 
 The torch.ao candidate times the quantized conv alone on an already-quantised input (its best
 case: no quantise / dequantise of activations, no per-block shifts); DSConv times float in ->
-float out including the BFP activation quantisation.
+float out including the BFP activation quantisation. Its engine is the one PyTorch uses on the
+CPU: ``x86`` (fbgemm and oneDNN) on x86-64, ``qnnpack`` on Arm (``--ao-engine`` picks another;
+the header names it).
 
     python benchmarks/bench_conv.py                 # full CPU table
     python benchmarks/bench_conv.py --quick         # a few layers, batch 1
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import sys
 import warnings
 
@@ -51,15 +54,31 @@ import dsconv_ext  # noqa: E402
 from dsconv_ext.dsconv import dsconv2d_fallback  # noqa: E402
 from dsconv_ext.dsconv.quant_primitives import pack_intweight, quantize_weight  # noqa: E402
 
+# torch.ao's quantized engines, best first, per architecture: what PyTorch's own default qconfigs
+# target (x86 on x86-64; qnnpack, the XNNPACK / QNNPACK kernels, on Arm).
+AO_ENGINES = {"x86": ("x86", "fbgemm", "onednn", "qnnpack"), "arm": ("qnnpack", "onednn")}
 
-def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor):
-    """A torch.ao quantized conv (x86 engine) on a quantised copy of x, or None if unavailable."""
+
+def ao_engine(requested="auto", supported=None, machine=None):
+    """The torch.ao engine to time: ``requested`` if this torch has it, for ``auto`` the best
+    of this architecture's that it has; None if there is none."""
+    supported = torch.backends.quantized.supported_engines if supported is None else supported
+    if requested != "auto":
+        return requested if requested in supported else None
+    machine = (machine or platform.machine()).lower()
+    arch = "arm" if machine in ("aarch64", "arm64") or machine.startswith("armv") else "x86"
+    return next((e for e in AO_ENGINES[arch] if e in supported), None)
+
+
+def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor, engine: str | None):
+    """A torch.ao quantized conv on ``engine`` on a quantised copy of x, or None if unavailable."""
+    if engine is None:
+        return None
     try:
         import torch.ao.nn.quantized as nnq
 
-        if "x86" not in torch.backends.quantized.supported_engines:
-            return None
-        torch.backends.quantized.engine = "x86"
+        # Set before the weights are packed: they are packed for the engine in use.
+        torch.backends.quantized.engine = engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             conv = nnq.Conv2d(
@@ -126,10 +145,11 @@ def _unique(shapes):
 
 def bench_cpu(
     scales, kernels, batches, rounds, with_fallback, quick, compare_isa=None, bits=8,
-    compare_layout=None,
+    compare_layout=None, ao="auto",
 ):  # fmt: skip
     rows = []
     backend = dsconv_ext.dsconv2d_backend("cpu")
+    engine = ao_engine(ao)
     for scale in scales:
         for k in kernels:
             shapes = _unique(yolo11_conv_shapes(scale, k))
@@ -160,7 +180,7 @@ def bench_cpu(
                         var = "DSCONV_EXT_AVX2_LAYOUT"
                         fns["dsconv"] = _with_env(var, os.environ.get(var, "auto"), plain)
                         fns["dsconv_layout"] = _with_env(var, compare_layout, plain)
-                    ao = _ao_conv(w, s, x)
+                    ao = _ao_conv(w, s, x, engine)
                     if ao is not None:
                         fns["ao_int8"] = ao
                     if with_fallback and batch == 1:  # the slow fallback: batch 1 only
@@ -185,6 +205,7 @@ def bench_cpu(
                         "dsconv_ms": t["dsconv"],
                         "fp32_ms": t["fp32"],
                         "ao_int8_ms": t.get("ao_int8", float("nan")),
+                        "ao_engine": engine if "ao_int8" in t else None,
                         "fallback_ms": t.get("fallback", float("nan")),
                         "x_fp32": t["fp32"] / t["dsconv"],
                         "x_ao": t.get("ao_int8", float("nan")) / t["dsconv"],
@@ -325,6 +346,13 @@ def main(argv=None):
         "layout, where weights of <= 7 bits take the byte layout by default): columns "
         "alt_layout_ms and x_alt_layout (its time / the default's)",
     )
+    p.add_argument(
+        "--ao-engine",
+        default="auto",
+        choices=["auto", "x86", "fbgemm", "onednn", "qnnpack"],
+        help="torch.ao's quantized engine for the ao_int8 column (auto: x86 on x86-64, "
+        "qnnpack on Arm)",
+    )
     args = p.parse_args(argv)
     if not 2 <= args.bits <= 8:
         p.error(f"--bits must be in [2, 8], got {args.bits}")
@@ -354,7 +382,14 @@ def main(argv=None):
             p.error("--compare-layout needs the compiled CPU kernel, which is not loaded")
         print(f"# alt_layout = DSConv with DSCONV_EXT_AVX2_LAYOUT={args.compare_layout}")
     print(f"# DSConv weights: {args.bits}-bit VQK, block 32, 8-bit activation mantissas")
-    if "avx2" in env["isa_features"] and not VNNI_FLAGS & set(env["isa_features"]):
+    engine = ao_engine(args.ao_engine)
+    if engine is None:
+        have = ", ".join(torch.backends.quantized.supported_engines)
+        print(f"# torch.ao: no rows (engine {args.ao_engine} not in this torch: {have})")
+    else:
+        print(f"# torch.ao: engine {engine}, per-channel int8 weights, input already quint8")
+    onednn_int8 = engine in ("x86", "fbgemm", "onednn")
+    if onednn_int8 and "avx2" in env["isa_features"] and not VNNI_FLAGS & set(env["isa_features"]):
         print(
             "# torch.ao: 8 x 8-bit products with vpmaddubsw, whose int16 pair sums saturate "
             "without VNNI unless one side drops a bit (oneDNN halves the weights, torch.ao's "
@@ -363,7 +398,7 @@ def main(argv=None):
         )
     rows = bench_cpu(
         scales, kernels, batches, args.rounds, not args.no_fallback, args.quick, args.compare_isa,
-        args.bits, args.compare_layout,
+        args.bits, args.compare_layout, args.ao_engine,
     )  # fmt: skip
     print_table(rows, COLUMNS)
     print()

@@ -5,10 +5,11 @@ OpenVINO int8, with both put against this CPU's multiply-add peak.
 (the same checkpoint, random weights unless ``--weights-dir``, image and conversions as
 ``bench_model.py --no-accuracy``):
 
-- ours: the model converted by ``dsconv_ext.quantize`` (as bench_model's ``int8`` row), its
-  eager forward with a wall-clock timer around each convolution layer's call (the int8 DSConv
-  layers, the float stem, any layer kept float; see ``time_ours`` for why not the PyTorch
-  profiler), median of ``--rounds`` forwards in each of ``--cycles`` processes.
+- ours: the model converted by ``dsconv_ext.quantize`` (as bench_model's ``int8`` row, or with
+  ``--ours int7`` / ``int4`` its rows of that weight width: ``int7`` is the fast one on AVX2
+  CPUs without VNNI), its eager forward with a wall-clock timer around each convolution layer's
+  call (the DSConv layers, the float stem, any layer kept float; see ``time_ours`` for why not
+  the PyTorch profiler), median of ``--rounds`` forwards in each of ``--cycles`` processes.
 - OpenVINO int8 (``--peer openvino-int8``, the default: NNCF, MIXED preset, the Detect head's
   postprocessing left in float, as ``bench_model``'s ``openvino-int8`` row), or OpenVINO at its
   default precision (``--peer openvino``: bf16 where the CPU has it, the fastest peer on AMX
@@ -42,7 +43,7 @@ flagged, not believed.
     python benchmarks/bench_layers.py --models yolo11n --threads 2 --json layers.json
     python benchmarks/bench_layers.py --manifest ~/.cache/dsconv_ext_bench_model/artifacts/*.json
 
-``--manifest`` reuses the artifacts a ``bench_model.py`` run prepared (it must hold the ``int8``
+``--manifest`` reuses the artifacts a ``bench_model.py`` run prepared (it must hold the ``--ours``
 and the ``--peer`` files); otherwise they are made here (about a minute per model).
 """
 
@@ -77,6 +78,7 @@ from _timing import (  # noqa: E402
 
 SCRIPT = os.path.abspath(__file__)
 PEERS = ("openvino-int8", "openvino")
+OURS = ("int8", "int7", "int4")
 # OpenVINO names a node after the module that traced it: "__module.model.3.conv/aten::_convolution
 # /Convolution" for ultralytics' model.3.conv.
 _OV_CONV = re.compile(r"^__module\.(?P<module>[^/]+)/aten::_convolution/")
@@ -177,7 +179,7 @@ def _install_timers(layers: Dict[str, object], samples: Dict[str, List[float]]):
     return undo
 
 
-def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
+def time_ours(man: Dict, variant: str, threads: int, rounds: int, warmup: int) -> Dict[str, object]:
     """Each convolution's time inside the converted model's eager forward, one sample per
     forward: a wall-clock timer around each layer's call, so the op and the layer's own Python
     (30-40 us per layer on an AMX Xeon, which the recorded-graph forward mostly skips).
@@ -192,7 +194,7 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
     import dsconv_ext  # noqa: F401  (registers the converted modules with ultralytics)
 
     torch.set_num_threads(threads)
-    model = YOLO(man["files"]["int8"]).model.float().eval()
+    model = YOLO(man["files"][variant]).model.float().eval()
     x = torch.from_numpy(np.load(man["input"]))
     layers = our_layers(model)
     order: List[str] = []
@@ -205,6 +207,7 @@ def time_ours(man: Dict, threads: int, rounds: int, warmup: int) -> Dict[str, ob
         rows[name] = {
             "layer": layer_key(name),
             "module": type(m).__name__,
+            "bits": getattr(c, "bits", None),  # the DSConv weight width (None: a float conv)
             "in": c.in_channels,
             "out": c.out_channels,
             "k": kh,
@@ -402,7 +405,7 @@ def prepare(name: str, args, env: Dict[str, str]) -> Dict:
     converted checkpoint and the peer's model, in a process of its own."""
     prep = argparse.Namespace(
         work=args.work, imgsz=args.imgsz, threads=args.threads, calib_images=args.calib_images,
-        seed=args.seed, variants=["int8", args.peer], depthwise=True,
+        seed=args.seed, variants=[args.ours, args.peer], depthwise=True,
         prepare_timeout=args.timeout, weights_dir=args.weights_dir, accuracy=False,
     )  # fmt: skip
     return bench_model.prepare_model(name, prep, None, env)
@@ -411,7 +414,7 @@ def prepare(name: str, args, env: Dict[str, str]) -> Dict:
 def run_side(side: str, man: Dict, args, env: Dict[str, str], tmp: str) -> Dict:
     out = os.path.join(tmp, f"{side}.json")
     cmd = [sys.executable, SCRIPT, "--worker", side, "--manifest", man["manifest"],
-           "--threads", str(args.threads), "--rounds", str(args.rounds),
+           "--ours", args.ours, "--threads", str(args.threads), "--rounds", str(args.rounds),
            "--warmup", str(args.warmup), "--json-out", out]  # fmt: skip
     rc, tail = _runtimes.run_subprocess(cmd, env, args.timeout)
     if rc != 0:
@@ -432,6 +435,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["yolo11n", "yolo11s"])
     p.add_argument(
         "--peer", choices=PEERS, default="openvino-int8", help="what each layer is put against"
+    )
+    p.add_argument(
+        "--ours", choices=OURS, default="int8", help="which converted model (weight width) to time"
     )
     p.add_argument("--manifest", nargs="+", help="reuse bench_model.py artifacts (one per model)")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "dsconv_ext_bench_layers"))
@@ -454,7 +460,7 @@ def main(argv=None) -> int:
         with open(args.manifest[0]) as f:
             man = json.load(f)
         if args.worker == "ours":
-            got = time_ours(man, args.threads, args.rounds, args.warmup)
+            got = time_ours(man, args.ours, args.threads, args.rounds, args.warmup)
         else:
             got = time_openvino(man, args.worker, args.threads, args.rounds, args.warmup)
         dump_json(args.json_out, got)
@@ -474,7 +480,7 @@ def main(argv=None) -> int:
               f"core, x {args.threads} threads = {peak_gmacs:.0f} GMAC/s")  # fmt: skip
     else:
         print("# int8 peak: not measured (no AVX2, or no C compiler)")
-    print(f"# per layer, inside the forward: our layer times (wall-clock timers) and "
+    print(f"# per layer, inside the forward: our {args.ours} layer times (wall-clock timers) and "
           f"{_runtimes.RUNTIMES[args.peer].label}'s node times (PERF_COUNT), medians of "
           f"{args.rounds} forwards x {args.cycles} alternated processes per side")  # fmt: skip
     child_env = bench_model._worker_env(args)
@@ -485,7 +491,7 @@ def main(argv=None) -> int:
             with open(path) as f:
                 man = json.load(f)
             man["manifest"] = path
-            absent = [k for k in ("int8", args.peer) if k not in man["files"]]
+            absent = [k for k in (args.ours, args.peer) if k not in man["files"]]
             if absent:
                 print(f"bench_layers: {path} has no {', '.join(absent)} artifact")
                 return 1

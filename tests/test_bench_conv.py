@@ -148,3 +148,48 @@ def test_cpu_model_and_flags_on_x86_and_aarch64():
         "asimddp",
         "i8mm",
     ]
+
+
+@pytest.mark.parametrize(
+    "requested,supported,machine,want",
+    [("auto", ["qnnpack", "onednn", "x86", "fbgemm"], "x86_64", "x86"),
+     ("auto", ["qnnpack", "onednn", "x86", "fbgemm"], "aarch64", "qnnpack"),
+     ("auto", ["qnnpack", "onednn"], "arm64", "qnnpack"),
+     ("auto", ["onednn"], "aarch64", "onednn"),
+     ("auto", ["fbgemm", "qnnpack"], "AMD64", "fbgemm"),
+     ("auto", ["none"], "x86_64", None),
+     ("onednn", ["x86", "fbgemm"], "x86_64", None),
+     ("qnnpack", ["qnnpack", "x86"], "x86_64", "qnnpack")],
+)  # fmt: skip
+def test_ao_engine_is_the_one_pytorch_uses_on_the_cpu(requested, supported, machine, want):
+    """x86 (fbgemm / oneDNN) on x86-64, qnnpack on Arm; a requested engine only if this torch
+    has it."""
+    assert bench_conv.ao_engine(requested, supported, machine) == want
+
+
+def test_qnnpack_rows(tmp_path, capsys):
+    """--ao-engine qnnpack (the Arm default; x86 builds of torch have it too): the header names
+    the engine, the rows carry it, and the timed conv is a real one (its dequantised output
+    within int8 rounding of F.conv2d)."""
+    import torch
+    import torch.nn.functional as F
+
+    if "qnnpack" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch has no qnnpack engine")
+    g = torch.Generator().manual_seed(5)
+    x = F.silu(torch.randn(1, 16, 12, 12, generator=g))
+    w = torch.randn(24, 16, 3, 3, generator=g) * 0.1
+    s = {"c_in": 16, "c_out": 24, "k": 3, "stride": 1, "padding": 1, "groups": 1}
+    conv = bench_conv._ao_conv(w, s, x, "qnnpack")
+    assert conv is not None and torch.backends.quantized.engine == "qnnpack"
+    got = conv().dequantize()
+    want = F.conv2d(x, w, None, 1, 1)
+    # output step: its scale |x|max / 64; input and weights in 8 bits add about as much
+    err = (got - want).abs().max().item()
+    assert err <= 3 * float(x.abs().max() / 64), err
+    out = tmp_path / "conv.json"
+    bench_conv.main(["--quick", "--scales", "n", "--rounds", "1", "--no-fallback", "--no-stem",
+                     "--threads", "1", "--ao-engine", "qnnpack", "--json", str(out)])  # fmt: skip
+    assert "# torch.ao: engine qnnpack" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["cpu"]
+    assert rows and all(r["ao_engine"] == "qnnpack" and r["ao_int8_ms"] > 0 for r in rows), rows

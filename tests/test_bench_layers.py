@@ -1,13 +1,13 @@
 """bench_layers.py end to end on a tiny input: its layer matching and bookkeeping against an
 independent count.
 
-yolo11n with random weights at 64 px, 1 thread, 2 rounds, against OpenVINO at its default
-precision (its int8 peer needs NNCF, which the test requirements leave out). Every convolution of
-the float model must be matched on both sides, except the DFL's fixed conv, which the converted
-model runs as its own op; each layer's geometry and multiply-accumulates must equal what forward
-hooks on the float ultralytics model count, the layer kinds must add up to yolo11n's architecture
-(counted by hand from ultralytics' yolo11.yaml), and the per-kind rows must be the sums of their
-layers. No speed is asserted.
+yolo11n with random weights at 64 px, converted with 7-bit weights (``--ours int7``), 1 thread,
+2 rounds, against OpenVINO at its default precision (its int8 peer needs NNCF, which the test
+requirements leave out). Every convolution of the float model must be matched on both sides,
+except the DFL's fixed conv, which the converted model runs as its own op; each layer's geometry
+and multiply-accumulates must equal what forward hooks on the float ultralytics model count, the
+layer kinds must add up to yolo11n's architecture (counted by hand from ultralytics'
+yolo11.yaml), and the per-kind rows must be the sums of their layers. No speed is asserted.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench_layers")
     out = tmp / "layers.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_layers.py"), "--models", "yolo11n",
-           "--peer", "openvino", "--imgsz", str(IMGSZ), "--threads", "1", "--rounds", "2",
-           "--warmup", "1", "--calib-images", "2", "--work", str(tmp / "work"),
+           "--peer", "openvino", "--ours", "int7", "--imgsz", str(IMGSZ), "--threads", "1",
+           "--rounds", "2", "--warmup", "1", "--calib-images", "2", "--work", str(tmp / "work"),
            "--json", str(out)]  # fmt: skip
     r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -151,6 +151,18 @@ def test_every_conv_is_matched_with_its_geometry(bench):
     for row in model["layers"]:
         kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
     assert kinds == YOLO11N_KINDS
+
+
+def test_ours_times_the_requested_weight_width(bench):
+    """--ours int7: the timed model is the 7-bit conversion (every DSConv layer 7 bits; the stem,
+    and here any layer the speed check kept float, a float conv), and the header says so."""
+    res, stdout, _ = bench
+    assert res["args"]["ours"] == "int7" and "our int7 layer times" in stdout
+    rows = res["models"][f"yolo11n {IMGSZ} px"]["layers"]
+    bits = {r["layer"]: r["bits"] for r in rows if r["module"] == "DSConv2d"}
+    assert bits and set(bits.values()) == {7}, bits
+    floats = {r["layer"]: r["bits"] for r in rows if r["module"] != "DSConv2d"}
+    assert "model.0" in floats and set(floats.values()) == {None}, floats
 
 
 def test_ratios_and_kind_totals_add_up(bench):
