@@ -7,9 +7,11 @@ the median of many rounds is reported, and ratios are speed-ups over the named b
 
 The torch.ao candidate times the quantized conv alone on an already-quantised input (its best
 case: no quantise / dequantise of activations, no per-block shifts); DSConv times float in ->
-float out including the BFP activation quantisation. Its engine is the one PyTorch uses on the
-CPU: ``x86`` (fbgemm and oneDNN) on x86-64, ``qnnpack`` on Arm (``--ao-engine`` picks another;
-the header names it).
+float out including the BFP activation quantisation. Its engines are those PyTorch offers on
+the CPU, each timed and the faster kept per layer (``ao_engine`` says which): ``x86`` (fbgemm
+and oneDNN, PyTorch's default) and ``onednn`` on x86-64 (on AMD Zen 3 the ``onednn`` engine ran
+yolo11n's 1x1 convs 1.05-1.5x faster than ``x86``), ``qnnpack`` and ``onednn`` on Arm;
+``--ao-engine`` times one alone.
 
     python benchmarks/bench_conv.py                 # full CPU table
     python benchmarks/bench_conv.py --quick         # a few layers, batch 1
@@ -54,26 +56,30 @@ import dsconv_ext  # noqa: E402
 from dsconv_ext.dsconv import dsconv2d_fallback  # noqa: E402
 from dsconv_ext.dsconv.quant_primitives import pack_intweight, quantize_weight  # noqa: E402
 
-# torch.ao's quantized engines, best first, per architecture: what PyTorch's own default qconfigs
-# target (x86 on x86-64; qnnpack, the XNNPACK / QNNPACK kernels, on Arm).
-AO_ENGINES = {"x86": ("x86", "fbgemm", "onednn", "qnnpack"), "arm": ("qnnpack", "onednn")}
+# torch.ao's quantized engines per architecture: those timed (the faster kept per layer), then
+# the fallbacks where a torch has none of them. x86 is PyTorch's default on x86-64 (fbgemm or
+# oneDNN per op), qnnpack (XNNPACK / QNNPACK kernels) on Arm.
+AO_ENGINES = {
+    "x86": (("x86", "onednn"), ("fbgemm", "qnnpack")),
+    "arm": (("qnnpack", "onednn"), ()),
+}
 
 
-def ao_engine(requested="auto", supported=None, machine=None):
-    """The torch.ao engine to time: ``requested`` if this torch has it, for ``auto`` the best
-    of this architecture's that it has; None if there is none."""
+def ao_engines(requested="auto", supported=None, machine=None):
+    """The torch.ao engines to time: ``[requested]`` if this torch has it, for ``auto`` those of
+    this architecture's it has (else its first fallback); [] if none."""
     supported = torch.backends.quantized.supported_engines if supported is None else supported
     if requested != "auto":
-        return requested if requested in supported else None
+        return [requested] if requested in supported else []
     machine = (machine or platform.machine()).lower()
     arch = "arm" if machine in ("aarch64", "arm64") or machine.startswith("armv") else "x86"
-    return next((e for e in AO_ENGINES[arch] if e in supported), None)
+    timed, fallbacks = AO_ENGINES[arch]
+    have = [e for e in timed if e in supported]
+    return have or [e for e in fallbacks if e in supported][:1]
 
 
-def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor, engine: str | None):
+def _ao_conv(w: torch.Tensor, s: dict, x: torch.Tensor, engine: str):
     """A torch.ao quantized conv on ``engine`` on a quantised copy of x, or None if unavailable."""
-    if engine is None:
-        return None
     try:
         import torch.ao.nn.quantized as nnq
 
@@ -149,7 +155,7 @@ def bench_cpu(
 ):  # fmt: skip
     rows = []
     backend = dsconv_ext.dsconv2d_backend("cpu")
-    engine = ao_engine(ao)
+    engines = ao_engines(ao)
     for scale in scales:
         for k in kernels:
             shapes = _unique(yolo11_conv_shapes(scale, k))
@@ -180,9 +186,11 @@ def bench_cpu(
                         var = "DSCONV_EXT_AVX2_LAYOUT"
                         fns["dsconv"] = _with_env(var, os.environ.get(var, "auto"), plain)
                         fns["dsconv_layout"] = _with_env(var, compare_layout, plain)
-                    ao = _ao_conv(w, s, x, engine)
-                    if ao is not None:
-                        fns["ao_int8"] = ao
+                    for engine in engines:
+                        # (packed for its engine when made: each call runs on that engine)
+                        conv = _ao_conv(w, s, x, engine)
+                        if conv is not None:
+                            fns[f"ao_{engine}"] = conv
                     if with_fallback and batch == 1:  # the slow fallback: batch 1 only
                         fns["fallback"] = lambda x=x, q=q, a=alpha, c=conv_args: dsconv2d_fallback(
                             x, q, a, None, None, None, None, *c, 32, 8
@@ -194,6 +202,9 @@ def bench_cpu(
                             rounds=rounds if "fallback" not in fns else max(8, rounds // 3),
                             warmup=2,
                         )
+                    ao_ms = {k[3:]: v for k, v in t.items() if k.startswith("ao_")}
+                    if ao_ms:
+                        t["ao_int8"] = min(ao_ms.values())
                     row = {
                         "scale": scale,
                         "k": k,
@@ -205,7 +216,8 @@ def bench_cpu(
                         "dsconv_ms": t["dsconv"],
                         "fp32_ms": t["fp32"],
                         "ao_int8_ms": t.get("ao_int8", float("nan")),
-                        "ao_engine": engine if "ao_int8" in t else None,
+                        "ao_engine": min(ao_ms, key=ao_ms.get) if ao_ms else None,
+                        "ao_ms_by_engine": ao_ms,
                         "fallback_ms": t.get("fallback", float("nan")),
                         "x_fp32": t["fp32"] / t["dsconv"],
                         "x_ao": t.get("ao_int8", float("nan")) / t["dsconv"],
@@ -350,8 +362,8 @@ def main(argv=None):
         "--ao-engine",
         default="auto",
         choices=["auto", "x86", "fbgemm", "onednn", "qnnpack"],
-        help="torch.ao's quantized engine for the ao_int8 column (auto: x86 on x86-64, "
-        "qnnpack on Arm)",
+        help="torch.ao's quantized engine for the ao_int8 column (auto: x86 and onednn on "
+        "x86-64, qnnpack and onednn on Arm, the faster per layer)",
     )
     args = p.parse_args(argv)
     if not 2 <= args.bits <= 8:
@@ -382,13 +394,16 @@ def main(argv=None):
             p.error("--compare-layout needs the compiled CPU kernel, which is not loaded")
         print(f"# alt_layout = DSConv with DSCONV_EXT_AVX2_LAYOUT={args.compare_layout}")
     print(f"# DSConv weights: {args.bits}-bit VQK, block 32, 8-bit activation mantissas")
-    engine = ao_engine(args.ao_engine)
-    if engine is None:
+    engines = ao_engines(args.ao_engine)
+    if not engines:
         have = ", ".join(torch.backends.quantized.supported_engines)
         print(f"# torch.ao: no rows (engine {args.ao_engine} not in this torch: {have})")
     else:
-        print(f"# torch.ao: engine {engine}, per-channel int8 weights, input already quint8")
-    onednn_int8 = engine in ("x86", "fbgemm", "onednn")
+        which = "engine" if len(engines) == 1 else "engines"
+        best = "" if len(engines) == 1 else " (the faster per layer: ao_engine in --json)"
+        print(f"# torch.ao: {which} {', '.join(engines)}{best}, per-channel int8 weights, "
+              "input already quint8")  # fmt: skip
+    onednn_int8 = bool({"x86", "fbgemm", "onednn"} & set(engines))
     if onednn_int8 and "avx2" in env["isa_features"] and not VNNI_FLAGS & set(env["isa_features"]):
         print(
             "# torch.ao: 8 x 8-bit products with vpmaddubsw, whose int16 pair sums saturate "

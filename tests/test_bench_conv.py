@@ -152,19 +152,49 @@ def test_cpu_model_and_flags_on_x86_and_aarch64():
 
 @pytest.mark.parametrize(
     "requested,supported,machine,want",
-    [("auto", ["qnnpack", "onednn", "x86", "fbgemm"], "x86_64", "x86"),
-     ("auto", ["qnnpack", "onednn", "x86", "fbgemm"], "aarch64", "qnnpack"),
-     ("auto", ["qnnpack", "onednn"], "arm64", "qnnpack"),
-     ("auto", ["onednn"], "aarch64", "onednn"),
-     ("auto", ["fbgemm", "qnnpack"], "AMD64", "fbgemm"),
-     ("auto", ["none"], "x86_64", None),
-     ("onednn", ["x86", "fbgemm"], "x86_64", None),
-     ("qnnpack", ["qnnpack", "x86"], "x86_64", "qnnpack")],
+    [("auto", ["qnnpack", "onednn", "x86", "fbgemm"], "x86_64", ["x86", "onednn"]),
+     ("auto", ["qnnpack", "onednn", "x86", "fbgemm"], "aarch64", ["qnnpack", "onednn"]),
+     ("auto", ["qnnpack"], "arm64", ["qnnpack"]),
+     ("auto", ["onednn"], "aarch64", ["onednn"]),
+     ("auto", ["fbgemm", "qnnpack"], "AMD64", ["fbgemm"]),
+     ("auto", ["qnnpack"], "x86_64", ["qnnpack"]),
+     ("auto", ["none"], "x86_64", []),
+     ("onednn", ["x86", "fbgemm"], "x86_64", []),
+     ("qnnpack", ["qnnpack", "x86"], "x86_64", ["qnnpack"])],
 )  # fmt: skip
-def test_ao_engine_is_the_one_pytorch_uses_on_the_cpu(requested, supported, machine, want):
-    """x86 (fbgemm / oneDNN) on x86-64, qnnpack on Arm; a requested engine only if this torch
-    has it."""
-    assert bench_conv.ao_engine(requested, supported, machine) == want
+def test_ao_engines_are_those_pytorch_offers_on_the_cpu(requested, supported, machine, want):
+    """x86 and onednn on x86-64, qnnpack and onednn on Arm (else a fallback); a requested engine
+    only if this torch has it."""
+    assert bench_conv.ao_engines(requested, supported, machine) == want
+
+
+def test_the_faster_engine_is_kept_per_layer(tmp_path, capsys, monkeypatch):
+    """With two engines each is timed and ao_int8_ms is the faster, ao_engine names it (the
+    timings replaced by known values: one engine faster on one layer, the other on the next)."""
+    import torch
+
+    if not {"x86", "onednn"} <= set(torch.backends.quantized.supported_engines):
+        pytest.skip("this torch lacks the x86 or the onednn engine")
+    calls = {"n": 0}
+
+    def fake_time_interleaved(fns, rounds, warmup):
+        calls["n"] += 1
+        assert {"ao_x86", "ao_onednn", "dsconv", "fp32"} <= set(fns), sorted(fns)
+        x86, onednn = (1.0, 2.0) if calls["n"] % 2 else (3.0, 0.5)
+        return {"dsconv": 1.5, "fp32": 4.0, "ao_x86": x86, "ao_onednn": onednn}
+
+    monkeypatch.setattr(bench_conv, "time_interleaved", fake_time_interleaved)
+    out = tmp_path / "conv.json"
+    bench_conv.main(["--quick", "--scales", "n", "--rounds", "1", "--no-fallback", "--no-stem",
+                     "--threads", "1", "--ao-engine", "auto", "--json", str(out)])  # fmt: skip
+    assert "# torch.ao: engines x86, onednn (the faster per layer" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["cpu"]
+    assert len(rows) >= 2
+    for i, r in enumerate(rows):
+        want = ("x86", 1.0) if i % 2 == 0 else ("onednn", 0.5)
+        assert (r["ao_engine"], r["ao_int8_ms"]) == want, r
+        assert math.isclose(r["x_ao"], want[1] / 1.5), r
+        assert set(r["ao_ms_by_engine"]) == {"x86", "onednn"}, r
 
 
 def test_qnnpack_rows(tmp_path, capsys):
