@@ -51,6 +51,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "dsconv2d_geometry.h"
@@ -150,6 +151,16 @@ struct SegHeader {
   float alpha[kOTile];
   float kdsb[kOTile];
 };
+
+// The next segment of an int8 weight stream (`wbytes` = K4 * kOTile * 4): its header, with `*w`
+// at its weights and `s` moved past them (the portable and Arm paths walk streams in order).
+inline SegHeader next_segment(const uint8_t*& s, int64_t wbytes, const int8_t** w) {
+  SegHeader hdr;
+  std::memcpy(&hdr, s, sizeof(hdr));  // (a stream is bytes: no alignment to rely on)
+  *w = reinterpret_cast<const int8_t*>(s + sizeof(SegHeader));
+  s += sizeof(SegHeader) + wbytes;
+  return hdr;
+}
 
 // AMX weight streams, per (group, 16-output tile) and then per block b and tap t: an
 // AmxSegHeader, then the segment's A tiles (16 output rows x 4 * kc bytes of int8 weights, the

@@ -11,7 +11,6 @@
 // Speed on Arm CPUs has not been measured (no Arm machine was available): quantize times every
 // layer against its float conv on this path and keeps the slower ones float (speed_check.py).
 #include <algorithm>
-#include <cstring>
 
 #include "cpu/dsconv2d_cpu.h"
 #include "cpu/neon_dot.h"
@@ -76,10 +75,8 @@ DSCONV_NEON_DOT void conv_tiles(const Slice& sl, const uint8_t* wstream, const E
     const uint8_t* s = wstream;
     for (int64_t b = 0; b < lay.g.nblk; ++b) {
       for (int64_t t = 0; t < lay.ntaps; ++t) {
-        SegHeader hdr;
-        std::memcpy(&hdr, s, sizeof(hdr));
-        const int8_t* w = reinterpret_cast<const int8_t*>(s + sizeof(SegHeader));
-        s += sizeof(SegHeader) + wbytes;
+        const int8_t* w;
+        const SegHeader hdr = next_segment(s, wbytes, &w);
         const int64_t at = b * plane + lay.tapoff[t] + q0;
         segment_fold<Ops>(sl.act + b * lay.K4 * plane + lay.tapoff[t] + q0, plane, w, lay.K4,
                           hdr.alpha, sl.esc + at, hdr.kdsb, sl.usum ? sl.usum + at : nullptr, acc);

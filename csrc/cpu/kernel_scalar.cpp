@@ -3,7 +3,6 @@
 // tests compare the SIMD paths' packing conventions against.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include "cpu/dsconv2d_cpu.h"
 
@@ -72,10 +71,8 @@ void conv_tiles(const Slice& sl, const uint8_t* wstream, const Epilogue& ep, int
     const uint8_t* s = wstream;
     for (int64_t b = 0; b < lay.g.nblk; ++b) {
       for (int64_t t = 0; t < lay.ntaps; ++t) {
-        SegHeader hdr;
-        std::memcpy(&hdr, s, sizeof(hdr));
-        const int8_t* w = reinterpret_cast<const int8_t*>(s + sizeof(SegHeader));
-        s += sizeof(SegHeader) + wbytes;
+        const int8_t* w;
+        const SegHeader hdr = next_segment(s, wbytes, &w);
         const int64_t at = lay.tapoff[t] + q;
         int32_t S[kOTile];
         for (int64_t r = 0; r < kOTile; ++r) S[r] = hdr.corr[r];
